@@ -1,0 +1,189 @@
+"""
+CognicaKVCache: the one KV cache of the project, preallocated, behind transformers' `Cache` interface.
+
+Layout. Every layer owns a preallocated (B, n_kv_head, max_len, head_dim) key and value buffer. A cache
+"slot" is an absolute column: slot t of every row holds the token in column t of the batch (left padding
+included), so all rows share slot indices and a step writes the same slots in every row. The cache also
+records, per slot and row, the token id, whether it is a real token (attention mask) and its rotary
+position (the count of real tokens before it), which is everything the model needs to build masks, rotary
+angles and the smear input for any later chunk.
+
+Per-layer fill levels. Each layer knows how many slots it has filled (`layer_len[i]`). In plain decoding all
+layers move together; the stage-level modes (prefix pruning, early exit, speculative drafting) run only
+some layers for some slots, and the fill levels are how they know which layers are missing which slots.
+
+Smear needs the previous token's pre-smear embedding, norm(wte(id)). That is a pure function of the token
+id, so the cache keeps ids rather than embeddings: a rollback (crop) never has a stale smear state.
+
+This file is copied into exported remote-code folders: it imports only torch/transformers.
+"""
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class CognicaKVLayer(CacheLayerMixin):
+    """One layer's preallocated keys/values; slots [0, length) are filled."""
+
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_head: int, head_dim: int, window: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.keys = torch.zeros(batch_size, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.window = window
+        self.is_sliding = window < max_len
+        self.length = 0
+        self.device = self.keys.device
+        self.dtype = dtype
+        self.is_initialized = True
+
+    # -----------------------------------------------------------------------------
+    # our interface: explicit slots
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Store k, v of shape (B, H_kv, T, D) at slots [start, start + T)."""
+        end = start + k.size(2)
+        if end > self.keys.size(2):
+            raise ValueError(f"KV cache overflow: writing slots up to {end} but the cache holds {self.keys.size(2)}")
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        self.length = max(self.length, end)
+
+    def view(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots [0, end): (B, H_kv, end, D) views, no copy."""
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    # -----------------------------------------------------------------------------
+    # transformers' CacheLayerMixin interface
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass  # preallocated in __init__
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.write(key_states, value_states, self.length)
+        return self.view(self.length)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.keys.size(2)
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def crop(self, max_length: int) -> None:
+        if max_length < 0:
+            max_length = self.length + max_length
+        self.length = min(self.length, max(0, max_length))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.keys = self.keys.index_select(0, beam_idx.to(self.device))
+        self.values = self.values.index_select(0, beam_idx.to(self.device))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.keys = self.keys.repeat_interleave(repeats, dim=0)
+        self.values = self.values.repeat_interleave(repeats, dim=0)
+
+
+class CognicaKVCache(Cache):
+    """Preallocated per-layer KV cache with per-slot token ids, validity and rotary positions."""
+
+    def __init__(self, config, batch_size: int, max_len: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        max_len = max_len or config.sequence_len
+        if max_len > config.rotary_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds the rotary table ({config.rotary_seq_len} positions, "
+                             f"10x sequence_len); raise sequence_len to go longer")
+        windows = config.window_sizes()
+        layers = [CognicaKVLayer(batch_size, max_len, config.n_kv_head, config.head_dim, windows[i], dtype, device)
+                  for i in range(config.n_layer)]
+        super().__init__(layers=layers)
+        self.max_len = max_len
+        self.batch_size_ = batch_size
+        self.n_slots = 0  # slots claimed by tokens so far (a chunk claims its slots before any layer runs)
+        self.token_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+
+    # -----------------------------------------------------------------------------
+    # slot bookkeeping, shared by all layers
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_
+
+    @property
+    def layer_len(self) -> list[int]:
+        """Fill level (slots with keys/values) of every layer."""
+        return [layer.length for layer in self.layers]
+
+    def claim(self, idx: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
+        """
+        Reserve the next T slots for tokens idx (B, T) with validity mask valid (B, T) (None = all real).
+        Returns (start slot, rotary positions (B, T)). Pads get position 0; they are masked everywhere.
+        """
+        B, T = idx.shape
+        if B != self.batch_size_:
+            raise ValueError(f"batch size {B} does not match the cache's batch size {self.batch_size_}")
+        start = self.n_slots
+        end = start + T
+        if end > self.max_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the KV cache length {self.max_len}")
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=idx.device)
+        valid = valid.to(torch.bool)
+        seen = self.valid[:, :start].sum(dim=1, keepdim=True) if start > 0 else torch.zeros(B, 1, dtype=torch.long,
+                                                                                           device=idx.device)
+        pos = (seen + valid.long().cumsum(dim=1) - 1).clamp_min(0) * valid
+        self.token_ids[:, start:end] = idx
+        self.valid[:, start:end] = valid
+        self.positions[:, start:end] = pos
+        self.n_slots = end
+        return start, pos
+
+    def previous_token(self, start: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Token id (B,) and validity (B,) of slot start - 1, the smear input of a chunk starting at start."""
+        if start == 0:
+            return None
+        return self.token_ids[:, start - 1], self.valid[:, start - 1]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.n_slots
+
+    def crop(self, max_length: int) -> None:
+        """Forget every slot at or beyond max_length (negative: drop that many from the end), in every layer."""
+        if max_length < 0:
+            max_length = self.n_slots + max_length
+        max_length = max(0, min(self.n_slots, max_length))
+        for layer in self.layers:
+            layer.crop(max_length)
+        self.valid[:, max_length:] = False
+        self.n_slots = max_length
+
+    def reset(self) -> None:
+        self.crop(0)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        for name in ("token_ids", "valid", "positions"):
+            setattr(self, name, getattr(self, name).index_select(0, beam_idx.to(self.token_ids.device)))
+        self.batch_size_ = len(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        for name in ("token_ids", "valid", "positions"):
+            setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+        self.batch_size_ *= repeats

@@ -1,0 +1,291 @@
+"""
+Checkpoint formats: our HF folder (safetensors), nanochat's checkpoint folder, and the remote-code export.
+
+An HF folder holds config.json (with auto_map), model.safetensors (bf16 by default), generation_config.json,
+the tokenizer files, the remote-code .py files (copied from THIS package: it is the single source of truth)
+and LICENSE/NOTICE. Writing is atomic: everything goes to a temporary folder that is renamed at the end, so
+a failure leaves nothing behind.
+
+nanochat folders hold model_{step:06d}.pt (a state_dict, keys maybe prefixed `_orig_mod.`, embeddings in
+bf16), meta_{step:06d}.json and tokenizer/ (tokenizer.pkl, token_bytes.pt). The .pt is read with
+`torch.load(weights_only=True)`; the pickled tokenizer only with an explicit opt-in, once, and then saved in
+the safe format.
+"""
+
+import glob
+import json
+import os
+import re
+import shutil
+import tempfile
+from importlib import resources
+
+import torch
+from transformers import GenerationConfig
+
+from .config import CognicaPoEConfig, preset_config
+from .hf import CognicaPoEForCausalLM
+from .model import GPT
+from .tokenizer import SPECIAL_TOKENS, CognicaPoETokenizer, load_legacy_pickle, tokenizer_auto_map
+from .weights import check_shapes, expected_shapes, strip_prefixes
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# the modules transformers needs to run the model; their `from .x import` siblings are found by following imports
+REMOTE_CODE_ENTRIES = ("config.py", "hf.py", "tokenizer.py")
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# -----------------------------------------------------------------------------
+# remote code
+
+def remote_code_files() -> list[str]:
+    """The package modules an exported folder needs: the entries plus everything they import as `from .x`."""
+    todo, seen = list(REMOTE_CODE_ENTRIES), []
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.append(name)
+        with open(os.path.join(PACKAGE_DIR, name)) as f:
+            todo += [m + ".py" for m in re.findall(r"^\s*from \.(\w+) import", f.read(), flags=re.MULTILINE)]
+    return sorted(seen)
+
+
+def auto_map() -> dict:
+    """config.json's auto_map. The tokenizer's entry lives in tokenizer_config.json, where transformers needs it
+    as a [slow, fast] list; a list in config.json is what makes the Hub warn "must be a string"."""
+    return {"AutoConfig": "config.CognicaPoEConfig", "AutoModelForCausalLM": "hf.CognicaPoEForCausalLM"}
+
+
+def write_remote_code(folder: str) -> list[str]:
+    files = remote_code_files()
+    for name in files:
+        shutil.copyfile(os.path.join(PACKAGE_DIR, name), os.path.join(folder, name))
+    return files
+
+
+def refresh_code(folder: str) -> list[str]:
+    """Replace a released folder's .py files with this package's, and point config.json's auto_map at them."""
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{folder} has no config.json: not an HF model folder")
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get("model_type") != CognicaPoEConfig.model_type:
+        raise ValueError(f"{config_path} has model_type {config.get('model_type')!r}, not 'cognica_poe'")
+    for old in glob.glob(os.path.join(folder, "*.py")):
+        os.remove(old)
+    files = write_remote_code(folder)
+    config["auto_map"] = auto_map()
+    _write_json_atomic(config_path, config)
+    tok_config = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(tok_config):
+        with open(tok_config) as f:
+            tc = json.load(f)
+        tc["auto_map"] = {"AutoTokenizer": tokenizer_auto_map()}
+        _write_json_atomic(tok_config, tc)
+    return files
+
+
+def _write_json_atomic(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# our HF folder
+
+def generation_config_for(config: CognicaPoEConfig) -> GenerationConfig:
+    """Base models stop at <|bos|> (a new document) and chat models at <|assistant_end|>; pad with BOS."""
+    eos = config.eos_token_id
+    return GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=config.pad_token_id,
+                            do_sample=False, max_new_tokens=256)
+
+
+def set_special_ids(config: CognicaPoEConfig, tokenizer: CognicaPoETokenizer) -> None:
+    bos = tokenizer.bos_token_id
+    config.bos_token_id = bos
+    config.pad_token_id = bos
+    config.eos_token_id = [bos, tokenizer.convert_tokens_to_ids("<|assistant_end|>")]
+
+
+def export_hf_folder(model: CognicaPoEForCausalLM, tokenizer: CognicaPoETokenizer | None, out_dir: str,
+                     dtype: str | torch.dtype = "bfloat16", overwrite: bool = False) -> str:
+    """Write a complete, self-contained HF folder (weights in `dtype`) atomically. Returns out_dir."""
+    dtype = parse_dtype(dtype)
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        if tokenizer is not None:
+            set_special_ids(model.config, tokenizer)
+        model.config.auto_map = auto_map()
+        model.generation_config = generation_config_for(model.config)
+        original = model.gpt.lm_head.weight.dtype
+        model.to(dtype)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            model.to(original)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_remote_code(tmp)
+        for name in ("LICENSE", "NOTICE"):
+            with resources.files("cognica_poe").joinpath(name).open("rb") as src, \
+                    open(os.path.join(tmp, name), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_model(path_or_preset: str, dtype: str | torch.dtype | None = None, device: str = "cpu",
+               seed: int = 0) -> CognicaPoEForCausalLM:
+    """An HF folder (ours or a released one), or a preset name (randomly initialised, for shapes and speed)."""
+    if os.path.isdir(path_or_preset):
+        kwargs = {} if dtype is None else {"dtype": parse_dtype(dtype)}
+        model = CognicaPoEForCausalLM.from_pretrained(path_or_preset, **kwargs)
+        return model.to(device).eval()
+    if os.path.exists(path_or_preset):
+        raise ValueError(f"{path_or_preset} is a file; expected an HF model folder or a preset name")
+    config = preset_config(path_or_preset)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = CognicaPoEForCausalLM(config)
+    return model.to(parse_dtype(dtype) if dtype is not None else torch.float32).eval()
+
+
+# -----------------------------------------------------------------------------
+# nanochat checkpoints
+
+def find_nanochat_checkpoint(folder: str, step: int | None = None) -> tuple[str, str, int]:
+    """(model_*.pt, meta_*.json, step): the given step or the last one."""
+    steps = sorted(int(m.group(1)) for p in glob.glob(os.path.join(folder, "model_*.pt"))
+                   if (m := re.search(r"model_(\d+)\.pt$", p)))
+    if not steps:
+        raise FileNotFoundError(f"no nanochat checkpoint (model_XXXXXX.pt) in {folder}")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"no model_{step:06d}.pt in {folder}; steps present: {steps}")
+    model_path = os.path.join(folder, f"model_{step:06d}.pt")
+    meta_path = os.path.join(folder, f"meta_{step:06d}.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{model_path} has no {os.path.basename(meta_path)} beside it")
+    return model_path, meta_path, step
+
+
+def config_from_nanochat_meta(meta: dict) -> CognicaPoEConfig:
+    """nanochat's 7 GPTConfig fields plus the PoE fields of the run's user_config (no PoE fields: one stage)."""
+    mc = meta["model_config"]
+    user = meta.get("user_config") or {}
+    n_layer = mc["n_layer"]
+    poe_mode = user.get("poe_mode") or "none"
+    poe_every = int(user.get("poe_every") or n_layer)
+    return CognicaPoEConfig(
+        vocab_size=mc["vocab_size"], sequence_len=mc["sequence_len"], n_layer=n_layer, n_head=mc["n_head"],
+        n_kv_head=mc["n_kv_head"], n_embd=mc["n_embd"], window_pattern=mc.get("window_pattern") or "L",
+        poe_mode=poe_mode, poe_every=poe_every, poe_alpha=float(user.get("poe_alpha") or 0.0),
+    )
+
+
+def load_nanochat_state_dict(model_path: str) -> dict[str, torch.Tensor]:
+    """nanochat's state_dict, read with weights_only=True, prefixes stripped, all in fp32."""
+    try:
+        sd = torch.load(model_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {model_path} as a weights-only torch checkpoint: {e}") from e
+    if not isinstance(sd, dict):
+        raise ValueError(f"{model_path} does not hold a state_dict")
+    return {strip_prefixes(k): v.float() for k, v in sd.items()}
+
+
+def find_nanochat_tokenizer(folder: str, allow_pickle: bool = False) -> CognicaPoETokenizer:
+    """The tokenizer beside a nanochat checkpoint: our safe format if present, else the pickle (opt-in only)."""
+    candidates = [os.path.join(folder, "tokenizer"), folder, os.path.join(os.path.dirname(folder), "tokenizer")]
+    for d in candidates:
+        if os.path.isfile(os.path.join(d, "tokenizer.tiktoken")):
+            return CognicaPoETokenizer.from_pretrained(d)
+    for d in candidates:
+        pkl = os.path.join(d, "tokenizer.pkl")
+        if os.path.isfile(pkl):
+            return load_legacy_pickle(pkl, allow_pickle=allow_pickle)
+    raise FileNotFoundError(f"no tokenizer (tokenizer.tiktoken or tokenizer.pkl) in {', '.join(candidates)}")
+
+
+def nanochat_to_model(folder: str, step: int | None = None) -> tuple[CognicaPoEForCausalLM, dict]:
+    """Build our model (fp32) from a nanochat checkpoint folder; every tensor is checked first."""
+    model_path, meta_path, step = find_nanochat_checkpoint(folder, step)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    config = config_from_nanochat_meta(meta)
+    sd = load_nanochat_state_dict(model_path)
+    with torch.device("meta"):
+        model = CognicaPoEForCausalLM(config)
+    check_shapes(expected_shapes(model.gpt), {k: tuple(v.shape) for k, v in sd.items()}, model_path)
+    model.gpt.load_state_dict(sd, strict=True, assign=True)
+    model.gpt._rotary.clear()
+    return model.eval(), meta
+
+
+def convert_nanochat(folder: str, out_dir: str, dtype: str = "bfloat16", allow_pickle: bool = False,
+                     step: int | None = None, overwrite: bool = False) -> str:
+    """nanochat checkpoint folder -> self-contained HF folder. Nothing is written if any check fails."""
+    model, meta = nanochat_to_model(folder, step)
+    tokenizer = find_nanochat_tokenizer(folder, allow_pickle=allow_pickle)
+    if len(tokenizer) != model.config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} ids but the checkpoint's vocab_size is "
+                         f"{model.config.vocab_size}: wrong tokenizer for this checkpoint")
+    if tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[0]) != model.config.vocab_size - len(SPECIAL_TOKENS):
+        raise ValueError("tokenizer's special tokens are not the last 9 ids as nanochat lays them out")
+    return export_hf_folder(model, tokenizer, out_dir, dtype=dtype, overwrite=overwrite)
+
+
+def model_summary(model: GPT) -> dict:
+    """Numbers `cognica-poe info` prints: parameter groups, stages, windows, memory."""
+    cfg = model.config
+    groups = {"wte": 0, "value_embeds": 0, "lm_head": 0, "blocks": 0, "scalars": 0}
+    for name, p in model.named_parameters():
+        if name.startswith("transformer.wte"):
+            groups["wte"] += p.numel()
+        elif name.startswith("value_embeds"):
+            groups["value_embeds"] += p.numel()
+        elif name.startswith("lm_head"):
+            groups["lm_head"] += p.numel()
+        elif name.startswith("transformer.h"):
+            groups["blocks"] += p.numel()
+        else:
+            groups["scalars"] += p.numel()
+    total = sum(groups.values())
+    kv_bytes_per_token_bf16 = 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * 2
+    return {
+        "parameters": total, "parameter_groups": groups,
+        "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head,
+        "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size, "padded_vocab_size": cfg.padded_vocab_size,
+        "sequence_len": cfg.sequence_len, "window_sizes": cfg.window_sizes(),
+        "poe_mode": cfg.poe_mode, "poe_every": cfg.poe_every, "poe_n_stages": cfg.poe_n_stages,
+        "poe_stage_boundary_layers": cfg.poe_stage_boundary_layers,
+        "value_embed_layers": [i for i in range(cfg.n_layer) if cfg.has_value_embed(i)],
+        "backout_layer": cfg.backout_layer,
+        "weights_bytes_bf16": 2 * total, "weights_bytes_fp32": 4 * total,
+        "kv_cache_bytes_per_token_bf16": kv_bytes_per_token_bf16,
+    }

@@ -1,0 +1,186 @@
+"""
+The `cognica-poe` command line.
+
+    cognica-poe info PATH_OR_PRESET            parameters, stages, boundaries, windows, memory
+    cognica-poe convert NANOCHAT_DIR OUT_DIR   nanochat checkpoint -> HF folder (bf16 safetensors by default)
+    cognica-poe convert --refresh-code DIR     replace a released folder's .py files with this package's
+    cognica-poe generate MODEL "prompt"        full-depth generation (BOS is prepended)
+    cognica-poe demo                           the end-to-end pipeline on the bundled corpus, no downloads
+
+Errors from bad input are printed as one clear line and exit with status 2; nothing is written.
+"""
+
+import argparse
+import json
+import sys
+
+from .config import PRESETS
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    import os
+
+    import torch
+
+    from .checkpoint import model_summary
+    from .config import CognicaPoEConfig, preset_config
+    from .model import GPT
+
+    if os.path.isdir(args.model):
+        config = CognicaPoEConfig.from_pretrained(args.model)
+    else:
+        config = preset_config(args.model)
+    with torch.device("meta"):
+        gpt = GPT(config)
+    info = model_summary(gpt)
+    if args.json:
+        print(json.dumps(info))
+        return
+    print(f"model            {args.model}")
+    print(f"parameters       {info['parameters']:,}")
+    for k, v in info["parameter_groups"].items():
+        print(f"  {k:<14} {v:,}")
+    print(f"shape            n_layer {info['n_layer']}, n_embd {info['n_embd']}, heads {info['n_head']} "
+          f"(kv {info['n_kv_head']}) x {info['head_dim']}, vocab {info['vocab_size']} "
+          f"(padded {info['padded_vocab_size']}), sequence_len {info['sequence_len']}")
+    print(f"poe              mode {info['poe_mode']}, every {info['poe_every']} layers -> "
+          f"{info['poe_n_stages']} stages")
+    print(f"stage boundaries {info['poe_stage_boundary_layers']} (0-based last layer of each stage)")
+    print(f"windows          {info['window_sizes']}")
+    print(f"value embeds on  {info['value_embed_layers']}; backout after block {info['backout_layer']}")
+    print(f"weights          {_human_bytes(info['weights_bytes_bf16'])} bf16, "
+          f"{_human_bytes(info['weights_bytes_fp32'])} fp32")
+    print(f"kv cache         {_human_bytes(info['kv_cache_bytes_per_token_bf16'])} per token (bf16), "
+          f"{_human_bytes(info['kv_cache_bytes_per_token_bf16'] * info['sequence_len'])} per full sequence")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .checkpoint import convert_nanochat, refresh_code
+
+    if args.refresh_code:
+        files = refresh_code(args.refresh_code)
+        print(f"refreshed {args.refresh_code}: {', '.join(files)}")
+        return
+    if not args.src or not args.out:
+        raise ValueError("convert needs NANOCHAT_DIR and OUT_DIR (or --refresh-code DIR)")
+    out = convert_nanochat(args.src, args.out, dtype=args.dtype, allow_pickle=args.allow_pickle, step=args.step,
+                           overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .checkpoint import load_model
+    from .tokenizer import CognicaPoETokenizer
+
+    model = load_model(args.model, dtype=args.dtype)
+    tok = CognicaPoETokenizer.from_pretrained(args.model)
+    ids = [tok.bos_token_id] + tok(args.prompt)["input_ids"]
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0)
+    if args.temperature > 0:
+        kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        torch.manual_seed(args.seed)
+    out = model.generate(torch.tensor([ids]), **kwargs)
+    print(tok.decode(out[0, len(ids):], skip_special_tokens=False))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Bundled corpus -> tokenizer -> tiny PoE model -> exported HF folder -> loaded back -> a sample per stage."""
+    import os
+    import tempfile
+    from importlib import resources
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint import export_hf_folder
+    from .config import preset_config
+    from .hf import CognicaPoEForCausalLM
+    from .tokenizer_train import train_bpe
+
+    text = resources.files("cognica_poe").joinpath("data/tinyshakespeare.txt").read_text(encoding="utf-8")
+    docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+    print(f"corpus: bundled Tiny Shakespeare, {len(text):,} characters, {len(docs):,} documents")
+    tok = train_bpe(iter(docs), vocab_size=args.vocab_size)
+    print(f"tokenizer: BPE with {len(tok):,} ids (BOS = {tok.bos_token_id}) trained on the corpus")
+    torch.manual_seed(args.seed)
+    config = preset_config("tiny", vocab_size=len(tok))
+    model = CognicaPoEForCausalLM(config).eval()
+    out = args.out or os.path.join(tempfile.mkdtemp(prefix="cognica-poe-demo-"), "model")
+    export_hf_folder(model, tok, out, dtype="float32", overwrite=True)
+    print(f"exported: {out} ({', '.join(sorted(os.listdir(out)))})")
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    print(f"loaded back with AutoModelForCausalLM: {type(model).__name__}, {model.num_parameters():,} parameters, "
+          f"{model.poe_n_stages} stages ending at layers {model.poe_stage_boundary_layers}")
+    ids = torch.tensor([[tok.bos_token_id] + tok("ROMEO:")["input_ids"]])
+    with torch.no_grad():
+        exits = model.gpt.forward_all_stages(ids)
+    for s, logits in enumerate(exits):
+        top = logits[0, -1].argmax().item()
+        print(f"  stage {s} exit: next token after 'ROMEO:' -> {tok.decode([top])!r}")
+    sample = model.generate(ids, max_new_tokens=24, do_sample=False)
+    print(f"full-depth greedy sample (untrained weights): {tok.decode(sample[0, ids.size(1):])!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cognica-poe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="parameters, stages, boundaries and memory of a model folder or preset")
+    p.add_argument("model", help=f"an HF folder or a preset: {', '.join(PRESETS)}")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="nanochat checkpoint folder -> HF folder")
+    p.add_argument("src", nargs="?", help="nanochat checkpoint folder (model_*.pt, meta_*.json, tokenizer/)")
+    p.add_argument("out", nargs="?", help="output HF folder (must not exist unless --overwrite)")
+    p.add_argument("--dtype", default="bfloat16", help="weights dtype in model.safetensors (default bfloat16)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow reading a legacy tokenizer.pkl (unpickling runs code: only for files you trust)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--refresh-code", metavar="DIR", help="replace DIR's remote-code .py files with this package's")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("generate", help="generate text from a model folder")
+    p.add_argument("model")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the bundled corpus (no downloads)")
+    p.add_argument("--out", default=None, help="where to write the exported folder (default: a temp folder)")
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"cognica-poe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

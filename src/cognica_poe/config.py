@@ -1,0 +1,196 @@
+"""
+The one configuration of a Cognica PoE model, and the named presets.
+
+`CognicaPoEConfig` is a transformers `PretrainedConfig` (model_type "cognica_poe") that the core GPT reads
+directly, so there is exactly one config object from training to `from_pretrained`. Field names follow
+nanochat's GPTConfig (sequence_len, n_layer, n_head, n_kv_head, n_embd, window_pattern) plus the PoE fields
+(poe_mode, poe_every, poe_alpha) and the quantities nanochat hard-codes, written down here so a checkpoint
+says what it is. Everything derived (head_dim, padded vocab, window sizes, value-embedding layers, stage
+boundaries, backout layer) is a method here, so no other file recomputes it.
+
+This file is copied into exported remote-code folders: it imports only torch/transformers and siblings.
+"""
+
+import math
+
+from transformers import PretrainedConfig
+
+POE_MODES = ("flat", "hier", "none")
+
+
+class CognicaPoEConfig(PretrainedConfig):
+    model_type = "cognica_poe"
+    # transformers' generic code (caches, generation, device maps) asks for these standard names
+    attribute_map = {
+        "hidden_size": "n_embd",
+        "num_hidden_layers": "n_layer",
+        "num_attention_heads": "n_head",
+        "num_key_value_heads": "n_kv_head",
+        "max_position_embeddings": "sequence_len",
+    }
+
+    def __init__(
+        self,
+        vocab_size: int = 32768,
+        sequence_len: int = 2048,
+        n_layer: int = 24,
+        n_head: int = 12,
+        n_kv_head: int = 12,
+        n_embd: int = 1536,
+        window_pattern: str = "SSSL",
+        rope_theta: float = 100000.0,
+        rotary_multiplier: int = 10,
+        softcap: float = 15.0,
+        qk_scale: float = 1.2,
+        pad_vocab_size_to: int = 64,
+        poe_mode: str = "flat",
+        poe_every: int = 6,
+        poe_alpha: float = 0.0,
+        wand_p99_bounds: list[float] | None = None,
+        base_n_layer: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        tie_word_embeddings: bool = False,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.sequence_len = sequence_len
+        self.n_layer = n_layer
+        self.n_head = n_head
+        self.n_kv_head = n_kv_head
+        self.n_embd = n_embd
+        self.window_pattern = window_pattern
+        self.rope_theta = rope_theta
+        self.rotary_multiplier = rotary_multiplier
+        self.softcap = softcap
+        self.qk_scale = qk_scale
+        self.pad_vocab_size_to = pad_vocab_size_to
+        self.poe_mode = poe_mode
+        self.poe_every = poe_every
+        self.poe_alpha = poe_alpha
+        self.wand_p99_bounds = list(wand_p99_bounds) if wand_p99_bounds is not None else None
+        # layers of the original base model (window layout, value embeddings and backout follow the base;
+        # specialist stages append layers after it). None means "this model is its own base".
+        self.base_n_layer = base_n_layer
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.validate_shape()
+
+    # -----------------------------------------------------------------------------
+    # validation
+
+    def validate_shape(self) -> None:
+        """Raise a ValueError naming the offending field when the numbers cannot describe a model."""
+        for name in ("vocab_size", "sequence_len", "n_layer", "n_head", "n_kv_head", "n_embd", "poe_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        pattern = self.window_pattern.upper()
+        if not pattern or any(c not in "SL" for c in pattern):
+            raise ValueError(f"window_pattern must be a non-empty string of S and L, got {self.window_pattern!r}")
+        if self.poe_mode not in POE_MODES:
+            raise ValueError(f"poe_mode must be one of {POE_MODES}, got {self.poe_mode!r}")
+        if self.base_n_layer is not None and not (0 < self.base_n_layer <= self.n_layer):
+            raise ValueError(f"base_n_layer ({self.base_n_layer}) must be in 1..n_layer ({self.n_layer})")
+
+    # -----------------------------------------------------------------------------
+    # derived quantities (nanochat hard-codes these; we compute them in one place)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_to
+        return ((self.vocab_size + m - 1) // m) * m
+
+    @property
+    def rotary_seq_len(self) -> int:
+        return self.rotary_multiplier * self.sequence_len
+
+    @property
+    def trunk_n_layer(self) -> int:
+        """Layers of the base trunk, which own the window layout, value embeddings and backout point."""
+        return self.base_n_layer if self.base_n_layer is not None else self.n_layer
+
+    @property
+    def backout_layer(self) -> int:
+        return self.trunk_n_layer // 2
+
+    def has_value_embed(self, layer: int) -> bool:
+        """Alternating layers ending with the base's last layer carry value embeddings (none on new layers)."""
+        n = self.trunk_n_layer
+        return layer < n and layer % 2 == (n - 1) % 2
+
+    def window_sizes(self) -> list[int]:
+        """Per-layer attention window: a query at t sees keys [t - window, t]."""
+        long_window = self.sequence_len
+        short_window = math.ceil(self.sequence_len / 4 / 128) * 128
+        pattern = self.window_pattern.upper()
+        n_base = self.trunk_n_layer
+        sizes = [long_window if pattern[i % len(pattern)] == "L" else short_window for i in range(n_base)]
+        sizes[-1] = long_window
+        if self.n_layer > n_base:  # appended specialist layers tile the pattern from the base, last one long
+            new = [long_window if pattern[i % len(pattern)] == "L" else short_window
+                   for i in range(n_base, self.n_layer)]
+            new[-1] = long_window
+            sizes += new
+        return sizes
+
+    @property
+    def poe_stage_boundary_layers(self) -> list[int]:
+        """0-based index of the last layer of each stage; the last stage ends at the last layer."""
+        n = self.trunk_n_layer
+        bounds = [k - 1 for k in range(self.poe_every, n, self.poe_every)] + [n - 1]
+        if self.n_layer > n:  # a specialist's own layers form one more stage
+            bounds.append(self.n_layer - 1)
+        return bounds
+
+    @property
+    def poe_n_stages(self) -> int:
+        return len(self.poe_stage_boundary_layers)
+
+
+# -----------------------------------------------------------------------------
+# presets: nanochat sizing (n_embd = 64 * depth rounded to head_dim 128, n_kv_head = n_head) plus CPU sizes
+
+def _nanochat_preset(depth: int, poe_every: int) -> dict:
+    n_embd = math.ceil(depth * 64 / 128) * 128
+    return dict(n_layer=depth, n_embd=n_embd, n_head=n_embd // 128, n_kv_head=n_embd // 128,
+                sequence_len=2048, vocab_size=32768, window_pattern="SSSL", poe_every=poe_every)
+
+
+PRESETS: dict[str, dict] = {
+    # CPU sizes for tests and demos
+    "tiny": dict(n_layer=4, n_embd=64, n_head=4, n_kv_head=2, sequence_len=256, vocab_size=512,
+                 window_pattern="SSSL", poe_every=1),
+    "small": dict(n_layer=8, n_embd=256, n_head=4, n_kv_head=4, sequence_len=256, vocab_size=4096,
+                  window_pattern="SSSL", poe_every=2),
+    # nanochat depths
+    "d6": dict(n_layer=6, n_embd=384, n_head=3, n_kv_head=3, sequence_len=2048, vocab_size=32768,
+               window_pattern="SSSL", poe_every=2),
+    "d12": _nanochat_preset(12, 3),
+    "d20": _nanochat_preset(20, 5),
+    # the released Cognica-PoE-v1.0-1.3B-base: 1,384,122,122 parameters, stages end at [5, 11, 17, 23]
+    "d24": _nanochat_preset(24, 6),
+}
+
+
+def preset_config(name: str, **overrides) -> CognicaPoEConfig:
+    """A config from a preset name, with keyword overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return CognicaPoEConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,1 @@
+"""Evaluation: bits per byte per stage exit (bpb.py)."""

@@ -1,0 +1,185 @@
+"""
+The transformers face of the model: CognicaPoEForCausalLM (PreTrainedModel + GenerationMixin).
+
+It holds the core GPT as `.gpt` (so safetensors keys are the core keys prefixed "gpt.") and serves
+`generate()` with our CognicaKVCache: greedy, sampling, batches with left padding. Rotary positions come
+from the attention mask, so a padded row decodes exactly as it would alone. The stage-level API
+(`poe_n_stages`, `poe_stage_boundary_layers`, `forward_stage`) lives here too; the inference modes of
+later files attach to this class.
+
+This file is copied into exported remote-code folders: it imports only torch/transformers and siblings.
+"""
+
+import os
+import warnings
+
+import torch
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .cache import CognicaKVCache
+from .config import CognicaPoEConfig
+from .model import GPT
+from .weights import check_shapes, expected_shapes, safetensors_shapes, strip_prefixes
+
+# transformers 5.x renamed `past_key_values` to `cache`; accept and return whichever this install uses
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def first_real_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The first non-pad token of every row (B,)."""
+    if attention_mask is None:
+        return input_ids[:, 0]
+    first = attention_mask.to(torch.long).argmax(dim=1)
+    return input_ids.gather(1, first[:, None])[:, 0]
+
+
+def warn_if_missing_bos(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, bos_token_id: int | None) -> None:
+    """Every document was trained to start with <|bos|>; without it the base model degenerates into repetition."""
+    if bos_token_id is None or input_ids.numel() == 0:
+        return
+    first = first_real_tokens(input_ids, attention_mask)
+    if bool((first != bos_token_id).any()):
+        warnings.warn(f"prompt does not start with the BOS token (id {bos_token_id}); the model was trained on "
+                      "BOS-prefixed documents and degrades without it: prepend tokenizer.bos_token_id "
+                      "(or use tokenizer.add_bos / add_bos_token=True)", UserWarning, stacklevel=3)
+
+
+class CognicaPoEPreTrainedModel(PreTrainedModel):
+    config_class = CognicaPoEConfig
+    base_model_prefix = "gpt"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+    _supports_attention_backend = False
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        if isinstance(module, GPT):
+            module.init_weights()  # guarded init: tensors loaded from a checkpoint are left alone
+
+
+class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
+    def __init__(self, config: CognicaPoEConfig):
+        super().__init__(config)
+        self.gpt = GPT(config)
+        self.post_init()
+
+    # -----------------------------------------------------------------------------
+    # transformers plumbing
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loader, after checking a local folder's weights tensor by tensor (errors name the keys)."""
+        path = str(pretrained_model_name_or_path)
+        weights = os.path.join(path, "model.safetensors")
+        if os.path.isfile(weights):
+            config = kwargs.get("config")
+            if not isinstance(config, CognicaPoEConfig):
+                config = CognicaPoEConfig.from_pretrained(path)
+            with torch.device("meta"):
+                expected = expected_shapes(GPT(config))
+            raw = safetensors_shapes(weights)
+            check_shapes(expected, {strip_prefixes(k): v for k, v in raw.items()}, weights)
+            prefixes = {k[: len(k) - len(strip_prefixes(k))] for k in raw}
+            if prefixes != {"gpt."} and "key_mapping" not in kwargs:  # map any accepted prefix onto ".gpt"
+                kwargs["key_mapping"] = {r"^(?:_orig_mod\.|gpt\.|model\.)*": "gpt."}
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # safetensors weights arrive memory-mapped at arbitrary alignment, which sends CPU matmuls down other SIMD
+        # paths (last-bit differences); owned, aligned copies make a loaded model compute exactly as it was saved
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.device.type != "meta":
+                    p.data = p.data.clone()
+        return model
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.gpt.transformer.wte
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.gpt.lm_head
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> CognicaKVCache:
+        """An empty KV cache for this model's dtype and device."""
+        p = self.gpt.lm_head.weight
+        return CognicaKVCache(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length, *args, **kwargs) -> None:
+        """generate() always decodes with our preallocated CognicaKVCache (never a DynamicCache)."""
+        user_cache = model_kwargs.get(_CACHE_FIELD)
+        if user_cache is not None:
+            if not isinstance(user_cache, CognicaKVCache):
+                raise TypeError(f"this model needs a CognicaKVCache, got {type(user_cache).__name__}")
+            return
+        if generation_config.use_cache is False:
+            return
+        model_kwargs[_CACHE_FIELD] = self.new_cache(batch_size, max_cache_length + 1)
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        cache = kwargs.pop(_CACHE_FIELD, None)
+        if cache is not None and cache.n_slots > 0:
+            input_ids = input_ids[:, cache.n_slots:]  # decode: feed only the tokens the cache has not seen
+        kwargs.pop("position_ids", None)  # positions come from the attention mask
+        kwargs.pop("cache_position", None)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, _CACHE_FIELD: cache, **{
+            k: v for k, v in kwargs.items() if k in ("use_cache", "logits_to_keep", "labels")}}
+
+    def _prepare_attention_mask_for_generation(self, inputs_tensor, generation_config, model_kwargs):
+        """Never guess a mask from pad ids when the pad token is BOS: every prompt starts with BOS."""
+        pad = generation_config.pad_token_id
+        if pad is not None and pad == self.config.bos_token_id:
+            return torch.ones(inputs_tensor.shape[:2], dtype=torch.long, device=inputs_tensor.device)
+        return super()._prepare_attention_mask_for_generation(inputs_tensor, generation_config, model_kwargs)
+
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs):
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            warn_if_missing_bos(ids, kwargs.get("attention_mask"), self.config.bos_token_id)
+        return super().generate(inputs, **kwargs)
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                cache: CognicaKVCache | None = None, past_key_values: CognicaKVCache | None = None,
+                use_cache: bool | None = None, labels: torch.LongTensor | None = None,
+                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+        """
+        Full-depth logits (B, T, vocab) in fp32. With a cache, input_ids are the new tokens and attention_mask
+        covers past + new (as generate() passes it) or just the new tokens. labels are shifted inside, HF-style.
+        """
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = self.new_cache(input_ids.size(0), max(input_ids.size(1), self.config.sequence_len))
+        keep = 0 if labels is not None else int(logits_to_keep)
+        logits = self.gpt(input_ids, kv_cache=cache, attention_mask=attention_mask, logits_to_keep=keep)
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))
+            shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+            loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+
+    # -----------------------------------------------------------------------------
+    # the PoE stage API
+
+    @property
+    def poe_n_stages(self) -> int:
+        return self.config.poe_n_stages
+
+    @property
+    def poe_stage_boundary_layers(self) -> list[int]:
+        return self.config.poe_stage_boundary_layers
+
+    def stage_boundary(self, stage: int) -> int:
+        """Last layer of `stage` (0-based); a clear error for a bad index."""
+        n = self.poe_n_stages
+        if isinstance(stage, bool) or not isinstance(stage, int) or not -n <= stage < n:
+            raise ValueError(f"stage {stage!r} out of range: this model has {n} stages, 0..{n - 1} "
+                             f"(boundaries {self.poe_stage_boundary_layers})")
+        return self.poe_stage_boundary_layers[stage]
+
+    @torch.no_grad()
+    def forward_stage(self, input_ids: torch.LongTensor, stage: int, attention_mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """Logits (B, T, vocab) of stage exit `stage`, running only the layers up to its boundary."""
+        boundary = self.stage_boundary(stage)
+        return self.gpt.forward_all_stages(input_ids, [boundary], attention_mask=attention_mask)[0]

@@ -1,0 +1,377 @@
+"""
+The Cognica PoE trunk: nanochat's GPT (as of commit 92d63d4) with stage exits.
+
+Architecture, in forward order (see SPEC §2): x = norm(wte(idx)); smear (x[t] += smear_lambda *
+sigmoid(smear_gate(x[t, :24])) * x[t-1]); x0 = x; per layer x = resid_lambdas[i] * x + x0_lambdas[i] * x0
+then a pre-norm block (attention with rotary, QK norm x1.2, sliding windows, gated value embeddings on
+alternating layers, GQA; a ReLU^2 MLP); the output of block n_layer // 2 is kept for backout; final exit
+logits = softcap(lm_head(norm(x - backout_lambda * x_backout))). No biases, no affine norms, padded vocab.
+
+PoE stages: every `poe_every` layers the stream is a valid predictor through the same lm_head. An
+intermediate exit is softcap(lm_head(norm(h_k))) without backout (that is how the stage heads were
+trained); the last exit is the standard forward. `forward_all_stages` returns any set of exits from ONE pass.
+
+KV cache: an optional CognicaKVCache (cache.py). Slots are absolute columns; rotary positions come from the
+attention mask (left padding), pads are masked out of every attention and never smeared into a real token.
+
+This file is copied into exported remote-code folders: it imports only torch/transformers and siblings.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import initialization as init
+
+from .cache import CognicaKVCache
+from .config import CognicaPoEConfig
+
+VE_GATE_CHANNELS = 12  # value-embedding gate reads the first 12 channels of the block input
+SMEAR_CHANNELS = 24  # smear gate reads the first 24 channels of the current token's embedding
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMSNorm (PyTorch's default eps), as nanochat."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split rotary with nanochat's sign convention. x: (B, T, H, D); cos, sin: (B or 1, T, 1, D/2)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    y1 = x1 * cos + x2 * sin
+    y2 = x1 * (-sin) + x2 * cos
+    return torch.cat([y1, y2], dim=-1)
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    return cap * torch.tanh(logits / cap)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: CognicaPoEConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.head_dim
+        self.qk_scale = config.qk_scale
+        C = config.n_embd
+        self.c_q = nn.Linear(C, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(C, C, bias=False)
+        has_ve = config.has_value_embed(layer_idx)
+        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False) if has_ve else None
+
+    def forward(self, x: torch.Tensor, ve: torch.Tensor | None, step: "StepContext") -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # ResFormer-style value residual, gated per kv head
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, H_kv)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        q = apply_rotary(q, step.cos, step.sin)
+        k = apply_rotary(k, step.cos, step.sin)
+        q = norm(q) * self.qk_scale
+        k = norm(k) * self.qk_scale
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if step.cache is not None:
+            layer = step.cache.layers[self.layer_idx]
+            layer.write(k, v, step.start)
+            k, v = layer.view(step.start + T)
+        mask, is_causal = step.mask_for(self.layer_idx)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: CognicaPoEConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: CognicaPoEConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, ve: torch.Tensor | None, step: "StepContext") -> torch.Tensor:
+        x = x + self.attn(norm(x), ve, step)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class StepContext:
+    """
+    What every layer of one forward chunk shares: the chunk's slots, rotary angles and attention masks.
+    Masks are built once per distinct window size and reused by all layers with that window.
+    """
+
+    def __init__(self, windows: list[int], cos: torch.Tensor, sin: torch.Tensor, T: int, start: int,
+                 cache: CognicaKVCache | None, q_pos: torch.Tensor | None, k_pos: torch.Tensor | None,
+                 k_valid: torch.Tensor | None, padded: bool):
+        self.windows = windows
+        self.cos, self.sin = cos, sin  # (B or 1, T, 1, D/2)
+        self.T, self.start = T, start  # the chunk occupies slots [start, start + T)
+        self.cache = cache
+        self.q_pos = q_pos  # (B, T) rotary positions of the queries; None when simply arange(T)
+        self.k_pos = k_pos  # (B, start + T) rotary positions of the keys
+        self.k_valid = k_valid  # (B, start + T) real-token mask of the keys
+        self.padded = padded  # some key slot is a pad
+        self._masks: dict[int, tuple[torch.Tensor | None, bool]] = {}
+
+    def mask_for(self, layer_idx: int) -> tuple[torch.Tensor | None, bool]:
+        """(attn_mask, is_causal) for SDPA at this layer's window."""
+        window = self.windows[layer_idx]
+        if window not in self._masks:
+            self._masks[window] = self._build(window)
+        return self._masks[window]
+
+    def _build(self, window: int) -> tuple[torch.Tensor | None, bool]:
+        T, start = self.T, self.start
+        kv_len = start + T
+        device = self.cos.device
+        if self.q_pos is None:  # no cache, no padding: positions are slots
+            if T - 1 <= window:
+                return None, True
+            t = torch.arange(T, device=device)
+            diff = t[:, None] - t[None, :]
+            return ((diff >= 0) & (diff <= window))[None, None], False
+        if T == 1 and not self.padded and kv_len - 1 <= window:
+            return None, False  # one query that sees every cached key
+        # general case: causal in slots, real keys only, window in rotary positions -> (B, 1, T, kv_len)
+        q_slot = torch.arange(start, kv_len, device=device)
+        k_slot = torch.arange(kv_len, device=device)
+        causal = k_slot[None, :] <= q_slot[:, None]  # (T, kv_len)
+        diff = self.q_pos[:, :, None] - self.k_pos[:, None, :]  # (B, T, kv_len)
+        allowed = causal[None] & self.k_valid[:, None, :] & (diff <= window)
+        allowed = allowed | (k_slot[None, :] == q_slot[:, None])[None]  # a pad attends to itself: no NaN rows
+        return allowed[:, None], False
+
+
+class GPT(nn.Module):
+    def __init__(self, config: CognicaPoEConfig):
+        super().__init__()
+        self.config = config
+        V, C = config.padded_vocab_size, config.n_embd
+        kv_dim = config.n_kv_head * config.head_dim
+        # own parameters first, in nanochat's state_dict order
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1))
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(V, C),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        ))
+        self.lm_head = nn.Linear(C, V, bias=False)
+        self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim)
+                                           for i in range(config.n_layer) if config.has_value_embed(i)})
+        self.window_sizes = config.window_sizes()
+        self._rotary: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_config(cls, config: CognicaPoEConfig, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32, seed: int | None = None) -> "GPT":
+        """Build on the meta device (no memory touched), then allocate on `device` and initialise."""
+        with torch.device("meta"):
+            model = cls(config)
+        if str(device) == "meta":
+            return model
+        model.to_empty(device=device)
+        if seed is not None:
+            torch.manual_seed(seed)
+        model.init_weights()
+        return model.to(dtype)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """
+        nanochat's init (SPEC §2), drawing in nanochat's order, so the same seed gives the same weights on CPU.
+        Uses transformers' guarded init functions, so tensors already loaded from a checkpoint are left alone.
+        """
+        cfg = self.config
+        s = 3**0.5 * cfg.n_embd**-0.5
+        init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
+        init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            init.uniform_(block.attn.c_q.weight, -s, s)
+            init.uniform_(block.attn.c_k.weight, -s, s)
+            init.uniform_(block.attn.c_v.weight, -s, s)
+            init.zeros_(block.attn.c_proj.weight)
+            init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
+            init.zeros_(block.mlp.c_proj.weight)
+        n = cfg.n_layer
+        denom = max(n - 1, 1)
+        init.copy_(self.resid_lambdas, torch.tensor([1.15 - 0.10 * i / denom for i in range(n)]))
+        init.copy_(self.x0_lambdas, torch.tensor([0.20 - 0.15 * i / denom for i in range(n)]))
+        init.zeros_(self.smear_lambda)
+        init.constant_(self.backout_lambda, 0.2)
+        init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        for ve in self.value_embeds.values():
+            init.uniform_(ve.weight, -s, s)
+        for block in self.transformer.h:
+            if block.attn.ve_gate is not None:
+                init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+
+    # -----------------------------------------------------------------------------
+    # pieces of the forward pass
+
+    def rotary_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (rotary_seq_len, head_dim/2) in fp32, computed once per device (not in the state_dict)."""
+        if device not in self._rotary:
+            cfg = self.config
+            hd = cfg.head_dim
+            inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+            t = torch.arange(cfg.rotary_seq_len, dtype=torch.float32, device=device)
+            freqs = torch.outer(t, inv_freq)
+            self._rotary[device] = (freqs.cos(), freqs.sin())
+        return self._rotary[device]
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Pre-smear normalized token embedding (B, T, C), in the model's compute dtype."""
+        return norm(self.transformer.wte(idx).to(self.lm_head.weight.dtype))
+
+    def smear(self, x: torch.Tensor, prev: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor:
+        """
+        Mix each token's predecessor embedding into it: x[t] += smear_lambda * sigmoid(smear_gate(x[t, :24])) * x[t-1].
+        prev (B, 1, C): the embedding before the chunk's first token (None: the chunk starts the sequence).
+        valid (B, T): real-token mask; a pad predecessor contributes nothing.
+        """
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))  # (B, T, 1)
+        before = x[:, :-1]
+        if valid is not None:
+            before = before * valid[:, :-1, None].to(x.dtype)
+        if prev is None:
+            return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * before], dim=1)
+        return x + gate * torch.cat([prev, before], dim=1)
+
+    def prepare(self, idx: torch.Tensor, kv_cache: CognicaKVCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, StepContext]:
+        """Embed + smear a chunk and build what its layers share. Returns (x0 (B, T, C), step context)."""
+        B, T = idx.shape
+        valid = None
+        if attention_mask is not None:
+            valid = attention_mask[:, -T:].to(torch.bool)
+            if bool(valid.all()):
+                valid = None
+        x = self.embed(idx)
+        prev = None
+        if kv_cache is not None:
+            prev_tok = kv_cache.previous_token(kv_cache.n_slots)
+            if prev_tok is not None:  # the smear input of the chunk's first token, rebuilt from its id
+                prev_id, prev_valid = prev_tok
+                prev = self.embed(prev_id[:, None]) * prev_valid[:, None, None].to(x.dtype)
+            start, q_pos = kv_cache.claim(idx, valid)
+            kv_len = start + T
+            k_pos, k_valid = kv_cache.positions[:, :kv_len], kv_cache.valid[:, :kv_len]
+            padded = not bool(k_valid.all())
+        elif valid is not None:
+            start, padded = 0, True
+            q_pos = (valid.long().cumsum(dim=1) - 1).clamp_min(0) * valid
+            k_pos, k_valid = q_pos, valid
+        else:
+            start, padded, q_pos, k_pos, k_valid = 0, False, None, None, None
+        max_pos = int(q_pos.max()) if q_pos is not None else T - 1
+        if max_pos >= self.config.rotary_seq_len:
+            raise ValueError(f"position {max_pos} is beyond the rotary table ({self.config.rotary_seq_len} positions = "
+                             f"{self.config.rotary_multiplier} x sequence_len {self.config.sequence_len})")
+        cos_t, sin_t = self.rotary_tables(idx.device)
+        if q_pos is None:
+            cos, sin = cos_t[None, :T, None], sin_t[None, :T, None]
+        else:
+            cos, sin = cos_t[q_pos][:, :, None], sin_t[q_pos][:, :, None]
+        x = self.smear(x, prev, valid)
+        dtype = x.dtype
+        step = StepContext(self.window_sizes, cos.to(dtype), sin.to(dtype), T, start, kv_cache, q_pos, k_pos,
+                           k_valid, padded)
+        return x, step
+
+    def run_layer(self, i: int, x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor,
+                  step: StepContext) -> torch.Tensor:
+        """Layer i: lambda blend with x0, then the block."""
+        x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+        ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+        return self.transformer.h[i](x, ve, step)
+
+    def exit_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """softcap(lm_head(norm(h)))[..., :vocab] in fp32 (h already carries backout where it applies)."""
+        logits = self.lm_head(norm(h))[..., :self.config.vocab_size].float()
+        return softcap(logits, self.config.softcap)
+
+    def applies_backout(self, layer: int) -> bool:
+        """Backout belongs to the base's last exit and every exit past it (specialist layers); not to stage exits."""
+        return layer >= self.config.trunk_n_layer - 1
+
+    def check_exits(self, exits: list[int]) -> list[int]:
+        n = self.config.n_layer
+        exits = [int(e) for e in exits]
+        if not exits:
+            raise ValueError("at least one exit layer is needed")
+        bad = [e for e in exits if not 0 <= e < n]
+        if bad:
+            raise ValueError(f"exit layer(s) {bad} out of range: this model has layers 0..{n - 1} "
+                             f"(stage boundaries {self.config.poe_stage_boundary_layers})")
+        return exits
+
+    def hidden_at_exits(self, idx: torch.Tensor, exits: list[int], kv_cache: CognicaKVCache | None = None,
+                        attention_mask: torch.Tensor | None = None,
+                        logits_to_keep: int = 0) -> dict[int, torch.Tensor]:
+        """Run layers 0..max(exits) once; return {exit layer: normalized-ready stream (B, T', C)}, backout applied."""
+        exits = self.check_exits(exits)
+        x, step = self.prepare(idx, kv_cache, attention_mask)
+        x0 = x
+        last = max(exits)
+        wanted = set(exits)
+        out = {}
+        x_backout = None
+        for i in range(last + 1):
+            x = self.run_layer(i, x, x0, idx, step)
+            if i == self.config.backout_layer:
+                x_backout = x
+            if i in wanted:
+                h = x[:, -logits_to_keep:] if logits_to_keep else x
+                if self.applies_backout(i):
+                    xb = x_backout[:, -logits_to_keep:] if logits_to_keep else x_backout
+                    h = h - self.backout_lambda.to(h.dtype) * xb
+                out[i] = h
+        return out
+
+    # -----------------------------------------------------------------------------
+    # public forward paths
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: CognicaKVCache | None = None,
+                attention_mask: torch.Tensor | None = None, loss_reduction: str = "mean",
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """Standard full-depth forward: fp32 softcapped logits (B, T, vocab), or the CE loss when targets are given."""
+        last = self.config.n_layer - 1
+        h = self.hidden_at_exits(idx, [last], kv_cache, attention_mask, 0 if targets is not None else logits_to_keep)
+        logits = self.exit_logits(h[last])
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+
+    def forward_all_stages(self, idx: torch.Tensor, stage_boundaries: list[int] | None = None,
+                           kv_cache: CognicaKVCache | None = None, attention_mask: torch.Tensor | None = None,
+                           logits_to_keep: int = 0) -> list[torch.Tensor]:
+        """
+        Logits (B, T, vocab) at every requested exit layer (default: the stage boundaries) from ONE pass, in the
+        order requested. Intermediate exits skip backout; the last layer's exit is the standard forward.
+        """
+        if stage_boundaries is None:
+            stage_boundaries = self.config.poe_stage_boundary_layers
+        hidden = self.hidden_at_exits(idx, list(stage_boundaries), kv_cache, attention_mask, logits_to_keep)
+        return [self.exit_logits(hidden[int(b)]) for b in stage_boundaries]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
