@@ -1,5 +1,7 @@
 """Shared fixtures: small models whose parameters are all away from their (degenerate) init."""
 
+import os
+
 import pytest
 import torch
 
@@ -29,3 +31,18 @@ def tiny_model() -> CognicaPoEForCausalLM:
 def long_model() -> CognicaPoEForCausalLM:
     """sequence_len 512 -> short window 128: generating past 300 tokens exercises the sliding windows."""
     return perturbed_model(sequence_len=512)
+
+
+D8 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models", "poe-d8-classics")
+
+
+@pytest.fixture(scope="session")
+def d8_model(tmp_path_factory):
+    """The nanochat-trained reference flat-PoE model (8 layers, 4 exits), converted once per session."""
+    from cognica_poe.checkpoint import convert_nanochat, load_model
+    from cognica_poe.tokenizer import CognicaPoETokenizer
+
+    if not os.path.isdir(D8):
+        pytest.skip(f"reference checkpoint not present at {D8}")
+    out = convert_nanochat(D8, str(tmp_path_factory.mktemp("d8") / "hf"), dtype="float32", allow_pickle=True)
+    return load_model(out), CognicaPoETokenizer.from_pretrained(out)

@@ -12,8 +12,16 @@ Per-layer fill levels. Each layer knows how many slots it has filled (`layer_len
 layers move together; the stage-level modes (prefix pruning, early exit, speculative drafting) run only
 some layers for some slots, and the fill levels are how they know which layers are missing which slots.
 
-Smear needs the previous token's pre-smear embedding, norm(wte(id)). That is a pure function of the token
-id, so the cache keeps ids rather than embeddings: a rollback (crop) never has a stale smear state.
+Smear needs the previous real token's pre-smear embedding, norm(wte(id)). That is a pure function of the
+token id, so the cache keeps ids rather than embeddings: a rollback (crop, or a row's rejected drafts marked
+invalid) never leaves a stale smear state.
+
+Stage inputs. With `keep_hidden`, the cache also keeps the residual stream at every stage boundary (and at
+the backout layer) for each slot, so a later call can run only the deeper layers for slots whose shallow
+layers already ran: early-exit catch-up and speculative verification reuse that work instead of redoing it.
+
+Rows with their own lengths. A batch shares slot columns; a row that accepts fewer tokens than another marks
+its unused slots invalid (`invalidate`), and positions, masks and smear all skip invalid slots.
 
 This file is copied into exported remote-code folders: it imports only torch/transformers.
 """
@@ -99,7 +107,7 @@ class CognicaKVCache(Cache):
     """Preallocated per-layer KV cache with per-slot token ids, validity and rotary positions."""
 
     def __init__(self, config, batch_size: int, max_len: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", keep_hidden: bool = False):
         max_len = max_len or config.sequence_len
         if max_len > config.rotary_seq_len:
             raise ValueError(f"cache length {max_len} exceeds the rotary table ({config.rotary_seq_len} positions, "
@@ -114,6 +122,13 @@ class CognicaKVCache(Cache):
         self.token_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        # stage inputs: the stream after every stage boundary but the last, and after the backout layer
+        self.keep_hidden = keep_hidden
+        self.hidden_layers = set(config.poe_stage_boundary_layers[:-1]) | {config.backout_layer}
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.n_embd = config.n_embd
+        self.stage_layers = [range(a + 1, b + 1) for a, b in
+                             zip([-1] + config.poe_stage_boundary_layers[:-1], config.poe_stage_boundary_layers)]
 
     # -----------------------------------------------------------------------------
     # slot bookkeeping, shared by all layers
@@ -151,11 +166,27 @@ class CognicaKVCache(Cache):
         self.n_slots = end
         return start, pos
 
-    def previous_token(self, start: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Token id (B,) and validity (B,) of slot start - 1, the smear input of a chunk starting at start."""
-        if start == 0:
-            return None
-        return self.token_ids[:, start - 1], self.valid[:, start - 1]
+    def invalidate(self, rows: torch.Tensor, starts: torch.Tensor, end: int) -> None:
+        """Mark slots [starts[i], end) of row rows[i] as not real tokens (e.g. a row's rejected drafts)."""
+        slot = torch.arange(self.max_len, device=self.valid.device)
+        drop = (slot[None, :] >= starts[:, None]) & (slot[None, :] < end)  # (len(rows), max_len)
+        self.valid[rows] &= ~drop
+
+    def stage_len(self, stage: int) -> int:
+        """Slots filled by every layer of `stage`."""
+        return min(self.layers[i].length for i in self.stage_layers[stage])
+
+    def store_hidden(self, layer: int, start: int, x: torch.Tensor) -> None:
+        """Keep the stream after `layer` for slots [start, start + T)."""
+        if layer not in self.hidden:
+            self.hidden[layer] = torch.zeros(self.batch_size_, self.max_len, self.n_embd, dtype=x.dtype,
+                                             device=x.device)
+        self.hidden[layer][:, start:start + x.size(1)] = x
+
+    def load_hidden(self, layer: int, start: int, end: int) -> torch.Tensor:
+        if layer not in self.hidden:
+            raise RuntimeError(f"the cache kept no stream after layer {layer}: create it with keep_hidden=True")
+        return self.hidden[layer][:, start:end]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.n_slots
@@ -177,6 +208,7 @@ class CognicaKVCache(Cache):
         super().reorder_cache(beam_idx)
         for name in ("token_ids", "valid", "positions"):
             setattr(self, name, getattr(self, name).index_select(0, beam_idx.to(self.token_ids.device)))
+        self.hidden = {k: v.index_select(0, beam_idx.to(v.device)) for k, v in self.hidden.items()}
         self.batch_size_ = len(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -186,4 +218,5 @@ class CognicaKVCache(Cache):
         super().batch_repeat_interleave(repeats)
         for name in ("token_ids", "valid", "positions"):
             setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+        self.hidden = {k: v.repeat_interleave(repeats, dim=0) for k, v in self.hidden.items()}
         self.batch_size_ *= repeats

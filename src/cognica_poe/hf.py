@@ -11,38 +11,23 @@ This file is copied into exported remote-code folders: it imports only torch/tra
 """
 
 import os
-import warnings
 
 import torch
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import CognicaKVCache
+from .compose import generate_parallel_composition
 from .config import CognicaPoEConfig
 from .model import GPT
+from .sampling import warn_if_missing_bos
+from .speculative import generate_speculative
+from .stage import generate_stage
+from .wand import generate_wand
 from .weights import check_shapes, expected_shapes, safetensors_shapes, strip_prefixes
 
 # transformers 5.x renamed `past_key_values` to `cache`; accept and return whichever this install uses
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-def first_real_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """The first non-pad token of every row (B,)."""
-    if attention_mask is None:
-        return input_ids[:, 0]
-    first = attention_mask.to(torch.long).argmax(dim=1)
-    return input_ids.gather(1, first[:, None])[:, 0]
-
-
-def warn_if_missing_bos(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, bos_token_id: int | None) -> None:
-    """Every document was trained to start with <|bos|>; without it the base model degenerates into repetition."""
-    if bos_token_id is None or input_ids.numel() == 0:
-        return
-    first = first_real_tokens(input_ids, attention_mask)
-    if bool((first != bos_token_id).any()):
-        warnings.warn(f"prompt does not start with the BOS token (id {bos_token_id}); the model was trained on "
-                      "BOS-prefixed documents and degrades without it: prepend tokenizer.bos_token_id "
-                      "(or use tokenizer.add_bos / add_bos_token=True)", UserWarning, stacklevel=3)
 
 
 class CognicaPoEPreTrainedModel(PreTrainedModel):
@@ -99,10 +84,11 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.gpt.lm_head
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> CognicaKVCache:
-        """An empty KV cache for this model's dtype and device."""
+    def new_cache(self, batch_size: int, max_len: int | None = None, keep_hidden: bool = False) -> CognicaKVCache:
+        """An empty KV cache for this model's dtype and device (keep_hidden: also keep stage-boundary streams)."""
         p = self.gpt.lm_head.weight
-        return CognicaKVCache(self.config, batch_size, max_len, dtype=p.dtype, device=p.device)
+        return CognicaKVCache(self.config, batch_size, max_len, dtype=p.dtype, device=p.device,
+                              keep_hidden=keep_hidden)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length, *args, **kwargs) -> None:
@@ -183,3 +169,9 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
         """Logits (B, T, vocab) of stage exit `stage`, running only the layers up to its boundary."""
         boundary = self.stage_boundary(stage)
         return self.gpt.forward_all_stages(input_ids, [boundary], attention_mask=attention_mask)[0]
+
+    # the stage-level inference modes (each lives in its own file)
+    generate_stage = generate_stage
+    generate_wand = generate_wand
+    generate_speculative = generate_speculative
+    generate_parallel_composition = generate_parallel_composition

@@ -241,59 +241,68 @@ class GPT(nn.Module):
         """Pre-smear normalized token embedding (B, T, C), in the model's compute dtype."""
         return norm(self.transformer.wte(idx).to(self.lm_head.weight.dtype))
 
-    def smear(self, x: torch.Tensor, prev: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor:
+    def smear(self, x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         """
-        Mix each token's predecessor embedding into it: x[t] += smear_lambda * sigmoid(smear_gate(x[t, :24])) * x[t-1].
-        prev (B, 1, C): the embedding before the chunk's first token (None: the chunk starts the sequence).
-        valid (B, T): real-token mask; a pad predecessor contributes nothing.
+        Mix each token's predecessor into it: x[t] += smear_lambda * sigmoid(smear_gate(x[t, :24])) * prev[t].
+        prev (B, T, C) is the predecessor's pre-smear embedding, zero where there is none (sequence start, or the
+        previous slot is a pad); None means the plain shift x[t-1] with nothing before position 0.
         """
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))  # (B, T, 1)
-        before = x[:, :-1]
-        if valid is not None:
-            before = before * valid[:, :-1, None].to(x.dtype)
         if prev is None:
-            return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * before], dim=1)
-        return x + gate * torch.cat([prev, before], dim=1)
+            return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
+        return x + gate * prev
 
-    def prepare(self, idx: torch.Tensor, kv_cache: CognicaKVCache | None = None,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, StepContext]:
-        """Embed + smear a chunk and build what its layers share. Returns (x0 (B, T, C), step context)."""
-        B, T = idx.shape
-        valid = None
-        if attention_mask is not None:
-            valid = attention_mask[:, -T:].to(torch.bool)
-            if bool(valid.all()):
-                valid = None
-        x = self.embed(idx)
-        prev = None
-        if kv_cache is not None:
-            prev_tok = kv_cache.previous_token(kv_cache.n_slots)
-            if prev_tok is not None:  # the smear input of the chunk's first token, rebuilt from its id
-                prev_id, prev_valid = prev_tok
-                prev = self.embed(prev_id[:, None]) * prev_valid[:, None, None].to(x.dtype)
-            start, q_pos = kv_cache.claim(idx, valid)
-            kv_len = start + T
-            k_pos, k_valid = kv_cache.positions[:, :kv_len], kv_cache.valid[:, :kv_len]
-            padded = not bool(k_valid.all())
-        elif valid is not None:
-            start, padded = 0, True
-            q_pos = (valid.long().cumsum(dim=1) - 1).clamp_min(0) * valid
-            k_pos, k_valid = q_pos, valid
-        else:
-            start, padded, q_pos, k_pos, k_valid = 0, False, None, None, None
-        max_pos = int(q_pos.max()) if q_pos is not None else T - 1
+    def predecessor_embeddings(self, ids: torch.Tensor, valid: torch.Tensor, start: int) -> torch.Tensor:
+        """
+        Smear inputs for slots [start, L) of rows whose tokens and real-token mask are ids, valid (B, L): the
+        embedding of the last real token before each slot (zero if none). Pads and rejected drafts are skipped,
+        so a row's first real token is never mixed with a pad and a rollback needs no saved state.
+        """
+        B, L = ids.shape
+        slot = torch.arange(L, device=ids.device).expand(B, L)
+        last = torch.where(valid, slot, -1).cummax(dim=1).values  # (B, L) last real slot <= t
+        prev = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=1)[:, start:]  # last real slot < t
+        emb = self.embed(ids.gather(1, prev.clamp_min(0)))
+        return emb * (prev >= 0)[..., None].to(emb.dtype)
+
+    def step_for_slots(self, cache: CognicaKVCache, start: int, end: int) -> StepContext:
+        """Rotary angles and masks for queries at cache slots [start, end) over keys [0, end)."""
+        q_pos = cache.positions[:, start:end]
+        self.check_positions(int(q_pos.max()))
+        cos_t, sin_t = self.rotary_tables(q_pos.device)
+        dtype = self.lm_head.weight.dtype
+        k_valid = cache.valid[:, :end]
+        return StepContext(self.window_sizes, cos_t[q_pos][:, :, None].to(dtype), sin_t[q_pos][:, :, None].to(dtype),
+                           end - start, start, cache, q_pos, cache.positions[:, :end], k_valid,
+                           not bool(k_valid.all()))
+
+    def check_positions(self, max_pos: int) -> None:
         if max_pos >= self.config.rotary_seq_len:
             raise ValueError(f"position {max_pos} is beyond the rotary table ({self.config.rotary_seq_len} positions = "
                              f"{self.config.rotary_multiplier} x sequence_len {self.config.sequence_len})")
+
+    def prepare(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, StepContext]:
+        """Uncached chunk: embed + smear and the shared step context. Returns (x0 (B, T, C), step)."""
+        B, T = idx.shape
+        valid = attention_mask[:, -T:].to(torch.bool) if attention_mask is not None else None
+        if valid is not None and bool(valid.all()):
+            valid = None
+        x = self.embed(idx)
         cos_t, sin_t = self.rotary_tables(idx.device)
-        if q_pos is None:
+        if valid is None:
+            self.check_positions(T - 1)
+            x = self.smear(x, None)
             cos, sin = cos_t[None, :T, None], sin_t[None, :T, None]
+            q_pos = None
         else:
+            q_pos = (valid.long().cumsum(dim=1) - 1).clamp_min(0) * valid
+            self.check_positions(int(q_pos.max()))
+            x = self.smear(x, self.predecessor_embeddings(idx, valid, 0))
             cos, sin = cos_t[q_pos][:, :, None], sin_t[q_pos][:, :, None]
-        x = self.smear(x, prev, valid)
         dtype = x.dtype
-        step = StepContext(self.window_sizes, cos.to(dtype), sin.to(dtype), T, start, kv_cache, q_pos, k_pos,
-                           k_valid, padded)
+        step = StepContext(self.window_sizes, cos.to(dtype), sin.to(dtype), T, 0, None, q_pos, q_pos, valid,
+                           valid is not None)
         return x, step
 
     def run_layer(self, i: int, x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor,
@@ -326,18 +335,54 @@ class GPT(nn.Module):
     def hidden_at_exits(self, idx: torch.Tensor, exits: list[int], kv_cache: CognicaKVCache | None = None,
                         attention_mask: torch.Tensor | None = None,
                         logits_to_keep: int = 0) -> dict[int, torch.Tensor]:
-        """Run layers 0..max(exits) once; return {exit layer: normalized-ready stream (B, T', C)}, backout applied."""
+        """
+        Run layers 0..max(exits) once over new tokens idx (B, T); return {exit layer: stream (B, T', C)} with
+        backout applied where it belongs (T' = logits_to_keep last positions, or all). With a cache the tokens
+        take the next slots, and attention_mask may cover past + new tokens (as generate() passes it).
+        """
         exits = self.check_exits(exits)
-        x, step = self.prepare(idx, kv_cache, attention_mask)
-        x0 = x
-        last = max(exits)
-        wanted = set(exits)
-        out = {}
+        if kv_cache is not None:
+            T = idx.size(1)
+            valid = attention_mask[:, -T:] if attention_mask is not None else None
+            start, _ = kv_cache.claim(idx, valid)
+            return self.run_slots(kv_cache, start, start + T, 0, max(exits), exits, logits_to_keep)
+        x0, step = self.prepare(idx, attention_mask)
+        return self._run_layers(x0, x0, idx, step, 0, max(exits), exits, logits_to_keep, None, None)
+
+    def run_slots(self, cache: CognicaKVCache, start: int, end: int, first_layer: int, last_layer: int,
+                  exits: list[int] = (), logits_to_keep: int = 0) -> dict[int, torch.Tensor]:
+        """
+        Run layers first_layer..last_layer for the tokens already claimed in cache slots [start, end): the stage
+        engine's one primitive. Layer first_layer's input is the stream the cache kept at layer first_layer - 1
+        for those slots (`keep_hidden` caches keep it at every stage boundary). Every layer must already hold
+        keys for slots [0, start): a missing prefix is an error, never silently approximated.
+        """
+        for i in range(first_layer, last_layer + 1):
+            if cache.layers[i].length < start:
+                raise RuntimeError(f"layer {i} holds keys for {cache.layers[i].length} slots but the chunk starts at "
+                                   f"slot {start}: catch the layer up first")
+        ids = cache.token_ids[:, start:end]
+        x0 = self.smear(self.embed(ids), self.predecessor_embeddings(cache.token_ids[:, :end], cache.valid[:, :end],
+                                                                     start))
+        x = x0 if first_layer == 0 else cache.load_hidden(first_layer - 1, start, end)
         x_backout = None
-        for i in range(last + 1):
+        if first_layer > self.config.backout_layer and last_layer >= self.config.trunk_n_layer - 1:
+            x_backout = cache.load_hidden(self.config.backout_layer, start, end)
+        step = self.step_for_slots(cache, start, end)
+        return self._run_layers(x, x0, ids, step, first_layer, last_layer, exits, logits_to_keep, x_backout, cache)
+
+    def _run_layers(self, x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor, step: StepContext, first: int,
+                    last: int, exits: list[int], logits_to_keep: int, x_backout: torch.Tensor | None,
+                    cache: CognicaKVCache | None) -> dict[int, torch.Tensor]:
+        wanted = set(exits)
+        keep = cache is not None and cache.keep_hidden
+        out = {}
+        for i in range(first, last + 1):
             x = self.run_layer(i, x, x0, idx, step)
             if i == self.config.backout_layer:
                 x_backout = x
+            if keep and (i in cache.hidden_layers):
+                cache.store_hidden(i, step.start, x)
             if i in wanted:
                 h = x[:, -logits_to_keep:] if logits_to_keep else x
                 if self.applies_backout(i):

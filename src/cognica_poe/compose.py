@@ -1,0 +1,58 @@
+"""
+Parallel composition (Log-OP) of stage exits: score = sum_s w_s * log_softmax(logits_s).
+
+A product of experts over any subset of exits, all read from ONE cached pass up to the deepest chosen stage.
+Greedy takes the argmax of the score; sampling draws from softmax(score / temperature) (after top-k/top-p).
+With weights 1 the product sharpens where the exits agree and widens the top-1 margin.
+
+This file is copied into exported remote-code folders: it imports only torch and siblings.
+"""
+
+from collections.abc import Callable
+
+import torch
+
+from .sampling import check_request, decode
+
+
+def log_op(logits: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Weighted sum of log-probabilities of several exits (each (..., V)), in fp32."""
+    return sum(w * torch.log_softmax(l.float(), dim=-1) for w, l in zip(weights, logits))
+
+
+def check_composition(model, stages: list[int], stage_weights: list[float] | None) -> tuple[list[int], list[float]]:
+    stages = list(stages)
+    if not stages:
+        raise ValueError("stages must name at least one stage")
+    for s in stages:
+        model.stage_boundary(s)  # raises for a bad index
+    if stage_weights is None:
+        stage_weights = [1.0] * len(stages)
+    stage_weights = [float(w) for w in stage_weights]
+    if len(stage_weights) != len(stages):
+        raise ValueError(f"stage_weights has {len(stage_weights)} entries but stages has {len(stages)}")
+    return stages, stage_weights
+
+
+@torch.no_grad()
+def generate_parallel_composition(model, input_ids: torch.Tensor, stages: list[int],
+                                  stage_weights: list[float] | None = None, max_new_tokens: int = 32,
+                                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                                  top_p: float | None = None, seed: int | None = None,
+                                  stop_tokens: list[int] | int | None = None,
+                                  attention_mask: torch.Tensor | None = None,
+                                  streamer: Callable[[int, int], None] | None = None,
+                                  max_length: int | None = None) -> torch.Tensor:
+    """Prompt + generated ids (B, T + n) decoded from the Log-OP of the chosen stage exits."""
+    stages, weights = check_composition(model, stages, stage_weights)
+    boundaries = [model.stage_boundary(s) for s in stages]
+    input_ids, attention_mask = check_request(model, input_ids, attention_mask, max_new_tokens, max_length)
+    gpt = model.gpt
+
+    def next_scores(cache, ids, mask):
+        hidden = gpt.hidden_at_exits(ids, boundaries, cache, mask, logits_to_keep=1)
+        return log_op([gpt.exit_logits(hidden[b])[:, -1] for b in boundaries], weights)
+
+    out, _ = decode(model, input_ids, attention_mask, max_new_tokens, next_scores, do_sample, temperature, top_k,
+                    top_p, seed, stop_tokens, streamer)
+    return out

@@ -1,0 +1,35 @@
+"""
+Stage prefix pruning: generate with stages 0..s only and the exit of stage s.
+
+Because every stage was trained against the shared head on its own, the prefix is a complete smaller model:
+its predictions are exactly those the same layers make inside the full model (the prefix of
+`forward_all_stages`). Only the layers of stages 0..s run and only they hold KV; deeper layers are never touched.
+
+This file is copied into exported remote-code folders: it imports only torch and siblings.
+"""
+
+from collections.abc import Callable
+
+import torch
+
+from .sampling import check_request, decode
+
+
+@torch.no_grad()
+def generate_stage(model, input_ids: torch.Tensor, stage: int, max_new_tokens: int = 32, do_sample: bool = False,
+                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   seed: int | None = None, stop_tokens: list[int] | int | None = None,
+                   attention_mask: torch.Tensor | None = None, streamer: Callable[[int, int], None] | None = None,
+                   max_length: int | None = None) -> torch.Tensor:
+    """Prompt + up to max_new_tokens tokens per row (B, T + n), decoded from the exit of `stage` (0-based)."""
+    boundary = model.stage_boundary(stage)
+    input_ids, attention_mask = check_request(model, input_ids, attention_mask, max_new_tokens, max_length)
+    gpt = model.gpt
+
+    def next_scores(cache, ids, mask):
+        h = gpt.hidden_at_exits(ids, [boundary], cache, mask, logits_to_keep=1)[boundary]
+        return gpt.exit_logits(h)[:, -1]
+
+    out, _ = decode(model, input_ids, attention_mask, max_new_tokens, next_scores, do_sample, temperature, top_k,
+                    top_p, seed, stop_tokens, streamer)
+    return out
