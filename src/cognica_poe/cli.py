@@ -4,7 +4,8 @@ The `cognica-poe` command line.
     cognica-poe info PATH_OR_PRESET            parameters, stages, boundaries, windows, memory
     cognica-poe convert NANOCHAT_DIR OUT_DIR   nanochat checkpoint -> HF folder (bf16 safetensors by default)
     cognica-poe convert --refresh-code DIR     replace a released folder's .py files with this package's
-    cognica-poe generate MODEL "prompt"        full-depth generation (BOS is prepended)
+    cognica-poe generate MODEL "prompt" --mode full|stage|wand|speculative|compose
+    cognica-poe calibrate MODEL TEXT           WAND p99 bounds for a checkpoint, stored in its config
     cognica-poe demo                           the end-to-end pipeline on the bundled corpus, no downloads
 
 Errors from bad input are printed as one clear line and exit with status 2; nothing is written.
@@ -77,6 +78,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    import time
+
     import torch
 
     from .checkpoint import load_model
@@ -84,13 +87,63 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     model = load_model(args.model, dtype=args.dtype)
     tok = CognicaPoETokenizer.from_pretrained(args.model)
-    ids = [tok.bos_token_id] + tok(args.prompt)["input_ids"]
-    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0)
-    if args.temperature > 0:
-        kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-        torch.manual_seed(args.seed)
-    out = model.generate(torch.tensor([ids]), **kwargs)
-    print(tok.decode(out[0, len(ids):], skip_special_tokens=False))
+    ids = torch.tensor([[tok.bos_token_id] + tok(args.prompt)["input_ids"]])
+    sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0 else 1.0,
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                    stop_tokens=args.stop if args.stop is not None else None)
+    stream = None
+    if args.stream:
+        def stream(row, token):
+            print(tok.decode([token]), end="", flush=True)
+    extra = ""
+    t0 = time.perf_counter()
+    if args.mode == "full":
+        out = model.generate_stage(ids, stage=model.poe_n_stages - 1, streamer=stream, **sampling)
+    elif args.mode == "stage":
+        out = model.generate_stage(ids, stage=args.stage, streamer=stream, **sampling)
+    elif args.mode == "wand":
+        out, used = model.generate_wand(ids, safety=args.safety, p99_bounds=args.p99_bounds, return_stages_used=True,
+                                        streamer=stream, **sampling)
+        extra = f"exit stages: {used[0].tolist()}"
+    elif args.mode == "speculative":
+        out, acc = model.generate_speculative(ids, draft_stage=args.draft_stage, k_draft=args.k_draft,
+                                              return_acceptance=True, streamer=stream, **sampling)
+        extra = f"acceptance: {acc:.3f}"
+    else:
+        out = model.generate_parallel_composition(ids, stages=args.stages or list(range(model.poe_n_stages)),
+                                                  stage_weights=args.stage_weights, streamer=stream, **sampling)
+    elapsed = time.perf_counter() - t0
+    n = out.size(1) - ids.size(1)
+    if args.stream:
+        print()
+    else:
+        print(tok.decode(out[0, ids.size(1):]))
+    print(f"[{args.mode}: {n} tokens in {elapsed:.2f}s, {n / elapsed:.1f} tok/s{'; ' + extra if extra else ''}]",
+          file=sys.stderr)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    """p99 WAND bounds from a text file, stored in the model folder's config.json."""
+    import torch
+
+    from .checkpoint import load_model
+    from .tokenizer import CognicaPoETokenizer
+    from .wand import calibrate_wand_bounds
+
+    model = load_model(args.model, dtype="float32")
+    tok = CognicaPoETokenizer.from_pretrained(args.model)
+    with open(args.data, encoding="utf-8") as f:
+        docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
+    stream = []
+    for doc in docs:
+        stream += [tok.bos_token_id] + tok.encoding.encode_ordinary(doc)
+        if len(stream) >= args.max_tokens:
+            break
+    bounds = calibrate_wand_bounds(model, torch.tensor(stream[:args.max_tokens]), seq_len=args.seq_len)
+    model.config.wand_p99_bounds = bounds
+    model.config.to_json_file(f"{args.model}/config.json")
+    print(f"wand_p99_bounds = {bounds} (from {min(len(stream), args.max_tokens):,} tokens), saved to "
+          f"{args.model}/config.json")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -153,9 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh-code", metavar="DIR", help="replace DIR's remote-code .py files with this package's")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("generate", help="generate text from a model folder")
+    p = sub.add_parser("generate", help="generate text from a model folder with any inference mode")
     p.add_argument("model")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="text; BOS is prepended")
+    p.add_argument("--mode", choices=["full", "stage", "wand", "speculative", "compose"], default="full")
+    p.add_argument("--stage", type=int, default=0, help="stage mode: the exit to decode from (0-based)")
+    p.add_argument("--safety", type=float, default=1.0, help="wand: safety factor on the bounds")
+    p.add_argument("--p99-bounds", type=float, nargs="+", default=None, help="wand: bounds (default: config/card)")
+    p.add_argument("--draft-stage", type=int, default=0, help="speculative: the drafting exit")
+    p.add_argument("--k-draft", type=int, default=3, help="speculative: drafts per iteration")
+    p.add_argument("--stages", type=int, nargs="+", default=None, help="compose: the exits to combine")
+    p.add_argument("--stage-weights", type=float, nargs="+", default=None, help="compose: their weights")
+    p.add_argument("--stop", type=int, nargs="*", default=None, help="stop token ids (default: the config's eos)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
@@ -163,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("calibrate", help="compute WAND p99 bounds on a text file and store them in config.json")
+    p.add_argument("model", help="an HF model folder (its config.json is updated)")
+    p.add_argument("data", help="a UTF-8 text file (documents separated by blank lines)")
+    p.add_argument("--max-tokens", type=int, default=65536)
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's sequence_len)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("demo", help="run the whole pipeline on the bundled corpus (no downloads)")
     p.add_argument("--out", default=None, help="where to write the exported folder (default: a temp folder)")

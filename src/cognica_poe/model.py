@@ -350,7 +350,8 @@ class GPT(nn.Module):
         return self._run_layers(x0, x0, idx, step, 0, max(exits), exits, logits_to_keep, None, None)
 
     def run_slots(self, cache: CognicaKVCache, start: int, end: int, first_layer: int, last_layer: int,
-                  exits: list[int] = (), logits_to_keep: int = 0) -> dict[int, torch.Tensor]:
+                  exits: list[int] = (), logits_to_keep: int = 0,
+                  shared: dict | None = None) -> dict[int, torch.Tensor]:
         """
         Run layers first_layer..last_layer for the tokens already claimed in cache slots [start, end): the stage
         engine's one primitive. Layer first_layer's input is the stream the cache kept at layer first_layer - 1
@@ -362,13 +363,17 @@ class GPT(nn.Module):
                 raise RuntimeError(f"layer {i} holds keys for {cache.layers[i].length} slots but the chunk starts at "
                                    f"slot {start}: catch the layer up first")
         ids = cache.token_ids[:, start:end]
-        x0 = self.smear(self.embed(ids), self.predecessor_embeddings(cache.token_ids[:, :end], cache.valid[:, :end],
-                                                                     start))
+        if shared is not None and (start, end) in shared:  # several calls over the same slots share x0 and masks
+            x0, step = shared[(start, end)]
+        else:
+            prev = self.predecessor_embeddings(cache.token_ids[:, :end], cache.valid[:, :end], start)
+            x0, step = self.smear(self.embed(ids), prev), self.step_for_slots(cache, start, end)
+            if shared is not None:
+                shared[(start, end)] = (x0, step)
         x = x0 if first_layer == 0 else cache.load_hidden(first_layer - 1, start, end)
         x_backout = None
         if first_layer > self.config.backout_layer and last_layer >= self.config.trunk_n_layer - 1:
             x_backout = cache.load_hidden(self.config.backout_layer, start, end)
-        step = self.step_for_slots(cache, start, end)
         return self._run_layers(x, x0, ids, step, first_layer, last_layer, exits, logits_to_keep, x_backout, cache)
 
     def _run_layers(self, x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor, step: StepContext, first: int,

@@ -65,7 +65,8 @@ def top2_margin(logits: torch.Tensor) -> torch.Tensor:
     return top[..., 0] - top[..., 1]
 
 
-def catch_up(model, cache: CognicaKVCache, end: int, last_stage: int) -> dict[int, torch.Tensor]:
+def catch_up(model, cache: CognicaKVCache, end: int, last_stage: int,
+             shared: dict | None = None) -> dict[int, torch.Tensor]:
     """
     Run stages 0..last_stage for every slot in [their fill level, end): pending early-exit slots and any new
     ones, one forward per stage. Returns {stage: stream at its exit for slot end - 1} for stages that ran it.
@@ -78,7 +79,7 @@ def catch_up(model, cache: CognicaKVCache, end: int, last_stage: int) -> dict[in
             continue
         layers = cache.stage_layers[s]
         boundary = layers[-1]
-        h = gpt.run_slots(cache, start, end, layers[0], boundary, [boundary], logits_to_keep=1)
+        h = gpt.run_slots(cache, start, end, layers[0], boundary, [boundary], logits_to_keep=1, shared=shared)
         out[s] = h[boundary]
     return out
 
@@ -116,9 +117,10 @@ def run_wand(model, input_ids: torch.Tensor, max_new_tokens: int = 32, safety: f
     while True:
         chosen = torch.empty(B, model.config.vocab_size, device=input_ids.device)
         exit_stage = torch.full((B,), -1, dtype=torch.long, device=input_ids.device)
+        shared = {}  # this step's stage calls share embeddings and masks
         for s in range(n_stages):
             if s not in exits:  # a deeper stage is needed: catch it up for pending slots and run it for this token
-                got = catch_up(model, cache, cache.n_slots, s)
+                got = catch_up(model, cache, cache.n_slots, s, shared)
                 exits[s] = gpt.exit_logits(got[s])[:, -1]
             open_rows = exit_stage < 0
             leave = open_rows & (top2_margin(exits[s]) > thresholds[s])

@@ -1,0 +1,288 @@
+"""
+Inference benchmark: every mode against full-depth cached greedy, side by side in one process.
+
+Part 1, a trained model (../shared/models/poe-d8-classics, converted here): tokens/s of every mode,
+speculative acceptance and speedup next to the cost-model ideal (1 - a^(K+1)) / ((1 - a)(K c + v)) with c and
+v measured, WAND speedup / top-1 agreement / exit histogram at several safeties (bounds calibrated on held-out
+text), stage-0 speedup. Part 2, speed at scale on a d24-shaped model (random weights): full-depth cached
+decode vs a transformers LlamaForCausalLM of the same width/depth/heads/vocab (intermediate 4x) under its own
+generate(), achieved weight bandwidth, and a bf16 GEMV bandwidth measured over >= 1 GB of weights.
+
+Every speed is a median of >= 3 runs in this process; token counts are stated. The last line printed is one
+JSON object with every figure and the machine.
+
+    python bench/inference.py                 # everything (about 15 minutes on 2 CPU cores)
+    python bench/inference.py --scale d12     # part 2 on a smaller shape
+    python bench/inference.py --skip-scale    # part 1 only
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(HERE, "..", "..", "shared")
+D8 = os.path.join(SHARED, "models", "poe-d8-classics")
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "cuda": torch.cuda.is_available()}
+
+
+def median_time(fn, runs: int = 3) -> float:
+    fn()  # warm-up (allocations, kernel selection)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# -----------------------------------------------------------------------------
+# part 1: a trained model
+
+
+def load_trained(dtype: str):
+    from cognica_poe.checkpoint import convert_nanochat, load_model
+    from cognica_poe.tokenizer import CognicaPoETokenizer
+
+    out = os.path.join(tempfile.mkdtemp(prefix="bench-d8-"), "hf")
+    convert_nanochat(D8, out, dtype="float32", allow_pickle=True)
+    return load_model(out, dtype=dtype), CognicaPoETokenizer.from_pretrained(out)
+
+
+def heldout_docs() -> list[str]:
+    """The d8 model's validation documents (the last 1/20 of the corpus, as its README defines them)."""
+    docs = []
+    for name in ("tinyshakespeare.txt", "warpeace.txt"):
+        with open(os.path.join(SHARED, "data", name), encoding="utf-8") as f:
+            docs += [d.strip() for d in f.read().split("\n\n") if d.strip()]
+    return docs[-(len(docs) // 20):]
+
+
+def trained_part(dtype: str, new_tokens: int, runs: int) -> dict:
+    from cognica_poe.speculative import run_speculative
+    from cognica_poe.wand import calibrate_wand_bounds, run_wand
+
+    model, tok = load_trained(dtype)
+    docs = heldout_docs()
+    calib = []
+    for d in docs[: len(docs) // 2]:
+        calib += [tok.bos_token_id] + tok.encoding.encode_ordinary(d)
+    bounds = calibrate_wand_bounds(model, torch.tensor(calib[:40_000]), seq_len=256)
+    prompts = [[tok.bos_token_id] + tok.encoding.encode_ordinary(d)[:24] for d in docs[len(docs) // 2:][:4]]
+    last = model.poe_n_stages - 1
+    kw = dict(max_new_tokens=new_tokens, stop_tokens=[])
+
+    def over_prompts(fn):
+        return lambda: [fn(torch.tensor([p])) for p in prompts]
+
+    n_tokens = new_tokens * len(prompts)
+    t_full = median_time(over_prompts(lambda ids: model.generate_stage(ids, stage=last, **kw)), runs)
+    res = {"model": "poe-d8-classics (8 layers, 256 wide, 4 exits)", "dtype": dtype,
+           "tokens_per_run": n_tokens, "prompts": len(prompts), "runs": runs,
+           "full_tok_s": n_tokens / t_full, "calibrated_p99_bounds": bounds}
+    for s in range(last):
+        t = median_time(over_prompts(lambda ids, s=s: model.generate_stage(ids, stage=s, **kw)), runs)
+        res[f"stage{s}_tok_s"] = n_tokens / t
+        res[f"stage{s}_speedup"] = t_full / t
+    t = median_time(over_prompts(lambda ids: model.generate_parallel_composition(ids, stages=list(range(last + 1)),
+                                                                                  **kw)), runs)
+    res["compose_all_tok_s"] = n_tokens / t
+
+    # full-model greedy continuations, to score agreement
+    def agreement(seqs):
+        hits = total = 0
+        for seq in seqs:
+            with torch.no_grad():
+                ref = model.gpt(seq)[0].argmax(-1)
+            T = seq.size(1) - new_tokens
+            hits += int((seq[0, T:] == ref[T - 1:-1]).sum())
+            total += new_tokens
+        return hits / total
+
+    res["wand"] = []
+    for safety in (0.5, 1.0, 2.0):
+        outs = []
+
+        def run(safety=safety, outs=outs):
+            outs.clear()
+            for p in prompts:
+                r = run_wand(model, torch.tensor([p]), safety=safety, p99_bounds=bounds, **kw)
+                outs.append(r)
+
+        t = median_time(run, runs)
+        hist = torch.bincount(torch.cat([r.stages_used[0] for r in outs]), minlength=last + 1).tolist()
+        res["wand"].append({"safety": safety, "tok_s": n_tokens / t, "speedup": t_full / t,
+                            "top1_agreement": agreement([r.sequences for r in outs]), "exit_histogram": hist})
+
+    # speculative: time the draft and verify forwards inside the run, to measure c and v
+    gpt = model.gpt
+    res["speculative"] = []
+    step_time = t_full / n_tokens  # one full-depth decode step (per token), from the same process
+    for draft_stage in (0, 1):
+        for k in (1, 2, 3, 4, 5, 6):
+            timings = {"draft": [], "verify": []}
+            stats = []
+            original = gpt.run_slots
+
+            def timed(cache, start, end, first, lastl, exits=(), logits_to_keep=0, original=original,
+                      timings=timings):
+                t0 = time.perf_counter()
+                out = original(cache, start, end, first, lastl, exits, logits_to_keep)
+                kind = "verify" if first > 0 or end - start > 1 else "draft"
+                timings[kind].append(time.perf_counter() - t0)
+                return out
+
+            def run(k=k, draft_stage=draft_stage, stats=stats):
+                stats.clear()
+                for p in prompts:
+                    stats.append(run_speculative(model, torch.tensor([p]), draft_stage=draft_stage, k_draft=k, **kw))
+
+            t = median_time(run, runs)
+            gpt.run_slots = timed
+            run()
+            del gpt.run_slots  # back to the class method
+            accepted = sum(r.accepted for r in stats)
+            drafted = sum(r.drafted for r in stats)
+            a = accepted / drafted
+            iters = sum(r.iterations for r in stats)
+            draft_calls = [x for x in timings["draft"]]
+            c = statistics.mean(draft_calls) / step_time
+            v = sum(timings["verify"]) / iters / step_time  # the shallow last draft + the deep k+1 positions
+            ideal = (1 - a ** (k + 1)) / ((1 - a) * (k * c + v)) if a < 1 else (k + 1) / (k * c + v)
+            measured = t_full / t
+            lossless = all(torch.equal(r.sequences, model.generate_stage(r.sequences[:, :len(p)], stage=last, **kw))
+                           for r, p in zip(stats, prompts))
+            res["speculative"].append({"draft_stage": draft_stage, "k": k, "acceptance": a, "c": c, "v": v,
+                                       "speedup": measured, "cost_model_speedup": ideal,
+                                       "ratio_to_cost_model": measured / ideal, "lossless": lossless,
+                                       "tok_s": n_tokens / t})
+    return res
+
+
+# -----------------------------------------------------------------------------
+# part 2: speed at scale
+
+
+def gemv_bandwidth(dtype: torch.dtype, total_bytes: float = 1.2e9, runs: int = 3) -> float:
+    """GB/s of y = W x over enough matrices to exceed total_bytes (no cache reuse)."""
+    rows, cols = 6144, 1536
+    n = int(total_bytes // (rows * cols * torch.finfo(dtype).bits // 8)) + 1
+    weights = [torch.randn(rows, cols).to(dtype) for _ in range(n)]
+    x = torch.randn(1, cols).to(dtype)
+
+    def run():
+        for w in weights:
+            torch.nn.functional.linear(x, w)
+
+    t = median_time(run, runs)
+    return n * rows * cols * (torch.finfo(dtype).bits // 8) / t / 1e9
+
+
+def scale_part(preset: str, dtype_name: str, new_tokens: int, runs: int) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cognica_poe.config import preset_config
+    from cognica_poe.hf import CognicaPoEForCausalLM
+    from cognica_poe.model import GPT
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    cfg = preset_config(preset, bos_token_id=0, pad_token_id=0, eos_token_id=[0])
+    with torch.device("meta"):
+        model = CognicaPoEForCausalLM(cfg)
+    model.gpt = GPT.from_config(cfg, seed=0).to(dtype)
+    model.eval()
+    bytes_per_param = torch.finfo(dtype).bits // 8
+    # weights a decode step reads: every block matrix, lm_head, and one row of wte and of each value embedding
+    read_params = sum(p.numel() for n, p in model.gpt.named_parameters() if n.startswith("transformer.h")) \
+        + model.gpt.lm_head.weight.numel()
+    ids = torch.randint(1, cfg.vocab_size, (1, 16))
+    ids[0, 0] = 0
+    last = cfg.poe_n_stages - 1
+    kw = dict(max_new_tokens=new_tokens, stop_tokens=[])
+    t_full = median_time(lambda: model.generate_stage(ids, stage=last, **kw), runs)
+    t_hf = median_time(lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                              do_sample=False), runs)
+    t_stage0 = median_time(lambda: model.generate_stage(ids, stage=0, **kw), runs)
+    res = {"shape": preset, "dtype": dtype_name, "new_tokens": new_tokens, "prompt_tokens": 16, "runs": runs,
+           "params": model.gpt.num_params(), "weight_bytes_read_per_token": read_params * bytes_per_param,
+           "full_tok_s": new_tokens / t_full, "full_hf_generate_tok_s": new_tokens / t_hf,
+           "stage0_tok_s": new_tokens / t_stage0, "stage0_speedup": t_full / t_stage0}
+    res["full_weight_GBps"] = res["full_tok_s"] * res["weight_bytes_read_per_token"] / 1e9
+    model = None  # free it before the Llama model is built
+
+    llama_cfg = LlamaConfig(hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd, num_hidden_layers=cfg.n_layer,
+                            num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+                            vocab_size=cfg.vocab_size, max_position_embeddings=cfg.sequence_len,
+                            tie_word_embeddings=False, bos_token_id=0, eos_token_id=None, pad_token_id=0)
+    with torch.device("meta"):
+        llama = LlamaForCausalLM(llama_cfg)
+    llama = llama.to_empty(device="cpu").to(dtype).eval()
+    with torch.no_grad():
+        for p in llama.parameters():
+            p.normal_(0, 0.02)
+    llama_read = sum(p.numel() for n, p in llama.named_parameters() if "layers." in n) + \
+        llama.lm_head.weight.numel()
+    t_llama = median_time(lambda: llama.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                 do_sample=False), runs)
+    res["llama_tok_s"] = new_tokens / t_llama
+    res["llama_weight_bytes_read_per_token"] = llama_read * bytes_per_param
+    res["llama_weight_GBps"] = res["llama_tok_s"] * res["llama_weight_bytes_read_per_token"] / 1e9
+    res["bandwidth_ratio_vs_llama"] = res["full_weight_GBps"] / res["llama_weight_GBps"]
+    llama = None
+    res["gemv_GBps"] = gemv_bandwidth(dtype)
+    res["bandwidth_ratio_vs_gemv"] = res["full_weight_GBps"] / res["gemv_GBps"]
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", default="d24", help="preset for part 2 (default d24)")
+    parser.add_argument("--skip-scale", action="store_true")
+    parser.add_argument("--skip-trained", action="store_true")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: run one part in a subprocess
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.part:  # each heavy part runs in its own process so memory from one never slows the next
+        kind, dtype = args.part.split(":")
+        out = trained_part(dtype, args.new_tokens, args.runs) if kind == "trained" else \
+            scale_part(args.scale, dtype, args.new_tokens, args.runs)
+        print(json.dumps(out))
+        return
+    results = {"machine": machine()}
+    parts = ([] if args.skip_trained else ["trained:fp32", "trained:bf16"]) + \
+        ([] if args.skip_scale else ["scale:bf16", "scale:fp32"])
+    for part in parts:
+        cmd = [sys.executable, __file__, "--part", part, "--scale", args.scale, "--new-tokens", str(args.new_tokens),
+               "--runs", str(args.runs), "--threads", str(args.threads)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{part} failed:\n{proc.stderr[-3000:]}")
+        results[part] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{part} done in {time.perf_counter() - t0:.0f}s: {json.dumps(results[part])[:400]}...", flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
