@@ -6,7 +6,6 @@ from conftest import perturbed_model
 
 from cognica_poe import speculative as speculative_module
 from cognica_poe.compose import log_op
-from cognica_poe.sampling import new_decode_cache
 from cognica_poe.speculative import run_speculative
 from cognica_poe.wand import run_wand
 
@@ -121,7 +120,11 @@ def test_wand_cached_logits_and_catch_up_are_exact(long_model, monkeypatch):
     """Exit logits equal the uncached exits; after a final catch-up every layer equals a fresh prefill."""
     ids = torch.randint(1, 512, (1, 9))
     ids[:, 0] = 0
-    seen = record_exit_logits(long_model, monkeypatch)
+    from cognica_poe import wand as wand_module
+
+    seen = []  # the exit logits the rule looked at, in order: stages 0..exit for each generated token
+    original = wand_module.top2_margin
+    monkeypatch.setattr(wand_module, "top2_margin", lambda logits: (seen.append(logits), original(logits))[1])
     res = run_wand(long_model, ids, max_new_tokens=200, safety=0.03, p99_bounds=[1, 1, 1], stop_tokens=[],
                    complete_cache=True)
     monkeypatch.undo()
@@ -129,14 +132,16 @@ def test_wand_cached_logits_and_catch_up_are_exact(long_model, monkeypatch):
     assert len(set(used)) >= 3  # the run really mixes exits
     with torch.no_grad():
         ref = long_model.gpt.forward_all_stages(res.sequences)
-    # each generated token equals the argmax of its exit stage in the uncached model
+    calls = iter(seen)
     for t, s in enumerate(used):
+        for stage in range(s + 1):  # every exit computed for this token equals the uncached exit
+            assert (next(calls)[0] - ref[stage][0, 8 + t]).abs().max() < 1e-5
+        # and the token is the argmax of its exit stage
         assert int(res.sequences[0, 9 + t]) == int(ref[s][0, 8 + t].argmax())
-    assert all(torch.isfinite(x).all() for x in seen)
     # the cache after the final catch-up equals a fresh full-depth prefill of everything forwarded
     n = res.cache.n_slots
     assert res.cache.layer_len == [n] * 4
-    fresh = new_decode_cache(long_model, 1, n)
+    fresh = long_model.new_cache(1, n)
     with torch.no_grad():
         long_model.gpt(res.cache.token_ids[:, :n], kv_cache=fresh)
     for a, b in zip(res.cache.layers, fresh.layers):
@@ -244,7 +249,7 @@ def test_speculative_cache_equals_fresh_prefill_per_row(d8_model):
     assert cache.layer_len == [n] * 8
     for row in range(3):
         keep = cache.valid[row, :n].nonzero()[:, 0]
-        fresh = new_decode_cache(model, 1, len(keep))
+        fresh = model.new_cache(1, len(keep))
         with torch.no_grad():
             model.gpt(cache.token_ids[row:row + 1, keep], kv_cache=fresh)
         for a, b in zip(cache.layers, fresh.layers):
@@ -381,3 +386,70 @@ def test_mode_errors(tiny_model):
         tiny_model.generate_stage(ids, stage=0, max_new_tokens=5, max_length=10 * 256 + 1)
     with pytest.raises(ValueError, match="max_new_tokens"):
         tiny_model.generate_wand(ids, max_new_tokens=0, p99_bounds=[1, 1, 1])
+
+
+def test_compose_scores_equal_uncached(tiny_model, monkeypatch):
+    from cognica_poe import compose as compose_module
+
+    seen = []
+    original = compose_module.log_op
+
+    def spy(logits, weights):
+        out = original(logits, weights)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(compose_module, "log_op", spy)
+    ids = torch.tensor([[0, 7, 8, 9]])
+    out = tiny_model.generate_parallel_composition(ids, stages=[0, 3], stage_weights=[1.0, 0.5], max_new_tokens=30,
+                                                   stop_tokens=[])
+    monkeypatch.undo()
+    with torch.no_grad():
+        exits = tiny_model.gpt.forward_all_stages(out)
+    ref = log_op([exits[0], exits[3]], [1.0, 0.5])[0, 3:-1]
+    assert (torch.cat(seen) - ref).abs().max() < 1e-5
+
+
+def test_speculative_verify_logits_equal_uncached(d8_model, monkeypatch):
+    """Each verify forward (deep layers over k + 1 slots from the kept stream) == the uncached full model."""
+    model, tok = d8_model
+    gpt = model.gpt
+    checked = []
+    original = gpt.run_slots
+
+    def spy(cache, start, end, first, last, exits=(), logits_to_keep=0, shared=None):
+        out = original(cache, start, end, first, last, exits, logits_to_keep, shared)
+        if first > 0:
+            with torch.no_grad():
+                ref = gpt(cache.token_ids[:, :end])[:, start:end]
+            checked.append((gpt.exit_logits(out[last]) - ref).abs().max().item())
+        return out
+
+    monkeypatch.setattr(gpt, "run_slots", spy)
+    run_speculative(model, torch.tensor(prompts(tok, ["Prince Andrew looked"])), max_new_tokens=30, k_draft=4,
+                    stop_tokens=[])
+    assert len(checked) >= 5 and max(checked) < 1e-5
+
+
+def test_cli_generate_modes_and_calibrate(d8_model, tmp_path, capsys):
+    import json
+
+    from cognica_poe.checkpoint import export_hf_folder
+    from cognica_poe.cli import main as cli_main
+
+    model, tok = d8_model
+    folder = export_hf_folder(model, tok, str(tmp_path / "m"), dtype="float32")
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(["It was in July, 1805, and the speaker was the well-known Anna Pavlovna."] * 40))
+    assert cli_main(["calibrate", folder, str(text), "--seq-len", "64"]) == 0
+    with open(f"{folder}/config.json") as f:
+        bounds = json.load(f)["wand_p99_bounds"]
+    assert len(bounds) == 3 and all(b > 0 for b in bounds)
+    for mode, extra in (("full", []), ("stage", ["--stage", "1"]), ("wand", ["--safety", "1.0"]),
+                        ("speculative", ["--k-draft", "2"]), ("compose", ["--stages", "0", "3"])):
+        assert cli_main(["generate", folder, "The old prince", "--mode", mode, "--max-new-tokens", "8",
+                         "--stop"] + extra) == 0
+        err = capsys.readouterr().err
+        assert f"[{mode}: 8 tokens" in err
+    assert cli_main(["generate", folder, "x", "--mode", "stage", "--stage", "7"]) == 2
+    assert "out of range" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .sampling import check_request, decode
+from .sampling import decode
 
 
 def log_op(logits: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -46,13 +46,11 @@ def generate_parallel_composition(model, input_ids: torch.Tensor, stages: list[i
     """Prompt + generated ids (B, T + n) decoded from the Log-OP of the chosen stage exits."""
     stages, weights = check_composition(model, stages, stage_weights)
     boundaries = [model.stage_boundary(s) for s in stages]
-    input_ids, attention_mask = check_request(model, input_ids, attention_mask, max_new_tokens, max_length)
     gpt = model.gpt
 
     def next_scores(cache, ids, mask):
         hidden = gpt.hidden_at_exits(ids, boundaries, cache, mask, logits_to_keep=1)
         return log_op([gpt.exit_logits(hidden[b])[:, -1] for b in boundaries], weights)
 
-    out, _ = decode(model, input_ids, attention_mask, max_new_tokens, next_scores, do_sample, temperature, top_k,
-                    top_p, seed, stop_tokens, streamer)
-    return out
+    return decode(model, input_ids, attention_mask, max_new_tokens, next_scores, do_sample, temperature, top_k, top_p,
+                  seed, stop_tokens, streamer, max_length)

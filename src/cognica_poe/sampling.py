@@ -118,10 +118,11 @@ class TokenSink:
     """Collects each row's generated tokens, applies stop tokens and the budget, streams as tokens arrive."""
 
     def __init__(self, batch_size: int, max_new_tokens: int, stop_tokens: list[int] | int | None,
-                 streamer: Callable[[int, int], None] | None = None):
+                 streamer: Callable[[int, int], None] | None = None, pad_id: int = 0):
         if isinstance(stop_tokens, int):
             stop_tokens = [stop_tokens]
         self.stop = set(stop_tokens or [])
+        self.pad_id = pad_id
         self.max_new = max_new_tokens
         self.rows: list[list[int]] = [[] for _ in range(batch_size)]
         self.done = [False] * batch_size
@@ -145,42 +146,50 @@ class TokenSink:
     def all_done(self) -> bool:
         return all(self.done)
 
-    def output(self, input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    def output(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T + longest) prompt + generated tokens, rows shorter than the longest padded with pad_id."""
         n = max(len(r) for r in self.rows)
-        out = torch.full((len(self.rows), n), pad_id, dtype=torch.long, device=input_ids.device)
+        out = torch.full((len(self.rows), n), self.pad_id, dtype=torch.long, device=input_ids.device)
         for i, r in enumerate(self.rows):
             if r:
                 out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         return torch.cat([input_ids, out], dim=1)
 
 
-def default_stop_tokens(model) -> list[int]:
-    eos = model.config.eos_token_id
-    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-
-
-def new_decode_cache(model, batch_size: int, max_len: int, keep_hidden: bool = False) -> CognicaKVCache:
+def begin_decoding(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+                   max_length: int | None, stop_tokens: list[int] | int | None,
+                   streamer: Callable[[int, int], None] | None, seed: int | None, cache_len: int | None = None,
+                   keep_hidden: bool = False):
+    """
+    Everything a decode loop starts from: the checked (input_ids, attention_mask), an empty cache of cache_len
+    slots (default prompt + max_new_tokens), the seeded generator and the token sink (stop tokens default to
+    the config's eos ids).
+    """
+    input_ids, attention_mask = check_request(model, input_ids, attention_mask, max_new_tokens, max_length)
+    B, T = input_ids.shape
     p = model.gpt.lm_head.weight
-    return CognicaKVCache(model.config, batch_size, max_len, dtype=p.dtype, device=p.device, keep_hidden=keep_hidden)
+    cache = CognicaKVCache(model.config, B, cache_len or T + max_new_tokens, dtype=p.dtype, device=p.device,
+                           keep_hidden=keep_hidden)
+    if stop_tokens is None:
+        eos = model.config.eos_token_id
+        stop_tokens = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    sink = TokenSink(B, max_new_tokens, stop_tokens, streamer, pad)
+    return input_ids, attention_mask, cache, make_generator(seed, input_ids.device), sink
 
 
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
            next_scores: Callable[[CognicaKVCache, torch.Tensor, torch.Tensor | None], torch.Tensor],
            do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            seed: int | None = None, stop_tokens: list[int] | int | None = None,
-           streamer: Callable[[int, int], None] | None = None, keep_hidden: bool = False,
-           cache: CognicaKVCache | None = None) -> tuple[torch.Tensor, CognicaKVCache]:
+           streamer: Callable[[int, int], None] | None = None, max_length: int | None = None) -> torch.Tensor:
     """
     The one-token-per-step loop. next_scores(cache, new_ids (B, T), attention_mask) runs the mode's forward for
     the new tokens (the prompt first, then one token per row) and returns the next-token scores (B, V).
-    Returns (prompt + generated ids, the cache).
+    Returns prompt + generated ids (B, T + n).
     """
-    B, T = input_ids.shape
-    if cache is None:
-        cache = new_decode_cache(model, B, T + max_new_tokens, keep_hidden)
-    generator = make_generator(seed, input_ids.device)
-    sink = TokenSink(B, max_new_tokens, default_stop_tokens(model) if stop_tokens is None else stop_tokens, streamer)
+    input_ids, attention_mask, cache, generator, sink = begin_decoding(
+        model, input_ids, attention_mask, max_new_tokens, max_length, stop_tokens, streamer, seed)
     scores = next_scores(cache, input_ids, attention_mask)
     while True:
         tokens = choose_tokens(scores, do_sample, temperature, top_k, top_p, generator)
@@ -188,5 +197,4 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
         if sink.all_done:
             break
         scores = next_scores(cache, tokens[:, None], None)
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    return sink.output(input_ids, pad), cache
+    return sink.output(input_ids)

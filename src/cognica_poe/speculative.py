@@ -19,21 +19,14 @@ cache (no copy); positions, masks and smear skip them. Rejected work is cropped 
 This file is copied into exported remote-code folders: it imports only torch and siblings.
 """
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .cache import CognicaKVCache
-from .sampling import (
-    TokenSink,
-    check_request,
-    choose_tokens,
-    default_stop_tokens,
-    make_generator,
-    new_decode_cache,
-    sampling_probs,
-)
+from .sampling import begin_decoding, choose_tokens, sampling_probs
 
 
 def speculative_accept(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor, do_sample: bool,
@@ -70,6 +63,8 @@ class SpeculativeResult:
     drafted: int  # drafts proposed
     iterations: int
     cache: CognicaKVCache
+    seconds: dict = field(default_factory=dict)  # wall time per phase: prefill, draft, verify, accept
+
 
     @property
     def acceptance(self) -> float:
@@ -93,22 +88,32 @@ def run_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 32, dr
     if draft_stage % n_stages == n_stages - 1:
         raise ValueError(f"draft_stage {draft_stage} is the last stage: the drafter must be an earlier exit "
                          f"(0..{n_stages - 2})")
-    input_ids, attention_mask = check_request(model, input_ids, attention_mask, max_new_tokens, max_length)
-    gpt = model.gpt
-    last = model.config.n_layer - 1
-    B, T = input_ids.shape
+    input_ids = torch.as_tensor(input_ids)
+    B, T = input_ids.shape if input_ids.dim() == 2 else (1, len(input_ids))
     # one row never leaves holes; rows of a batch may each waste up to k slots per iteration
     max_len = T + max_new_tokens + k_draft + 1 if B == 1 else T + (max_new_tokens + 1) * (k_draft + 1)
-    cache = new_decode_cache(model, B, max_len, keep_hidden=True)
-    generator = make_generator(seed, input_ids.device)
-    sink = TokenSink(B, max_new_tokens, default_stop_tokens(model) if stop_tokens is None else stop_tokens, streamer)
+    input_ids, attention_mask, cache, generator, sink = begin_decoding(
+        model, input_ids, attention_mask, max_new_tokens, max_length, stop_tokens, streamer, seed, max_len,
+        keep_hidden=True)
+    gpt = model.gpt
+    last = model.config.n_layer - 1
 
     def probs(logits):
         return sampling_probs(logits, temperature, top_k, top_p) if do_sample else logits
 
+    seconds = dict.fromkeys(("prefill", "draft", "verify", "accept"), 0.0)
+    clock = time.perf_counter()
+
+    def lap(phase):  # attribute the time since the last lap to `phase`
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[phase] += now - clock
+        clock = now
+
     full = gpt.exit_logits(gpt.hidden_at_exits(input_ids, [last], cache, attention_mask, logits_to_keep=1)[last])
     token = choose_tokens(full[:, -1], do_sample, temperature, top_k, top_p, generator)  # (B,) not yet forwarded
     sink.push_column(token)
+    lap("prefill")
     accepted = drafted = iterations = 0
     while not sink.all_done:
         n = cache.n_slots  # `token` takes slot n
@@ -122,11 +127,13 @@ def run_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 32, dr
             cur = choose_tokens(logits, do_sample, temperature, top_k, top_p, generator)
             drafts.append(cur)
             q.append(probs(logits) if do_sample else None)
+        lap("draft")
         # verify: the last draft's shallow layers, then the deep layers for all k + 1 slots from the kept stream
         slot, _ = cache.claim(cur[:, None])
         gpt.run_slots(cache, slot, slot + 1, 0, draft_boundary, [])
         h = gpt.run_slots(cache, n, slot + 1, draft_boundary + 1, last, [last])[last]
         p = probs(gpt.exit_logits(h))  # (B, k+1, V)
+        lap("verify")
         drafts = torch.stack(drafts, dim=1)  # (B, k)
         n_acc, token = speculative_accept(p, torch.stack(q, dim=1) if do_sample else None, drafts, do_sample,
                                           generator)
@@ -143,8 +150,8 @@ def run_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 32, dr
         drafted += k_draft * int(active.sum())
         accepted += int(n_acc[active].sum())
         iterations += 1
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    return SpeculativeResult(sink.output(input_ids, pad), accepted, drafted, iterations, cache)
+        lap("accept")
+    return SpeculativeResult(sink.output(input_ids), accepted, drafted, iterations, cache, seconds)
 
 
 def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 32, draft_stage: int = 0,

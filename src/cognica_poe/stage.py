@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .sampling import check_request, decode
+from .sampling import decode
 
 
 @torch.no_grad()
@@ -23,13 +23,11 @@ def generate_stage(model, input_ids: torch.Tensor, stage: int, max_new_tokens: i
                    max_length: int | None = None) -> torch.Tensor:
     """Prompt + up to max_new_tokens tokens per row (B, T + n), decoded from the exit of `stage` (0-based)."""
     boundary = model.stage_boundary(stage)
-    input_ids, attention_mask = check_request(model, input_ids, attention_mask, max_new_tokens, max_length)
     gpt = model.gpt
 
     def next_scores(cache, ids, mask):
         h = gpt.hidden_at_exits(ids, [boundary], cache, mask, logits_to_keep=1)[boundary]
         return gpt.exit_logits(h)[:, -1]
 
-    out, _ = decode(model, input_ids, attention_mask, max_new_tokens, next_scores, do_sample, temperature, top_k,
-                    top_p, seed, stop_tokens, streamer)
-    return out
+    return decode(model, input_ids, attention_mask, max_new_tokens, next_scores, do_sample, temperature, top_k, top_p,
+                  seed, stop_tokens, streamer, max_length)

@@ -25,14 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import CognicaKVCache
-from .sampling import (
-    TokenSink,
-    check_request,
-    choose_tokens,
-    default_stop_tokens,
-    make_generator,
-    new_decode_cache,
-)
+from .sampling import begin_decoding, choose_tokens
 
 CARD_P99_BOUNDS = (7.09, 3.03, 2.15)  # the released d24's bounds for the 1->2, 2->3, 3->4 exit transitions
 
@@ -101,14 +94,12 @@ def run_wand(model, input_ids: torch.Tensor, max_new_tokens: int = 32, safety: f
     """WAND decoding with everything it knows; `complete_cache` catches every layer up at the end."""
     bounds = resolve_bounds(model, p99_bounds)
     thresholds = exit_thresholds(bounds, float(safety))
-    input_ids, attention_mask = check_request(model, input_ids, attention_mask, max_new_tokens, max_length)
+    input_ids, attention_mask, cache, generator, sink = begin_decoding(
+        model, input_ids, attention_mask, max_new_tokens, max_length, stop_tokens, streamer, seed, keep_hidden=True)
     gpt = model.gpt
     n_stages = model.poe_n_stages
     boundaries = model.poe_stage_boundary_layers
-    B, T = input_ids.shape
-    cache = new_decode_cache(model, B, T + max_new_tokens, keep_hidden=True)
-    generator = make_generator(seed, input_ids.device)
-    sink = TokenSink(B, max_new_tokens, default_stop_tokens(model) if stop_tokens is None else stop_tokens, streamer)
+    B = input_ids.size(0)
     stages_used: list[list[int]] = [[] for _ in range(B)]
 
     # the prompt runs at full depth; its last position's exits decide the first token like any other step
@@ -143,8 +134,7 @@ def run_wand(model, input_ids: torch.Tensor, max_new_tokens: int = 32, safety: f
     used = torch.full((B, n), -1, dtype=torch.long)
     for i, r in enumerate(stages_used):
         used[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    return WandResult(sink.output(input_ids, pad), used, cache)
+    return WandResult(sink.output(input_ids), used, cache)
 
 
 def generate_wand(model, input_ids: torch.Tensor, max_new_tokens: int = 32, safety: float = 1.0,
