@@ -42,8 +42,8 @@ def record_exit_logits(model, monkeypatch):
     seen = []
     original = model.gpt.exit_logits
 
-    def spy(h):
-        out = original(h)
+    def spy(h, layer=None):
+        out = original(h, layer)
         seen.append(out)
         return out
 

@@ -26,6 +26,7 @@ from transformers import GenerationConfig
 from .config import CognicaPoEConfig, preset_config
 from .hf import CognicaPoEForCausalLM
 from .model import GPT
+from .specialist import DELTA_FILE, add_specialist, stage_delta
 from .tokenizer import SPECIAL_TOKENS, CognicaPoETokenizer, load_legacy_pickle, tokenizer_auto_map
 from .weights import check_shapes, expected_shapes, strip_prefixes
 
@@ -156,6 +157,55 @@ def export_hf_folder(model: CognicaPoEForCausalLM, tokenizer: CognicaPoETokenize
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def save_stage_folder(model: CognicaPoEForCausalLM, out_dir: str, base_model_name_or_path: str,
+                      tokenizer: CognicaPoETokenizer | None = None, dtype: str | torch.dtype = "bfloat16",
+                      overwrite: bool = False) -> str:
+    """A specialist's stage folder: config.json (with its parent), delta.safetensors, remote code, tokenizer."""
+    from safetensors.torch import save_file
+
+    dtype = parse_dtype(dtype)
+    delta = {k: v.detach().to(dtype).contiguous() for k, v in stage_delta(model).items()}
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".stage-", dir=parent)
+    try:
+        config = model.config.__class__.from_dict(model.config.to_dict())
+        config.base_model_name_or_path = base_model_name_or_path
+        config.auto_map = auto_map()
+        config.architectures = ["CognicaPoEForCausalLM"]
+        if tokenizer is not None:
+            set_special_ids(config, tokenizer)
+            tokenizer.save_pretrained(tmp)
+        config.save_pretrained(tmp)
+        generation_config_for(config).save_pretrained(tmp)
+        save_file(delta, os.path.join(tmp, DELTA_FILE), metadata={"format": "pt"})
+        write_remote_code(tmp)
+        for name in ("LICENSE", "NOTICE"):
+            with resources.files("cognica_poe").joinpath(name).open("rb") as src, \
+                    open(os.path.join(tmp, name), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def new_stage_folder(base: str, out_dir: str, new_layers: int, head_mode: str = "dual", seed: int = 0,
+                     dtype: str = "bfloat16", overwrite: bool = False) -> str:
+    """`cognica-poe stage new`: a fresh (identity) specialist on `base`, saved as a stage folder."""
+    parent = CognicaPoEForCausalLM.from_pretrained(base)
+    model = add_specialist(parent, new_layers, head_mode=head_mode, seed=seed)
+    tokenizer = CognicaPoETokenizer.from_pretrained(base) if os.path.isfile(
+        os.path.join(base, "tokenizer.tiktoken")) else None
+    return save_stage_folder(model, out_dir, base, tokenizer, dtype=dtype, overwrite=overwrite)
 
 
 def load_model(path_or_preset: str, dtype: str | torch.dtype | None = None, device: str = "cpu",

@@ -146,6 +146,14 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
           f"{args.model}/config.json")
 
 
+def cmd_stage_new(args: argparse.Namespace) -> None:
+    from .checkpoint import new_stage_folder
+
+    out = new_stage_folder(args.base, args.out, args.new_layers, head_mode=args.head_mode, seed=args.seed,
+                           dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out}: {args.new_layers} new layers on {args.base} (identity at start, lm_head_stage zero)")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """Bundled corpus -> tokenizer -> tiny PoE model -> exported HF folder -> loaded back -> a sample per stage."""
     import os
@@ -226,6 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("stage", help="specialist stages: `stage new BASE --new-layers N --out DIR`")
+    stage_sub = p.add_subparsers(dest="stage_command", required=True)
+    q = stage_sub.add_parser("new", help="append N new layers and a zero lm_head_stage to a frozen base")
+    q.add_argument("base", help="the parent: an HF model folder or another stage folder")
+    q.add_argument("--new-layers", type=int, required=True)
+    q.add_argument("--out", required=True)
+    q.add_argument("--head-mode", choices=["dual", "base", "spec"], default="dual")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--dtype", default="bfloat16")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=cmd_stage_new)
 
     p = sub.add_parser("calibrate", help="compute WAND p99 bounds on a text file and store them in config.json")
     p.add_argument("model", help="an HF model folder (its config.json is updated)")

@@ -50,7 +50,7 @@ def generate_parallel_composition(model, input_ids: torch.Tensor, stages: list[i
 
     def next_scores(cache, ids, mask):
         hidden = gpt.hidden_at_exits(ids, boundaries, cache, mask, logits_to_keep=1)
-        return log_op([gpt.exit_logits(hidden[b])[:, -1] for b in boundaries], weights)
+        return log_op([gpt.exit_logits(hidden[b], b)[:, -1] for b in boundaries], weights)
 
     return decode(model, input_ids, attention_mask, max_new_tokens, next_scores, do_sample, temperature, top_k, top_p,
                   seed, stop_tokens, streamer, max_length)

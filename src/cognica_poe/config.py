@@ -48,6 +48,9 @@ class CognicaPoEConfig(PretrainedConfig):
         poe_alpha: float = 0.0,
         wand_p99_bounds: list[float] | None = None,
         base_n_layer: int | None = None,
+        specialist_ends: list[int] | None = None,
+        head_mode: str = "dual",
+        base_model_name_or_path: str | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
@@ -73,6 +76,10 @@ class CognicaPoEConfig(PretrainedConfig):
         # layers of the original base model (window layout, value embeddings and backout follow the base;
         # specialist stages append layers after it). None means "this model is its own base".
         self.base_n_layer = base_n_layer
+        # specialist stages appended after the base: the last layer of each, ancestors first, the leaf last
+        self.specialist_ends = list(specialist_ends) if specialist_ends else None
+        self.head_mode = head_mode  # the leaf's exit: "dual" lm_head + lm_head_stage, "base" lm_head, "spec" stage
+        self.base_model_name_or_path = base_model_name_or_path  # a stage folder's parent (path or repo id)
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
@@ -104,6 +111,14 @@ class CognicaPoEConfig(PretrainedConfig):
             raise ValueError(f"poe_mode must be one of {POE_MODES}, got {self.poe_mode!r}")
         if self.base_n_layer is not None and not (0 < self.base_n_layer <= self.n_layer):
             raise ValueError(f"base_n_layer ({self.base_n_layer}) must be in 1..n_layer ({self.n_layer})")
+        if self.head_mode not in ("dual", "base", "spec"):
+            raise ValueError(f"head_mode must be dual, base or spec, got {self.head_mode!r}")
+        if self.specialist_ends:
+            ends = self.specialist_ends
+            if self.base_n_layer is None or ends != sorted(set(ends)) or ends[0] < self.base_n_layer \
+                    or ends[-1] != self.n_layer - 1:
+                raise ValueError(f"specialist_ends {ends} must increase from base_n_layer ({self.base_n_layer}) "
+                                 f"to the last layer ({self.n_layer - 1})")
 
     # -----------------------------------------------------------------------------
     # derived quantities (nanochat hard-codes these; we compute them in one place)
@@ -136,28 +151,30 @@ class CognicaPoEConfig(PretrainedConfig):
         return layer < n and layer % 2 == (n - 1) % 2
 
     def window_sizes(self) -> list[int]:
-        """Per-layer attention window: a query at t sees keys [t - window, t]."""
+        """
+        Per-layer attention window: a query at t sees keys [t - window, t]. The base keeps its own layout (the
+        pattern tiled, its last layer long); each appended specialist continues the pattern and ends long.
+        """
         long_window = self.sequence_len
         short_window = math.ceil(self.sequence_len / 4 / 128) * 128
         pattern = self.window_pattern.upper()
-        n_base = self.trunk_n_layer
-        sizes = [long_window if pattern[i % len(pattern)] == "L" else short_window for i in range(n_base)]
-        sizes[-1] = long_window
-        if self.n_layer > n_base:  # appended specialist layers tile the pattern from the base, last one long
-            new = [long_window if pattern[i % len(pattern)] == "L" else short_window
-                   for i in range(n_base, self.n_layer)]
-            new[-1] = long_window
-            sizes += new
+        sizes = []
+        for first, last in self.segments():
+            seg = [long_window if pattern[i % len(pattern)] == "L" else short_window for i in range(first, last + 1)]
+            seg[-1] = long_window
+            sizes += seg
         return sizes
+
+    def segments(self) -> list[tuple[int, int]]:
+        """(first, last) layer of the base and of every appended specialist."""
+        ends = [self.trunk_n_layer - 1] + (self.specialist_ends or [])
+        return [(a + 1, b) for a, b in zip([-1] + ends[:-1], ends)]
 
     @property
     def poe_stage_boundary_layers(self) -> list[int]:
-        """0-based index of the last layer of each stage; the last stage ends at the last layer."""
+        """0-based index of the last layer of each stage: the base's stages, then one per specialist."""
         n = self.trunk_n_layer
-        bounds = [k - 1 for k in range(self.poe_every, n, self.poe_every)] + [n - 1]
-        if self.n_layer > n:  # a specialist's own layers form one more stage
-            bounds.append(self.n_layer - 1)
-        return bounds
+        return [k - 1 for k in range(self.poe_every, n, self.poe_every)] + [n - 1] + (self.specialist_ends or [])
 
     @property
     def poe_n_stages(self) -> int:

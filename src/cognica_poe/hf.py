@@ -21,6 +21,7 @@ from .compose import generate_parallel_composition
 from .config import CognicaPoEConfig
 from .model import GPT
 from .sampling import warn_if_missing_bos
+from .specialist import DELTA_FILE, load_stage_folder
 from .speculative import generate_speculative
 from .stage import generate_stage
 from .wand import generate_wand
@@ -58,6 +59,11 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
         """transformers' loader, after checking a local folder's weights tensor by tensor (errors name the keys)."""
         path = str(pretrained_model_name_or_path)
         weights = os.path.join(path, "model.safetensors")
+        if os.path.isfile(os.path.join(path, DELTA_FILE)) and not os.path.isfile(weights):
+            # a specialist stage folder: assemble it on its parents (parent_map= maps repo ids to folders)
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+            return load_stage_folder(path, kwargs.get("parent_map"), None if dtype == "auto" else dtype)
         if os.path.isfile(weights):
             config = kwargs.get("config")
             if not isinstance(config, CognicaPoEConfig):

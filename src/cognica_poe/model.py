@@ -176,6 +176,10 @@ class GPT(nn.Module):
         self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim)
                                            for i in range(config.n_layer) if config.has_value_embed(i)})
+        if config.specialist_ends:  # specialist stages: the leaf's own head, and each ancestor's head folded in
+            self.lm_head_stage = nn.Linear(C, V, bias=False)
+            self.ancestor_heads = nn.ModuleDict({str(e): nn.Linear(C, V, bias=False)
+                                                 for e in config.specialist_ends[:-1]})
         self.window_sizes = config.window_sizes()
         self._rotary: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -210,10 +214,11 @@ class GPT(nn.Module):
             init.zeros_(block.attn.c_proj.weight)
             init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
             init.zeros_(block.mlp.c_proj.weight)
-        n = cfg.n_layer
-        denom = max(n - 1, 1)
-        init.copy_(self.resid_lambdas, torch.tensor([1.15 - 0.10 * i / denom for i in range(n)]))
-        init.copy_(self.x0_lambdas, torch.tensor([0.20 - 0.15 * i / denom for i in range(n)]))
+        n, n_base = cfg.n_layer, cfg.trunk_n_layer
+        denom = max(n_base - 1, 1)  # the base's ramps; appended specialist layers start as 1.0 / 0.0
+        init.copy_(self.resid_lambdas, torch.tensor([1.15 - 0.10 * i / denom if i < n_base else 1.0
+                                                     for i in range(n)]))
+        init.copy_(self.x0_lambdas, torch.tensor([0.20 - 0.15 * i / denom if i < n_base else 0.0 for i in range(n)]))
         init.zeros_(self.smear_lambda)
         init.constant_(self.backout_lambda, 0.2)
         init.uniform_(self.smear_gate.weight, 0.0, 0.02)
@@ -222,6 +227,10 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             if block.attn.ve_gate is not None:
                 init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        if cfg.specialist_ends:  # a new specialist head starts at zero: the stage is the identity at first
+            init.zeros_(self.lm_head_stage.weight)
+            for head in self.ancestor_heads.values():
+                init.copy_(head.weight, self.lm_head.weight)
 
     # -----------------------------------------------------------------------------
     # pieces of the forward pass
@@ -312,10 +321,34 @@ class GPT(nn.Module):
         ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
         return self.transformer.h[i](x, ve, step)
 
-    def exit_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """softcap(lm_head(norm(h)))[..., :vocab] in fp32 (h already carries backout where it applies)."""
-        logits = self.lm_head(norm(h))[..., :self.config.vocab_size].float()
-        return softcap(logits, self.config.softcap)
+    def exit_logits(self, h: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """
+        softcap(head(norm(h)))[..., :vocab] in fp32 at exit `layer` (default: the last layer); h already carries
+        backout where it applies. Base exits use lm_head; a specialist's exit uses lm_head with every ancestor's
+        stage head folded in, and the leaf's exit adds its own lm_head_stage per head_mode (dual/base/spec).
+        """
+        cfg = self.config
+        x = norm(h)
+        layer = cfg.n_layer - 1 if layer is None else layer
+        head = self.lm_head
+        if cfg.specialist_ends and layer >= cfg.specialist_ends[0]:
+            ancestors = [e for e in cfg.specialist_ends[:-1] if e <= layer]
+            if ancestors:
+                head = self.ancestor_heads[str(ancestors[-1])]
+            if layer >= cfg.specialist_ends[-1] and cfg.head_mode != "base":
+                stage = self.lm_head_stage(x)
+                logits = stage if cfg.head_mode == "spec" else head(x) + stage
+                return softcap(logits[..., :cfg.vocab_size].float(), cfg.softcap)
+        return softcap(head(x)[..., :cfg.vocab_size].float(), cfg.softcap)
+
+    @property
+    def served_layer(self) -> int:
+        """The exit forward() and generate() serve: the last layer, or with head_mode "base" the parent's exit
+        (so a specialist in base mode reproduces its parent exactly, however its own layers were trained)."""
+        cfg = self.config
+        if cfg.specialist_ends and cfg.head_mode == "base":
+            return cfg.segments()[-2][1]
+        return cfg.n_layer - 1
 
     def applies_backout(self, layer: int) -> bool:
         """Backout belongs to the base's last exit and every exit past it (specialist layers); not to stage exits."""
@@ -402,10 +435,10 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: CognicaKVCache | None = None,
                 attention_mask: torch.Tensor | None = None, loss_reduction: str = "mean",
                 logits_to_keep: int = 0) -> torch.Tensor:
-        """Standard full-depth forward: fp32 softcapped logits (B, T, vocab), or the CE loss when targets are given."""
-        last = self.config.n_layer - 1
+        """The served exit's fp32 softcapped logits (B, T, vocab), or the CE loss when targets are given."""
+        last = self.served_layer
         h = self.hidden_at_exits(idx, [last], kv_cache, attention_mask, 0 if targets is not None else logits_to_keep)
-        logits = self.exit_logits(h[last])
+        logits = self.exit_logits(h[last], last)
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
@@ -421,7 +454,7 @@ class GPT(nn.Module):
         if stage_boundaries is None:
             stage_boundaries = self.config.poe_stage_boundary_layers
         hidden = self.hidden_at_exits(idx, list(stage_boundaries), kv_cache, attention_mask, logits_to_keep)
-        return [self.exit_logits(hidden[int(b)]) for b in stage_boundaries]
+        return [self.exit_logits(hidden[int(b)], int(b)) for b in stage_boundaries]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -110,7 +110,8 @@ def run_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 32, dr
         seconds[phase] += now - clock
         clock = now
 
-    full = gpt.exit_logits(gpt.hidden_at_exits(input_ids, [last], cache, attention_mask, logits_to_keep=1)[last])
+    full = gpt.exit_logits(gpt.hidden_at_exits(input_ids, [last], cache, attention_mask, logits_to_keep=1)[last],
+                           last)
     token = choose_tokens(full[:, -1], do_sample, temperature, top_k, top_p, generator)  # (B,) not yet forwarded
     sink.push_column(token)
     lap("prefill")
@@ -123,7 +124,7 @@ def run_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 32, dr
         for _ in range(k_draft):  # draft: the shallow layers only, one slot at a time
             slot, _ = cache.claim(cur[:, None])
             h = gpt.run_slots(cache, slot, slot + 1, 0, draft_boundary, [draft_boundary])[draft_boundary]
-            logits = gpt.exit_logits(h)[:, -1]
+            logits = gpt.exit_logits(h, draft_boundary)[:, -1]
             cur = choose_tokens(logits, do_sample, temperature, top_k, top_p, generator)
             drafts.append(cur)
             q.append(probs(logits) if do_sample else None)
@@ -132,7 +133,7 @@ def run_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 32, dr
         slot, _ = cache.claim(cur[:, None])
         gpt.run_slots(cache, slot, slot + 1, 0, draft_boundary, [])
         h = gpt.run_slots(cache, n, slot + 1, draft_boundary + 1, last, [last])[last]
-        p = probs(gpt.exit_logits(h))  # (B, k+1, V)
+        p = probs(gpt.exit_logits(h, last))  # (B, k+1, V)
         lap("verify")
         drafts = torch.stack(drafts, dim=1)  # (B, k)
         n_acc, token = speculative_accept(p, torch.stack(q, dim=1) if do_sample else None, drafts, do_sample,

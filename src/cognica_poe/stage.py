@@ -27,7 +27,7 @@ def generate_stage(model, input_ids: torch.Tensor, stage: int, max_new_tokens: i
 
     def next_scores(cache, ids, mask):
         h = gpt.hidden_at_exits(ids, [boundary], cache, mask, logits_to_keep=1)[boundary]
-        return gpt.exit_logits(h)[:, -1]
+        return gpt.exit_logits(h, boundary)[:, -1]
 
     return decode(model, input_ids, attention_mask, max_new_tokens, next_scores, do_sample, temperature, top_k, top_p,
                   seed, stop_tokens, streamer, max_length)

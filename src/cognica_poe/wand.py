@@ -104,7 +104,7 @@ def run_wand(model, input_ids: torch.Tensor, max_new_tokens: int = 32, safety: f
 
     # the prompt runs at full depth; its last position's exits decide the first token like any other step
     hidden = gpt.hidden_at_exits(input_ids, boundaries, cache, attention_mask, logits_to_keep=1)
-    exits = {s: gpt.exit_logits(hidden[b])[:, -1] for s, b in enumerate(boundaries)}
+    exits = {s: gpt.exit_logits(hidden[b], b)[:, -1] for s, b in enumerate(boundaries)}
     while True:
         chosen = torch.empty(B, model.config.vocab_size, device=input_ids.device)
         exit_stage = torch.full((B,), -1, dtype=torch.long, device=input_ids.device)
@@ -112,7 +112,7 @@ def run_wand(model, input_ids: torch.Tensor, max_new_tokens: int = 32, safety: f
         for s in range(n_stages):
             if s not in exits:  # a deeper stage is needed: catch it up for pending slots and run it for this token
                 got = catch_up(model, cache, cache.n_slots, s, shared)
-                exits[s] = gpt.exit_logits(got[s])[:, -1]
+                exits[s] = gpt.exit_logits(got[s], boundaries[s])[:, -1]
             open_rows = exit_stage < 0
             leave = open_rows & (top2_margin(exits[s]) > thresholds[s])
             chosen[leave] = exits[s][leave]
