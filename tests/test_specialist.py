@@ -167,3 +167,17 @@ def test_stage_folder_loads_as_remote_code(base_dir, tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"NEXT {ref} 5" in r.stdout
+
+
+def test_chat_cli_streams_replies(base_dir, tmp_path, monkeypatch, capsys):
+    from cognica_poe.cli import main as cli_main
+    from cognica_poe.tokenizer_train import train_bpe
+
+    tok = train_bpe(iter(["hello there, who are you? I am a model."] * 50 + ["some more text here"] * 50), 300)
+    model = perturbed_model(vocab_size=len(tok))
+    folder = export_hf_folder(model, tok, str(tmp_path / "chat"), dtype="float32")
+    answers = iter(["hello", "who are you?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    assert cli_main(["chat", folder, "--max-new-tokens", "5", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("assistant> ") == 2

@@ -154,6 +154,42 @@ def cmd_stage_new(args: argparse.Namespace) -> None:
     print(f"wrote {out}: {args.new_layers} new layers on {args.base} (identity at start, lm_head_stage zero)")
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    """An interactive terminal chat: the conversation is rendered with the chat tokens; replies stream."""
+    from .checkpoint import load_model
+    from .tokenizer import CognicaPoETokenizer
+
+    model = load_model(args.model, dtype=args.dtype)
+    tok = CognicaPoETokenizer.from_pretrained(args.model)
+    end = tok.convert_tokens_to_ids("<|assistant_end|>")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"chatting with {args.model} ({model.poe_n_stages} stages); empty line or Ctrl-D to quit",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        reply = []
+
+        def stream(row, token, reply=reply):
+            if token != end:
+                reply.append(token)
+                print(tok.decode([token]), end="", flush=True)
+
+        print("assistant> ", end="", flush=True)
+        model.generate_stage([ids], stage=model.poe_n_stages - 1, max_new_tokens=args.max_new_tokens,
+                             do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-6),
+                             top_k=args.top_k, seed=args.seed, stop_tokens=[end, tok.bos_token_id], streamer=stream,
+                             max_length=model.config.sequence_len * 10)
+        print()
+        messages.append({"role": "assistant", "content": tok.decode(reply)})
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """Bundled corpus -> tokenizer -> tiny PoE model -> exported HF folder -> loaded back -> a sample per stage."""
     import os
@@ -246,6 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="bfloat16")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_stage_new)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (replies stream)")
+    p.add_argument("model")
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (nanochat's chat default is 0.6)")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("calibrate", help="compute WAND p99 bounds on a text file and store them in config.json")
     p.add_argument("model", help="an HF model folder (its config.json is updated)")
