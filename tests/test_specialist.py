@@ -173,7 +173,8 @@ def test_chat_cli_streams_replies(base_dir, tmp_path, monkeypatch, capsys):
     from cognica_poe.cli import main as cli_main
     from cognica_poe.tokenizer_train import train_bpe
 
-    tok = train_bpe(iter(["hello there, who are you? I am a model."] * 50 + ["some more text here"] * 50), 300)
+    with open(os.path.join(os.path.dirname(__file__), "..", "src", "cognica_poe", "data", "tinyshakespeare.txt")) as f:
+        tok = train_bpe(iter(f.read()[:100_000].split("\n\n")), 300)
     model = perturbed_model(vocab_size=len(tok))
     folder = export_hf_folder(model, tok, str(tmp_path / "chat"), dtype="float32")
     answers = iter(["hello", "who are you?", ""])
