@@ -1,0 +1,111 @@
+"""Evaluation: bits per byte by hand, CORE scoring of every task type on toy tasks with known answers."""
+
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cognica_poe.eval.bpb import stage_bpb
+from cognica_poe.eval.core import evaluate_core, load_bundle
+from cognica_poe.tokenizer_train import train_bpe
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    with open(os.path.join(HERE, "..", "src", "cognica_poe", "data", "tinyshakespeare.txt"), encoding="utf-8") as f:
+        return train_bpe(iter(f.read()[:300_000].split("\n\n")), vocab_size=700)
+
+
+def test_bpb_equals_hand_computation(tiny_model):
+    torch.manual_seed(0)
+    stream = torch.randint(0, 512, (3 * 17 + 5,))
+    stream[0] = 0
+    token_bytes = torch.randint(0, 4, (512,), dtype=torch.int32)
+    token_bytes[0] = 0  # BOS-like: excluded
+    got = stage_bpb(tiny_model.gpt, stream, token_bytes, seq_len=16, batch_size=2)
+    nats = [0.0] * 4
+    n_bytes = 0
+    for s in range(0, 3 * 16 + 1, 16):
+        x, y = stream[s:s + 16], stream[s + 1:s + 17]
+        if len(y) < 16:
+            break
+        with torch.no_grad():
+            exits = tiny_model.gpt.forward_all_stages(x[None])
+        for k, logits in enumerate(exits):
+            logp = F.log_softmax(logits[0].double(), dim=-1)
+            for t in range(16):
+                if token_bytes[y[t]] > 0:
+                    nats[k] -= float(logp[t, y[t]])
+        n_bytes += int(token_bytes[y].sum())
+    want = [n / (math.log(2) * n_bytes) for n in nats]
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+class OracleGPT:
+    """A stand-in model with known answers: at exit k, once a token of triggers[k] has appeared in the row, every
+    token of prefer[k] scores high."""
+
+    def __init__(self, vocab: int, triggers: list[set[int]], prefer: list[set[int]]):
+        self.vocab, self.triggers, self.prefer = vocab, triggers, prefer
+        self.config = SimpleNamespace(sequence_len=256)
+        self.lm_head = SimpleNamespace(weight=torch.zeros(1))
+
+    def forward_all_stages(self, batch, boundaries):
+        out = []
+        for b in boundaries:
+            seen = torch.isin(batch, torch.tensor(sorted(self.triggers[b]))).long().cummax(dim=1).values.bool()
+            logits = torch.zeros(*batch.shape, self.vocab)
+            boost = torch.zeros(self.vocab)
+            boost[sorted(self.prefer[b])] = 8.0
+            logits[seen] += boost
+            out.append(logits)
+        return out
+
+
+def write_bundle(folder, tasks):
+    os.makedirs(os.path.join(folder, "eval_data"), exist_ok=True)
+    lines = ["icl_tasks:"]
+    rows = ["Eval Task,Random baseline"]
+    for label, kind, k, baseline, items in tasks:
+        lines += [f"- label: {label}", f"  dataset_uri: {label}.jsonl", f"  num_fewshot: [{k}]",
+                  f"  icl_task_type: {kind}", "  continuation_delimiter: ' '"]
+        rows.append(f"{label},{baseline}")
+        with open(os.path.join(folder, "eval_data", f"{label}.jsonl"), "w") as f:
+            f.write("\n".join(json.dumps(it) for it in items) + "\n")
+    with open(os.path.join(folder, "core.yaml"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(folder, "eval_meta_data.csv"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+
+
+def test_core_scoring_of_each_task_type(tok, tmp_path):
+    good, love = tok.encoding.encode_ordinary(" good"), tok.encoding.encode_ordinary(" love")
+    assert len(good) == 1 and len(love) == 1, "the toy answers must be single tokens"
+    mc = [{"query": f"Question {i}: is it", "choices": ["love", "good"] if i % 2 else ["good", "love"],
+           "gold": 1 if i % 2 else 0} for i in range(6)]
+    schema = [{"context_options": ["It was love, it was", "It was good, it was"], "continuation": "good",
+               "gold": 1} for _ in range(4)]
+    lm = [{"context": f"Line {i} is", "continuation": "good"} for i in range(5)]
+    write_bundle(str(tmp_path), [("toy_mc", "multiple_choice", 2, 50, mc), ("toy_schema", "schema", 0, 50, schema),
+                                 ("toy_lm", "language_modeling", 0, 0, lm)])
+    assert [t["type"] for t in load_bundle(str(tmp_path))] == ["multiple_choice", "schema", "language_modeling"]
+    bos = {tok.bos_token_id}
+    # MC and LM: exit 0 always prefers " love", exit 1 " good". Schema: exit 1 predicts " good" only after a
+    # " good" in the row (so the right context wins); exit 0 only after " love" (so the wrong one wins)
+    mc_lm = OracleGPT(len(tok), [bos, bos], [set(love), set(good)])
+    model = SimpleNamespace(gpt=mc_lm, poe_n_stages=2, stage_boundary=lambda s: s)
+    r = evaluate_core(model, tok, str(tmp_path))
+    assert r["tasks"]["toy_mc"]["accuracy"] == [0.0, 1.0] and r["tasks"]["toy_lm"]["accuracy"] == [0.0, 1.0]
+    assert r["tasks"]["toy_mc"]["centered"] == [-1.0, 1.0]  # (acc - 0.5) / (1 - 0.5)
+    schema_oracle = OracleGPT(len(tok), [set(love), set(good)], [set(good), set(good)])
+    r2 = evaluate_core(SimpleNamespace(gpt=schema_oracle, poe_n_stages=2, stage_boundary=lambda s: s), tok,
+                       str(tmp_path))
+    assert r2["tasks"]["toy_schema"]["accuracy"] == [0.0, 1.0]
+    assert r["core"][1] == pytest.approx(sum(t["centered"][1] for t in r["tasks"].values()) / 3)
+    assert r["tasks"]["toy_lm"]["centered"] == [0.0, 1.0]  # baseline 0
