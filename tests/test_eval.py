@@ -109,3 +109,18 @@ def test_core_scoring_of_each_task_type(tok, tmp_path):
     assert r2["tasks"]["toy_schema"]["accuracy"] == [0.0, 1.0]
     assert r["core"][1] == pytest.approx(sum(t["centered"][1] for t in r["tasks"].values()) / 3)
     assert r["tasks"]["toy_lm"]["centered"] == [0.0, 1.0]  # baseline 0
+
+
+def test_cli_eval_core_on_a_real_model(d8_model, tmp_path, capsys):
+    from cognica_poe.checkpoint import export_hf_folder
+    from cognica_poe.cli import main as cli_main
+
+    model, tok = d8_model
+    folder = export_hf_folder(model, tok, str(tmp_path / "m"), dtype="float32")
+    mc = [{"query": "ROMEO: O, she doth teach the torches to burn", "choices": ["bright!", "seventeen kilograms"],
+           "gold": 0}] * 2
+    write_bundle(str(tmp_path / "bundle"), [("mini", "multiple_choice", 0, 50, mc)])
+    assert cli_main(["eval", "core", folder, str(tmp_path / "bundle"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["stages"] == [0, 1, 2, 3] and len(r["core"]) == 4 and r["tasks"]["mini"]["n"] == 2
+    assert all(-1.0 <= c <= 1.0 for c in r["core"])

@@ -6,6 +6,9 @@ The `cognica-poe` command line.
     cognica-poe convert --refresh-code DIR     replace a released folder's .py files with this package's
     cognica-poe generate MODEL "prompt" --mode full|stage|wand|speculative|compose
     cognica-poe calibrate MODEL TEXT           WAND p99 bounds for a checkpoint, stored in its config
+    cognica-poe eval core MODEL TASKS_DIR      CORE-style tasks, per stage exit
+    cognica-poe stage new BASE --new-layers N --out DIR   a specialist stage on a frozen base
+    cognica-poe chat MODEL                     interactive chat
     cognica-poe demo                           the end-to-end pipeline on the bundled corpus, no downloads
 
 Errors from bad input are printed as one clear line and exit with status 2; nothing is written.
@@ -190,6 +193,24 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": tok.decode(reply)})
 
 
+def cmd_eval_core(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .eval.core import evaluate_core
+    from .tokenizer import CognicaPoETokenizer
+
+    model = load_model(args.model, dtype=args.dtype)
+    tok = CognicaPoETokenizer.from_pretrained(args.model)
+    r = evaluate_core(model, tok, args.tasks, max_per_task=args.max_per_task)
+    if args.json:
+        print(json.dumps(r))
+        return
+    stages = r["stages"]
+    print(f"{'task':<32}" + "".join(f"{'stage ' + str(s):>10}" for s in stages) + "   (centered accuracy)")
+    for label, t in r["tasks"].items():
+        print(f"{label:<32}" + "".join(f"{c:>10.4f}" for c in t["centered"]) + f"   n={t['n']}")
+    print(f"{'CORE':<32}" + "".join(f"{c:>10.4f}" for c in r["core"]))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """Bundled corpus -> tokenizer -> tiny PoE model -> exported HF folder -> loaded back -> a sample per stage."""
     import os
@@ -292,6 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default=None)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="evaluation: `eval core MODEL TASKS_DIR`")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True)
+    q = eval_sub.add_parser("core", help="CORE-style tasks (nanochat's eval_bundle layout) scored at every exit")
+    q.add_argument("model")
+    q.add_argument("tasks", help="a folder with core.yaml, eval_meta_data.csv and eval_data/")
+    q.add_argument("--max-per-task", type=int, default=-1, help="items per task (-1: all)")
+    q.add_argument("--dtype", default=None)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_eval_core)
 
     p = sub.add_parser("calibrate", help="compute WAND p99 bounds on a text file and store them in config.json")
     p.add_argument("model", help="an HF model folder (its config.json is updated)")
