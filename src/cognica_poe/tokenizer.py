@@ -1,37 +1,43 @@
 """
 CognicaPoETokenizer: nanochat's byte-level BPE, encoded with tiktoken, behind transformers' tokenizer API.
 
-On disk (safe, documented, no pickles):
-  tokenizer.tiktoken        tiktoken's text format: one line per mergeable token, "<base64 of its bytes> <rank>"
-                            (ids 0..255 are the raw bytes, then the merges in creation order)
-  tokenizer_config.json     transformers' config, plus `pat_str` (the split regex); the 9 special tokens follow
-                            the mergeable ranks in the fixed order of SPECIAL_TOKENS
-  token_bytes.safetensors   {"token_bytes": int32 (vocab,)}: bytes per id, 0 for specials (for bits per byte)
+Why a tokenizer of our own: nanochat ships its tokenizer as a pickle (loading it runs arbitrary code) and has
+no transformers integration. This keeps the exact ids (raw bytes 0..255, merges in creation order, then the 9
+specials) in a safe, documented format that `AutoTokenizer.from_pretrained(dir)` can load.
 
-Token strings (what `tokenize` returns) are the token's bytes through GPT-2's reversible byte-to-unicode map,
-so every token has a printable name and decoding is exact. Encoding plain text never turns special-token
-text into specials unless it appears as a whole added token (transformers' usual behaviour, which is what a
-chat template relies on). Like the model card's usage, BOS is NOT added by default (`add_bos_token=True`
-or `add_bos(ids)` prepend it).
+On disk (no pickles):
+  tokenizer.tiktoken        tiktoken's text format, one line per mergeable token: "<base64(bytes)> <rank>"
+  tokenizer_config.json     transformers' config plus `pat_str` (the split regex) and `special_tokens`
+                            ({name: id}; always len(ranks) + index in the order of SPECIAL_TOKENS)
+  token_bytes.safetensors   {"token_bytes": int32 (vocab,)}: raw bytes per id, 0 for specials (bits per byte)
+  chat_template.jinja       nanochat's chat protocol (transformers 5 keeps templates in this file)
+  tokenizer.py              this file, so the folder loads with AutoTokenizer(..., trust_remote_code=True)
 
-nanochat's `tokenizer.pkl` is a pickled tiktoken.Encoding: unpickling runs arbitrary code, so
-`load_legacy_pickle` refuses unless the caller opts in; convert once, then use the safe format.
+Token strings (what `tokenize` returns) are the token's bytes through GPT-2's reversible byte-to-unicode map
+(printable ASCII maps to itself, other bytes to printable code points); specials are their own text. Encoding
+plain text is tiktoken's `encode_ordinary`; special-token text in the input (a rendered chat template) becomes
+the special ids, as usual for transformers' added tokens. BOS is NOT added by default (the model card prepends
+it itself); `add_bos_token=True` or `add_bos(ids)` prepend it.
 
-This file is copied into exported remote-code folders: it imports only torch/transformers/safetensors/tiktoken.
+This file is copied into exported remote-code folders: it imports only the standard library, torch,
+transformers, safetensors and tiktoken.
 """
 
 import base64
 import json
 import os
+import pickle
+import re
+import shutil
 
 import tiktoken
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizer
-from transformers.tokenization_utils_base import AddedToken
+from transformers.tokenization_utils_base import AddedToken, PaddingStrategy, TruncationStrategy
 
 SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""  # noqa: E501
 )
 SPECIAL_TOKENS = [
     "<|bos|>",
@@ -42,40 +48,65 @@ SPECIAL_TOKENS = [
 ]
 VOCAB_FILE = "tokenizer.tiktoken"
 TOKEN_BYTES_FILE = "token_bytes.safetensors"
+LEGACY_TOKEN_BYTES_FILE = "token_bytes.pt"
+LEGACY_PICKLE_FILE = "tokenizer.pkl"
 
-# nanochat's chat protocol: <|bos|>, then user/assistant turns wrapped in their special tokens; a leading
-# system message is merged into the first user message.
+# nanochat's chat protocol: <|bos|>, then user/assistant turns wrapped in their special tokens, no role names
+# and no added newlines. A leading system message is merged into the first user message; roles must alternate.
+# Assistant content may also be a list of parts ({"type": "text" | "python" | "python_output", "text": ...}).
 CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- if not turns -%}"
+    "{{ raise_exception('a system message must be followed by a user message') }}"
+    "{%- endif -%}"
+    "{%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}"
     "{{- bos_token -}}"
-    "{%- set ns = namespace(system='') -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] -%}"
-    "{%- elif message['role'] == 'user' -%}"
-    "<|user_start|>{%- if ns.system -%}{{ ns.system ~ '\\n\\n' }}{%- set ns.system = '' -%}{%- endif -%}"
-    "{{ message['content'] }}<|user_end|>"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "<|assistant_start|>{{ message['content'] }}<|assistant_end|>"
+    "{%- for message in turns -%}"
+    "{%- if message['role'] != ['user', 'assistant'][loop.index0 % 2] -%}"
+    "{{ raise_exception('roles must alternate user/assistant (after an optional leading system message)') }}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "<|user_start|>{%- if loop.first and system is not none -%}{{- system ~ '\\n\\n' -}}{%- endif -%}"
+    "{{- message['content'] -}}<|user_end|>"
+    "{%- else -%}"
+    "<|assistant_start|>"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'python' -%}<|python_start|>{{- part['text'] -}}<|python_end|>"
+    "{%- elif part['type'] == 'python_output' -%}<|output_start|>{{- part['text'] -}}<|output_end|>"
+    "{%- else -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "<|assistant_end|>"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant_start|>{%- endif -%}"
 )
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars = keep[:]
-    n = 0
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (names for byte-level tokens)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    table, shift = {}, 0
     for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(keep, map(chr, chars)))
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shift)
+            shift += 1
+    return table
 
 
-BYTE_ENCODER = bytes_to_unicode()
+BYTE_ENCODER = _bytes_to_unicode()
 BYTE_DECODER = {c: b for b, c in BYTE_ENCODER.items()}
+
+
+def tokenizer_auto_map() -> list:
+    """
+    The `auto_map["AutoTokenizer"]` entry of tokenizer_config.json for remote code. transformers 5.24 reads it
+    as [slow class, fast class] (it indexes [1] then [0]); a plain string would be indexed character-wise.
+    """
+    return ["tokenizer.CognicaPoETokenizer", None]
 
 
 # -----------------------------------------------------------------------------
@@ -84,162 +115,251 @@ BYTE_DECODER = {c: b for b, c in BYTE_ENCODER.items()}
 def build_encoding(mergeable_ranks: dict[bytes, int], pat_str: str = SPLIT_PATTERN,
                    name: str = "cognica_poe") -> tiktoken.Encoding:
     """A tiktoken Encoding with the 9 specials placed right after the mergeable ranks."""
-    offset = len(mergeable_ranks)
-    if sorted(mergeable_ranks.values()) != list(range(offset)):
-        raise ValueError("mergeable ranks must be exactly 0..N-1")
-    specials = {tok: offset + i for i, tok in enumerate(SPECIAL_TOKENS)}
-    return tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=specials)
+    n = len(mergeable_ranks)
+    if sorted(mergeable_ranks.values()) != list(range(n)):
+        raise ValueError("mergeable ranks must be exactly 0..N-1, one token per rank")
+    specials = {tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    return tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=mergeable_ranks,
+                             special_tokens=specials)
+
+
+def mergeable_ranks_of(encoding: tiktoken.Encoding) -> dict[bytes, int]:
+    """The {token bytes: rank} table (tiktoken keeps it as a private attribute; it has no public getter)."""
+    return encoding._mergeable_ranks
 
 
 def write_ranks(path: str, mergeable_ranks: dict[bytes, int]) -> None:
+    """Write tiktoken's text format: '<base64(bytes)> <rank>' per line, in rank order (atomically)."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="ascii", newline="\n") as f:
         for token, rank in sorted(mergeable_ranks.items(), key=lambda kv: kv[1]):
-            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+            f.write(f"{base64.b64encode(token).decode('ascii')} {rank}\n")
     os.replace(tmp, path)
 
 
 def read_ranks(path: str) -> dict[bytes, int]:
-    """Parse tokenizer.tiktoken; a malformed line is a ValueError naming the file and line."""
+    """Parse a tokenizer.tiktoken file; a malformed line is a ValueError naming the file and line."""
     ranks = {}
-    with open(path, encoding="ascii", errors="replace") as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 token_b64, rank = line.split()
                 ranks[base64.b64decode(token_b64, validate=True)] = int(rank)
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: not a '<base64> <rank>' line ({e})") from e
+            except ValueError as e:  # binascii.Error is a ValueError
+                msg = f"{path}:{lineno}: not a '<base64 bytes> <rank>' line: {line[:80]!r} ({e})"
+                raise ValueError(msg) from e
     return ranks
 
 
 def token_bytes_of(encoding: tiktoken.Encoding) -> torch.Tensor:
     """int32 (vocab,): raw byte length of every id, 0 for the special tokens."""
-    special = set(encoding.special_tokens_set)
-    out = torch.zeros(encoding.n_vocab, dtype=torch.int32)
-    for i in range(encoding.n_vocab):
-        try:
-            tok = encoding.decode_single_token_bytes(i)
-        except KeyError:
-            continue
-        if tok.decode("latin-1") not in special:
-            out[i] = len(tok)
-    for name in special:
-        out[encoding.encode_single_token(name)] = 0
-    return out
+    lengths = [0] * encoding.n_vocab
+    for token, rank in mergeable_ranks_of(encoding).items():
+        lengths[rank] = len(token)
+    return torch.tensor(lengths, dtype=torch.int32)
 
 
 def load_token_bytes(path_or_dir: str) -> torch.Tensor:
-    """token_bytes from token_bytes.safetensors, or a legacy token_bytes.pt (read with weights_only=True)."""
-    path = path_or_dir
+    """int32 token_bytes from token_bytes.safetensors, or a legacy token_bytes.pt (loaded weights_only)."""
+    path = str(path_or_dir)
     if os.path.isdir(path):
-        for name in (TOKEN_BYTES_FILE, "token_bytes.pt"):
-            if os.path.isfile(os.path.join(path_or_dir, name)):
-                path = os.path.join(path_or_dir, name)
-                break
-        else:
-            raise FileNotFoundError(f"no {TOKEN_BYTES_FILE} or token_bytes.pt in {path_or_dir}")
+        found = [os.path.join(path, n) for n in (TOKEN_BYTES_FILE, LEGACY_TOKEN_BYTES_FILE)
+                 if os.path.isfile(os.path.join(path, n))]
+        if not found:
+            raise FileNotFoundError(f"neither {TOKEN_BYTES_FILE} nor {LEGACY_TOKEN_BYTES_FILE} in {path}")
+        path = found[0]
     if path.endswith(".pt"):
         return torch.load(path, map_location="cpu", weights_only=True).to(torch.int32)
-    return load_file(path)["token_bytes"]
+    return load_file(path)["token_bytes"].to(torch.int32)
+
+
+class PickleNotAllowedError(ValueError):
+    """Raised when a pickle would be loaded without the caller's explicit opt-in."""
+
+
+class _PickledEncoding:
+    """Stand-in for tiktoken.core.Encoding while unpickling: only records the state, runs no code."""
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _EncodingUnpickler(pickle.Unpickler):
+    """Resolves tiktoken.core.Encoding to a record-only stand-in and refuses every other global."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            return _PickledEncoding
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: "
+                                     "a tokenizer.pkl holds only a tiktoken Encoding")
 
 
 def load_legacy_pickle(path: str, allow_pickle: bool = False) -> "CognicaPoETokenizer":
-    """nanochat's tokenizer.pkl. Unpickling can run arbitrary code, so it needs an explicit opt-in."""
+    """
+    nanochat's tokenizer.pkl (a pickled tiktoken.Encoding) as a CognicaPoETokenizer. Unpickling can run
+    arbitrary code, so this needs allow_pickle=True; even then only a tiktoken Encoding's state is accepted.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, LEGACY_PICKLE_FILE)
     if not allow_pickle:
-        raise ValueError(
-            f"{path} is a pickle (nanochat's tokenizer.pkl): loading it can run arbitrary code. Only if you trust "
-            "the file, opt in with allow_pickle=True (CLI: --allow-pickle); `cognica-poe convert` then saves it "
-            "once in the safe format (tokenizer.tiktoken) and the pickle is never needed again.")
-    import pickle  # only reached on explicit opt-in
-
+        raise PickleNotAllowedError(
+            f"{path} is a pickle (nanochat's tokenizer.pkl), and unpickling a file can run arbitrary code. "
+            "If you trust it, opt in with allow_pickle=True (the converter's --allow-pickle flag); "
+            f"converting once writes the safe format ({VOCAB_FILE} + tokenizer_config.json) and the pickle "
+            "is never needed again.")
     with open(path, "rb") as f:
-        encoding = pickle.load(f)
-    if not isinstance(encoding, tiktoken.Encoding):
-        raise ValueError(f"{path} does not hold a tiktoken.Encoding (got {type(encoding).__name__})")
+        obj = _EncodingUnpickler(f).load()
+    state = getattr(obj, "state", None)
+    if not isinstance(state, dict) or not {"pat_str", "mergeable_ranks", "special_tokens"} <= set(state):
+        raise ValueError(f"{path} does not hold a tiktoken Encoding's state")
+    encoding = tiktoken.Encoding(name=state.get("name", "rustbpe"), pat_str=state["pat_str"],
+                                 mergeable_ranks=state["mergeable_ranks"],
+                                 special_tokens=state["special_tokens"])
     return CognicaPoETokenizer.from_encoding(encoding)
 
 
-def tokenizer_auto_map() -> list:
-    """tokenizer_config.json's auto_map entry: transformers reads it as [slow class, fast class]."""
-    return ["tokenizer.CognicaPoETokenizer", None]
+def _missing_vocab_message(where) -> str:
+    msg = f"no tokenizer vocabulary: looked for {VOCAB_FILE} (with tokenizer_config.json) in {str(where)!r}"
+    if where and os.path.isfile(os.path.join(str(where), LEGACY_PICKLE_FILE)):
+        msg += (f"; found nanochat's {LEGACY_PICKLE_FILE}, which needs a one-time opt-in conversion: "
+                "load_legacy_pickle(path, allow_pickle=True).save_pretrained(dir) "
+                "(or the converter's --allow-pickle)")
+    return msg
 
 
 # -----------------------------------------------------------------------------
 # the transformers tokenizer
 
 class CognicaPoETokenizer(PreTrainedTokenizer):
+    """nanochat's tokenizer as a transformers python-backend tokenizer; `.encoding` is tiktoken's."""
+
     vocab_files_names = {"vocab_file": VOCAB_FILE}
     model_input_names = ["input_ids", "attention_mask"]
 
-    def __init__(self, vocab_file: str | None = None, pat_str: str = SPLIT_PATTERN, add_bos_token: bool = False,
-                 encoding: tiktoken.Encoding | None = None, bos_token: str = "<|bos|>",
-                 eos_token: str = "<|assistant_end|>", pad_token: str = "<|bos|>", padding_side: str = "left",
-                 **kwargs):
+    def __init__(self, vocab_file: str | None = None, pat_str: str = SPLIT_PATTERN,
+                 add_bos_token: bool = False, encoding: tiktoken.Encoding | None = None,
+                 bos_token: str = "<|bos|>", eos_token: str = "<|assistant_end|>", pad_token: str = "<|bos|>",
+                 padding_side: str = "left",
+                 special_tokens: dict[str, int] | None = None, **kwargs):
         if encoding is None:
             if vocab_file is None or not os.path.isfile(vocab_file):
-                raise FileNotFoundError(f"tokenizer vocabulary {VOCAB_FILE} not found (looked for {vocab_file!r})")
+                raise FileNotFoundError(_missing_vocab_message(kwargs.get("name_or_path") or vocab_file))
             encoding = build_encoding(read_ranks(vocab_file), pat_str)
         self.encoding = encoding
         self.add_bos_token = add_bos_token
+        self._n_mergeable = encoding.n_vocab - len(SPECIAL_TOKENS)
         self._special_ids = {name: encoding.encode_single_token(name) for name in SPECIAL_TOKENS}
-        self._id_to_str = []
-        for i in range(encoding.n_vocab):
-            b = encoding.decode_single_token_bytes(i)
-            s = b.decode("latin-1")
-            self._id_to_str.append(s if s in self._special_ids else "".join(BYTE_ENCODER[x] for x in b))
+        expected = {name: self._n_mergeable + i for i, name in enumerate(SPECIAL_TOKENS)}
+        if self._special_ids != expected or (special_tokens is not None and dict(special_tokens) != expected):
+            got = self._special_ids if special_tokens is None else special_tokens
+            raise ValueError(f"special token ids must be len(mergeable_ranks) + index: expected {expected}, "
+                             f"got {got}")
+        self._id_to_str = ["".join(BYTE_ENCODER[b] for b in token) for token in self._ordered_tokens()]
+        self._id_to_str += SPECIAL_TOKENS
         self._str_to_id = {s: i for i, s in enumerate(self._id_to_str)}
         self._added_tokens_decoder = {i: AddedToken(name, special=True, normalized=False)
                                       for name, i in self._special_ids.items()}
-        kwargs.pop("added_tokens_decoder", None)
+        self._added_pattern = None  # (tokens, compiled regex), rebuilt when added tokens change
+        kwargs.pop("added_tokens_decoder", None)  # always the 9 specials, at fixed ids
+        # the other specials are extra special tokens, so that all_special_ids (skip_special_tokens) has all 9
+        extra = [t for t in SPECIAL_TOKENS if t not in (bos_token, eos_token)]
+        kwargs.setdefault("extra_special_tokens", extra)
         kwargs.setdefault("chat_template", CHAT_TEMPLATE)
         kwargs.setdefault("clean_up_tokenization_spaces", False)
-        super().__init__(bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, padding_side=padding_side,
-                         pat_str=encoding._pat_str, add_bos_token=add_bos_token,
+        super().__init__(bos_token=bos_token, eos_token=eos_token, pad_token=pad_token,
+                         padding_side=padding_side, pat_str=encoding._pat_str, add_bos_token=add_bos_token,
+                         special_tokens=dict(expected),
                          special_tokens_pattern="bos" if add_bos_token else "none", **kwargs)
+
+    def _ordered_tokens(self) -> list[bytes]:
+        tokens = [b""] * self._n_mergeable
+        for token, rank in mergeable_ranks_of(self.encoding).items():
+            tokens[rank] = token
+        return tokens
 
     @classmethod
     def from_encoding(cls, encoding: tiktoken.Encoding, **kwargs) -> "CognicaPoETokenizer":
-        """Wrap an existing tiktoken Encoding (e.g. a freshly trained one, or a legacy pickle)."""
+        """Wrap a tiktoken Encoding with nanochat's layout (e.g. freshly trained, or from a legacy pickle)."""
         missing = [t for t in SPECIAL_TOKENS if t not in encoding.special_tokens_set]
         if missing:
             raise ValueError(f"encoding lacks the special tokens {missing}")
         return cls(encoding=encoding, pat_str=encoding._pat_str, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loader; a local folder without tokenizer.tiktoken is a FileNotFoundError."""
+        path = str(pretrained_model_name_or_path)
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, VOCAB_FILE)):
+            raise FileNotFoundError(_missing_vocab_message(path))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    # --- vocabulary
+
     @property
     def vocab_size(self) -> int:
         return self.encoding.n_vocab
 
-    def __len__(self) -> int:
-        return self.encoding.n_vocab
-
     def get_vocab(self) -> dict[str, int]:
-        return dict(self._str_to_id)
-
-    def _tokenize(self, text: str, **kwargs) -> list[str]:
-        return [self._id_to_str[i] for i in self.encoding.encode_ordinary(text)]
+        return {**self._str_to_id, **self._added_tokens_encoder}
 
     def _convert_token_to_id(self, token: str) -> int:
         if token not in self._str_to_id:
-            raise KeyError(f"unknown token {token!r}")
+            raise KeyError(f"unknown token {token!r} (this tokenizer has no unk token)")
         return self._str_to_id[token]
 
     def _convert_id_to_token(self, index: int) -> str:
         return self._id_to_str[index]
 
-    def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        out = bytearray()
-        for t in tokens:
-            out += t.encode() if t in self._special_ids else bytes(BYTE_DECODER[c] for c in t)
-        return out.decode("utf-8", errors="replace")
+    def token_bytes(self) -> torch.Tensor:
+        """int32 (vocab,): raw byte length of every id, 0 for specials (the bits-per-byte denominators)."""
+        if getattr(self, "_token_bytes", None) is None:
+            self._token_bytes = token_bytes_of(self.encoding)
+        return self._token_bytes
 
-    def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
-        ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
-        if skip_special_tokens:
-            special = set(self._special_ids.values())
-            ids = [i for i in ids if i not in special]
-        return self.encoding.decode(ids, errors="replace")
+    # --- encoding
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        return [self._id_to_str[i] for i in self.encoding.encode_ordinary(text)]
+
+    def _encode_text(self, text: str, split_special_tokens: bool = False) -> list[int]:
+        """Ids of text: added-token text becomes its id (unless split_special_tokens), the rest is
+        encode_ordinary."""
+        if split_special_tokens:
+            return self.encoding.encode_ordinary(text)
+        tokens = tuple(sorted(self._added_tokens_encoder, key=len, reverse=True))
+        if self._added_pattern is None or self._added_pattern[0] != tokens:
+            self._added_pattern = (tokens, re.compile("(" + "|".join(map(re.escape, tokens)) + ")"))
+        ids = []
+        for i, piece in enumerate(self._added_pattern[1].split(text)):
+            if i % 2:
+                ids.append(self._added_tokens_encoder[piece])
+            elif piece:
+                ids += self.encoding.encode_ordinary(piece)
+        return ids
+
+    def _encode_plus(self, text, text_pair=None, **kwargs):
+        """Fast path for plain strings: ids straight from tiktoken, no per-token python strings."""
+        plain = isinstance(text, str) and (text_pair is None or isinstance(text_pair, str))
+        tricky = any(t.lstrip or t.rstrip or t.single_word for t in self._added_tokens_decoder.values())
+        if not plain or tricky or kwargs.get("is_split_into_words") or kwargs.get("sanitize_control_tokens"):
+            return super()._encode_plus(text, text_pair=text_pair, **kwargs)
+        split = kwargs.get("split_special_tokens", self.split_special_tokens)
+        ids = self._encode_text(text, split)
+        pair_ids = None if text_pair is None else self._encode_text(text_pair, split)
+        return self.prepare_for_model(
+            ids, pair_ids=pair_ids, add_special_tokens=kwargs.get("add_special_tokens", True),
+            padding=kwargs.get("padding_strategy", PaddingStrategy.DO_NOT_PAD).value,
+            truncation=kwargs.get("truncation_strategy", TruncationStrategy.DO_NOT_TRUNCATE).value,
+            max_length=kwargs.get("max_length"), stride=kwargs.get("stride", 0),
+            pad_to_multiple_of=kwargs.get("pad_to_multiple_of"), padding_side=kwargs.get("padding_side"),
+            return_tensors=kwargs.get("return_tensors"), prepend_batch_axis=True,
+            return_attention_mask=kwargs.get("return_attention_mask"),
+            return_token_type_ids=kwargs.get("return_token_type_ids"),
+            return_overflowing_tokens=kwargs.get("return_overflowing_tokens", False),
+            return_special_tokens_mask=kwargs.get("return_special_tokens_mask", False),
+            return_length=kwargs.get("return_length", False), verbose=kwargs.get("verbose", True))
 
     def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None
                                          ) -> list[int]:
@@ -250,65 +370,105 @@ class CognicaPoETokenizer(PreTrainedTokenizer):
         return out
 
     def add_bos(self, ids: list[int] | list[list[int]]) -> list[int] | list[list[int]]:
-        """Prepend BOS to a list of ids (or to each list in a list) where it is missing."""
+        """Prepend BOS to a list of ids (or to each list in a list of lists) where it is missing."""
         if ids and isinstance(ids[0], (list, tuple)):
             return [self.add_bos(row) for row in ids]
         ids = list(ids)
-        return ids if ids[:1] == [self.bos_token_id] else [self.bos_token_id] + ids
+        return ids if ids[:1] == [self.bos_token_id] else [self.bos_token_id, *ids]
 
-    def token_bytes(self) -> torch.Tensor:
-        """int32 (vocab,): byte length of every id, 0 for specials (bits-per-byte denominators)."""
-        if not hasattr(self, "_token_bytes"):
-            self._token_bytes = token_bytes_of(self.encoding)
-        return self._token_bytes
+    # --- decoding
 
-    def render_conversation(self, messages: list[dict], max_tokens: int | None = None
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        out = bytearray()
+        for t in tokens:
+            out += t.encode("utf-8") if t in self._added_tokens_encoder else bytes(BYTE_DECODER[c] for c in t)
+        return out.decode("utf-8", errors="replace")
+
+    def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        ids = [token_ids] if isinstance(token_ids, int) else [int(i) for i in token_ids]
+        if skip_special_tokens:
+            special = set(self.all_special_ids)
+            ids = [i for i in ids if i not in special]
+        n = self.encoding.n_vocab
+        if all(i < n for i in ids):
+            return self.encoding.decode(ids, errors="replace")
+        out = bytearray()  # user-added tokens live past the encoding's vocabulary
+        for i in ids:
+            out += self.encoding.decode_single_token_bytes(i) if i < n else \
+                self._added_tokens_decoder[i].content.encode("utf-8")
+        return out.decode("utf-8", errors="replace")
+
+    # --- chat
+
+    def render_conversation(self, messages: list[dict] | dict, max_tokens: int | None = None
                             ) -> tuple[list[int], list[int]]:
         """
-        nanochat's chat rendering: (ids, mask) with mask 1 exactly on assistant content and <|assistant_end|>.
-        A leading system message is merged into the first user turn; roles must then alternate user/assistant.
+        nanochat's chat rendering -> (ids, mask), mask 1 exactly on what the assistant writes: its content and
+        <|assistant_end|> (python tool calls included, tool outputs excluded). A leading system message is
+        merged into the first user turn; then roles must alternate user/assistant. Content is encoded as plain
+        text (special-token text inside a message never becomes a special id). Truncated to max_tokens.
         """
-        messages = list(messages)
+        messages = list(messages["messages"] if isinstance(messages, dict) else messages)
         if messages and messages[0]["role"] == "system":
             if len(messages) < 2 or messages[1]["role"] != "user":
                 raise ValueError("a system message must be followed by a user message")
-            messages = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}] \
-                + messages[2:]
-        ids, mask = [self.bos_token_id], [0]
+            merged = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+            messages = [merged, *messages[2:]]
         s = self._special_ids
-        for i, m in enumerate(messages):
-            expected = "user" if i % 2 == 0 else "assistant"
-            if m["role"] != expected:
-                raise ValueError(f"message {i} has role {m['role']!r}; expected {expected!r} "
-                                 "(roles alternate user/assistant after an optional system message)")
-            body = self.encoding.encode_ordinary(m["content"])
+        ids, mask = [s["<|bos|>"]], [0]
+
+        def add(tokens: list[int], m: int):
+            ids.extend(tokens)
+            mask.extend([m] * len(tokens))
+
+        for i, message in enumerate(messages):
+            expected = ("user", "assistant")[i % 2]
+            if message["role"] != expected:
+                raise ValueError(f"message {i} has role {message['role']!r}, expected {expected!r}: roles "
+                                 "must alternate user/assistant (after an optional leading system message)")
+            content = message["content"]
             if expected == "user":
-                ids += [s["<|user_start|>"], *body, s["<|user_end|>"]]
-                mask += [0] * (len(body) + 2)
-            else:
-                ids += [s["<|assistant_start|>"], *body, s["<|assistant_end|>"]]
-                mask += [0] + [1] * (len(body) + 1)
+                add([s["<|user_start|>"], *self.encoding.encode_ordinary(content), s["<|user_end|>"]], 0)
+                continue
+            add([s["<|assistant_start|>"]], 0)
+            for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+                body = self.encoding.encode_ordinary(part["text"])
+                if part["type"] == "text":
+                    add(body, 1)
+                elif part["type"] == "python":
+                    add([s["<|python_start|>"], *body, s["<|python_end|>"]], 1)
+                elif part["type"] == "python_output":
+                    add([s["<|output_start|>"], *body, s["<|output_end|>"]], 0)
+                else:
+                    raise ValueError(f"unknown assistant content part type {part['type']!r}")
+            add([s["<|assistant_end|>"]], 1)
         if max_tokens is not None:
             ids, mask = ids[:max_tokens], mask[:max_tokens]
         return ids, mask
+
+    # --- saving
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
         prefix = f"{filename_prefix}-" if filename_prefix else ""
         vocab_path = os.path.join(save_directory, prefix + VOCAB_FILE)
         bytes_path = os.path.join(save_directory, prefix + TOKEN_BYTES_FILE)
-        write_ranks(vocab_path, self.encoding._mergeable_ranks)
+        write_ranks(vocab_path, mergeable_ranks_of(self.encoding))
         save_file({"token_bytes": self.token_bytes().contiguous()}, bytes_path)
         return (vocab_path, bytes_path)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """transformers' save, then the remote-code auto_map in tokenizer_config.json."""
+        """transformers' save, plus our keys in tokenizer_config.json and this file (for remote code)."""
         files = super().save_pretrained(save_directory, *args, **kwargs)
-        path = os.path.join(save_directory, "tokenizer_config.json")
-        with open(path) as f:
+        prefix = kwargs.get("filename_prefix")
+        path = os.path.join(save_directory, (f"{prefix}-" if prefix else "") + "tokenizer_config.json")
+        with open(path, encoding="utf-8") as f:
             config = json.load(f)
+        config["add_bos_token"] = self.add_bos_token  # transformers' base class leaves it out
         config["auto_map"] = {"AutoTokenizer": tokenizer_auto_map()}
-        config["add_bos_token"] = self.add_bos_token  # transformers' base class does not persist it for us
-        with open(path, "w") as f:
+        with open(path, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
             f.write("\n")
+        code = os.path.join(save_directory, "tokenizer.py")
+        if not (os.path.exists(code) and os.path.samefile(code, __file__)):
+            shutil.copyfile(__file__, code)
         return files

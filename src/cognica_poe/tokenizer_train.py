@@ -1,33 +1,41 @@
 """
-Train the BPE of a CognicaPoETokenizer from any iterator of texts, nanochat's way: rustbpe learns byte-level
-merges with nanochat's split regex (ids 0..255 are the raw bytes, then merges in creation order), and the
-9 special tokens are appended after them. Runtime encoding is tiktoken (tokenizer.py).
+Train a CognicaPoETokenizer's BPE from any iterator of texts, nanochat's way: rustbpe learns byte-level
+merges with nanochat's split regex (ids 0..255 are the raw bytes in identity order, then the merges in
+creation order) and the 9 special tokens follow them. Runtime encoding is tiktoken (tokenizer.py).
 
-Kept apart from tokenizer.py because rustbpe is a training-time dependency that exported model folders
-must not need.
+Kept apart from tokenizer.py because rustbpe is a training-time dependency that exported model folders must
+not need.
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import rustbpe
 
 from .tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, CognicaPoETokenizer, build_encoding
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, doc_cap: int | None = 10_000) -> CognicaPoETokenizer:
-    """A tokenizer with exactly vocab_size ids (vocab_size - 9 mergeable tokens + 9 specials)."""
+def train_bpe(text_iterator: Iterable[str], vocab_size: int, doc_cap: int | None = 10_000,
+              pattern: str = SPLIT_PATTERN) -> CognicaPoETokenizer:
+    """
+    A tokenizer with exactly vocab_size ids: vocab_size - 9 mergeable tokens (256 bytes + merges) then the 9
+    specials. Each text is cropped to doc_cap characters (nanochat's --doc-cap; None keeps it whole).
+    """
     n_specials = len(SPECIAL_TOKENS)
-    if vocab_size < 256 + n_specials + 1:
-        raise ValueError(f"vocab_size must be at least {256 + n_specials + 1} (256 bytes + {n_specials} specials + "
-                         f"one merge), got {vocab_size}")
+    if vocab_size <= 256 + n_specials:
+        raise ValueError(f"vocab_size must exceed 256 + {n_specials} = {256 + n_specials} (the raw bytes and "
+                         f"the special tokens, leaving room for merges), got {vocab_size}")
 
-    def capped():
-        for text in texts:
+    def cropped() -> Iterator[str]:
+        for text in text_iterator:
             yield text[:doc_cap] if doc_cap else text
 
     bpe = rustbpe.Tokenizer()
-    bpe.train_from_iterator(capped(), vocab_size - n_specials, pattern=SPLIT_PATTERN)
-    ranks = {bytes(k): v for k, v in bpe.get_mergeable_ranks()}
+    bpe.train_from_iterator(cropped(), vocab_size - n_specials, pattern=pattern)
+    ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
     if len(ranks) != vocab_size - n_specials:
-        raise ValueError(f"the corpus is too small for {vocab_size} ids: only {len(ranks) + n_specials} were learned")
-    return CognicaPoETokenizer.from_encoding(build_encoding(ranks))
+        needed = vocab_size - n_specials - 256
+        raise ValueError(f"the training text is too small for vocab_size {vocab_size}: only "
+                         f"{len(ranks) - 256} merges could be learned (needed {needed})")
+    if any(ranks.get(bytes([b])) != b for b in range(256)):
+        raise ValueError("rustbpe did not put the raw bytes at ids 0..255")
+    return CognicaPoETokenizer.from_encoding(build_encoding(ranks, pattern))
