@@ -6,8 +6,9 @@ speculative acceptance and speedup next to the cost-model ideal (1 - a^(K+1)) / 
 v measured (the model describes decode steps, so it is compared with the decode-only speedup, prefill
 excluded; the end-to-end speedup is reported too), WAND speedup / top-1 agreement / exit histogram at
 several safeties (bounds calibrated on held-out text), stage-0 speedup. Part 2, speed at scale on a
-d24-shaped model (random weights): full-depth cached decode vs a transformers LlamaForCausalLM of the same width/depth/heads/vocab (intermediate 4x) under its own
-generate(), achieved weight bandwidth, and a bf16 GEMV bandwidth measured over >= 1 GB of weights.
+d24-shaped model (random weights): full-depth cached decode vs a transformers LlamaForCausalLM of the same
+width/depth/heads/vocab (intermediate 4x) under its own generate(), achieved weight bandwidth, and a bf16
+GEMV bandwidth measured over >= 1 GB of weights.
 
 Every speed is a median of >= 3 runs in this process; token counts are stated. The last line printed is one
 JSON object with every figure and the machine.
