@@ -9,7 +9,9 @@ The `cognica-poe` command line.
     cognica-poe eval core MODEL TASKS_DIR      CORE-style tasks, per stage exit
     cognica-poe stage new BASE --new-layers N --out DIR   a specialist stage on a frozen base
     cognica-poe chat MODEL                     interactive chat
-    cognica-poe demo                           the end-to-end pipeline on the bundled corpus, no downloads
+    cognica-poe demo                           train the tiny default on the bundled corpus, show every mode
+    cognica-poe train [--data PATH] ...        train a PoE model from scratch (flat | hier | none)
+    cognica-poe tokenizer train --out DIR      a BPE tokenizer from a corpus
 
 Errors from bad input are printed as one clear line and exit with status 2; nothing is written.
 """
@@ -19,6 +21,7 @@ import json
 import sys
 
 from .config import PRESETS
+from .train.loop import add_tokenizer_train_args, add_train_args, cmd_tokenizer_train, cmd_train
 
 
 def _human_bytes(n: int) -> str:
@@ -212,42 +215,47 @@ def cmd_eval_core(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Bundled corpus -> tokenizer -> tiny PoE model -> exported HF folder -> loaded back -> a sample per stage."""
+    """Train the tiny default PoE model on the bundled corpus, load it back through transformers, show every mode."""
     import os
     import tempfile
-    from importlib import resources
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoint import export_hf_folder
-    from .config import preset_config
-    from .hf import CognicaPoEForCausalLM
-    from .tokenizer_train import train_bpe
+    from .train import TrainConfig, train
 
-    text = resources.files("cognica_poe").joinpath("data/tinyshakespeare.txt").read_text(encoding="utf-8")
-    docs = [d.strip() for d in text.split("\n\n") if d.strip()]
-    print(f"corpus: bundled Tiny Shakespeare, {len(text):,} characters, {len(docs):,} documents")
-    tok = train_bpe(iter(docs), vocab_size=args.vocab_size)
-    print(f"tokenizer: BPE with {len(tok):,} ids (BOS = {tok.bos_token_id}) trained on the corpus")
-    torch.manual_seed(args.seed)
-    config = preset_config("tiny", vocab_size=len(tok))
-    model = CognicaPoEForCausalLM(config).eval()
-    out = args.out or os.path.join(tempfile.mkdtemp(prefix="cognica-poe-demo-"), "model")
-    export_hf_folder(model, tok, out, dtype="float32", overwrite=True)
-    print(f"exported: {out} ({', '.join(sorted(os.listdir(out)))})")
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
-    tok = AutoTokenizer.from_pretrained(out)
-    print(f"loaded back with AutoModelForCausalLM: {type(model).__name__}, {model.num_parameters():,} parameters, "
-          f"{model.poe_n_stages} stages ending at layers {model.poe_stage_boundary_layers}")
-    ids = torch.tensor([[tok.bos_token_id] + tok("ROMEO:")["input_ids"]])
-    with torch.no_grad():
-        exits = model.gpt.forward_all_stages(ids)
-    for s, logits in enumerate(exits):
-        top = logits[0, -1].argmax().item()
-        print(f"  stage {s} exit: next token after 'ROMEO:' -> {tok.decode([top])!r}")
-    sample = model.generate(ids, max_new_tokens=24, do_sample=False)
-    print(f"full-depth greedy sample (untrained weights): {tok.decode(sample[0, ids.size(1):])!r}")
+    out = args.out or tempfile.mkdtemp(prefix="cognica-poe-demo-")
+    print(f"training the default PoE model (4 stages of 1 layer) on bundled Tiny Shakespeare for {args.steps} "
+          f"steps -> {out}", flush=True)
+    summary = train(TrainConfig(out_dir=out, num_steps=args.steps, eval_every=max(args.steps // 4, 1),
+                                progress=not args.quiet, seed=args.seed))
+    print("validation bits per byte by stage exit: "
+          + ", ".join(f"stage {s}: {b:.4f}" for s, b in enumerate(summary["stage_bpb"])))
+    folder = summary["hf_dir"]
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    print(f"exported {folder} ({', '.join(sorted(os.listdir(folder)))}) and loaded it back with "
+          f"AutoModelForCausalLM: {model.num_parameters():,} parameters, {model.poe_n_stages} stages ending at "
+          f"layers {model.poe_stage_boundary_layers}")
+    ids = torch.tensor([[tok.bos_token_id] + tok("ROMEO:\n")["input_ids"]])
+    n = args.new_tokens
+    samples = {f"stage {s} (prefix pruning)": model.generate_stage(ids, stage=s, max_new_tokens=n, stop_tokens=[])
+               for s in range(model.poe_n_stages)}
+    samples["full depth, transformers generate()"] = model.generate(ids, max_new_tokens=n, min_new_tokens=n,
+                                                                    do_sample=False)
+    out_w, used = model.generate_wand(ids, max_new_tokens=n, safety=1.0, return_stages_used=True, stop_tokens=[],
+                                      p99_bounds=model.config.wand_p99_bounds or [1.0] * (model.poe_n_stages - 1))
+    samples[f"WAND (exit stages {used[0].tolist()})"] = out_w
+    out_s, acc = model.generate_speculative(ids, max_new_tokens=n, draft_stage=0, k_draft=3, stop_tokens=[],
+                                            return_acceptance=True)
+    samples[f"speculative, stage 0 drafts K=3 (acceptance {acc:.2f})"] = out_s
+    samples["Log-OP of all stages"] = model.generate_parallel_composition(
+        ids, stages=list(range(model.poe_n_stages)), max_new_tokens=n, stop_tokens=[])
+    samples["sampled, temperature 0.8, top-k 50"] = model.generate_stage(
+        ids, stage=model.poe_n_stages - 1, max_new_tokens=n, do_sample=True, temperature=0.8, top_k=50, seed=0,
+        stop_tokens=[])
+    for name, seq in samples.items():
+        print(f"--- {name}\n{tok.decode(seq[0, ids.size(1):])!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,11 +339,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's sequence_len)")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("demo", help="run the whole pipeline on the bundled corpus (no downloads)")
-    p.add_argument("--out", default=None, help="where to write the exported folder (default: a temp folder)")
-    p.add_argument("--vocab-size", type=int, default=512)
+    p = sub.add_parser("demo", help="train the tiny default on the bundled corpus and show every mode")
+    p.add_argument("--out", default=None, help="the run folder (default: a temp folder)")
+    p.add_argument("--steps", type=int, default=300, help="training steps (about a second each on 2 CPU cores)")
+    p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a PoE model from scratch (torchrun for several processes)")
+    add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tokenizer", help="`tokenizer train`: a BPE tokenizer from a corpus")
+    tok_sub = p.add_subparsers(dest="tokenizer_command", required=True)
+    q = tok_sub.add_parser("train", help="train a BPE tokenizer (nanochat's split regex and specials)")
+    add_tokenizer_train_args(q)
+    q.set_defaults(func=cmd_tokenizer_train)
     return parser
 
 

@@ -1,0 +1,546 @@
+"""
+Training from scratch: PoE stage losses (flat / hier / none), the step loop, checkpoints, resume, the CLI.
+
+Why flat PoE is trained stage by stage: in flat mode the residual stream entering each stage is detached, so no
+gradient crosses a stage boundary except through x0 (embedding + smear, NOT detached: wte, smear and lm_head
+learn from every stage). Stage k's backward can therefore run right after its forward, freeing its activations
+before stage k+1 runs (activation memory ~1/K of backprop). x0 enters every stage as one leaf tensor whose
+.grad accumulates the stages' contributions; one final x0.backward(x0_leaf.grad) sends it into wte/smear.
+The gradients equal those of one graph holding all stages with the same detaches (tests/test_train.py).
+
+The last stage's loss is the served forward: CE(softcap(lm_head(norm(h_last - backout_lambda *
+x_backout.detach())))), so backout_lambda learns from the last stage only (SPEC §3). Intermediate exits have
+no backout. Total loss = sum_k loss_k / K^(1 - poe_alpha). "hier" = the same losses in one graph without any
+detach (deep supervision); "none" = the standard forward's single loss (the backprop baseline).
+
+Multi-process (torchrun): gradients are all-reduced (SUM / world, one flat buffer) by hand after all of a step's
+backward passes, instead of wrapping the model in DDP: flat mode calls backward K+1 times per micro-batch on
+pieces of one model, which DDP's reducer (one backward per forward) does not expect. Every rank holds the full
+model and optimizer state (no ZeRO); rank 0 evaluates, logs and saves.
+
+Checkpoints: <out_dir>/checkpoints/step_NNNNNN/ holds model.safetensors, optim.pt and state.pt (step, loader
+position, RNG states, configs, loop state); it is written to a temporary folder and renamed, then the `latest`
+pointer file is replaced atomically, so a crash or a NaN stop never leaves a half-written or overwritten
+checkpoint. Resume restores everything, so on CPU in fp32 the loss curve is bitwise that of an unbroken run.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+import typing
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..config import PRESETS, CognicaPoEConfig
+from ..eval.bpb import stage_bpb
+from ..model import GPT
+from .data import Corpus, PackedLoader, iter_tokenizer_texts, token_stream
+from .optim import MuonAdamW
+
+# a CPU demo size: 4 layers, 4 one-layer stages, trains in minutes on 2 cores
+TRAIN_PRESETS: dict[str, dict] = {
+    "demo": dict(n_layer=4, n_embd=128, n_head=4, n_kv_head=4, sequence_len=256, vocab_size=2048,
+                 window_pattern="SSSL", poe_every=1),
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or inf; the run stopped before touching the optimizer or any checkpoint."""
+
+
+# -----------------------------------------------------------------------------
+# PoE losses
+
+def stage_ranges(config: CognicaPoEConfig) -> list[tuple[int, int]]:
+    """(first layer, last layer) of every stage."""
+    bounds = config.poe_stage_boundary_layers
+    return [(0 if k == 0 else bounds[k - 1] + 1, b) for k, b in enumerate(bounds)]
+
+
+def poe_loss_scale(n_stages: int, alpha: float) -> float:
+    """Total = sum_k loss_k / K^(1 - alpha): alpha 0 -> mean, 1 -> sum."""
+    return 1.0 / n_stages ** (1.0 - alpha)
+
+
+def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+
+def _exit_loss(gpt: GPT, h: torch.Tensor, last: int, x_backout: torch.Tensor | None,
+               targets: torch.Tensor) -> torch.Tensor:
+    if gpt.applies_backout(last):
+        h = h - gpt.backout_lambda.to(h.dtype) * x_backout
+    return _ce(gpt.exit_logits(h), targets)
+
+
+def joint_stage_losses(gpt: GPT, idx: torch.Tensor, targets: torch.Tensor, detach: bool) -> list[torch.Tensor]:
+    """
+    Every stage's loss from one graph. detach=True: flat PoE (stream detached entering stages 1.., x_backout
+    detached in the last loss, x0 attached); detach=False: hier (plain deep supervision).
+    """
+    x0, step = gpt.prepare(idx)
+    x, x_backout, losses = x0, None, []
+    for k, (first, last) in enumerate(stage_ranges(gpt.config)):
+        if detach and k > 0:
+            x = x.detach()
+        for i in range(first, last + 1):
+            x = gpt.run_layer(i, x, x0, idx, step)
+            if i == gpt.config.backout_layer:
+                x_backout = x.detach() if detach else x
+        losses.append(_exit_loss(gpt, x, last, x_backout, targets))
+    return losses
+
+
+def flat_stagewise_backward(gpt: GPT, idx: torch.Tensor, targets: torch.Tensor, scale: float) -> list[float]:
+    """
+    Flat PoE, one stage at a time: forward stage k, backward (scale * loss_k) at once (freeing its activations),
+    pass h_k.detach() on. x0 is a leaf shared by all stages; its gradient goes into wte/smear at the end.
+    Returns the per-stage losses. Gradients equal joint_stage_losses(detach=True) summed times scale.
+    """
+    x0, step = gpt.prepare(idx)  # (B, T, C), graph through wte and smear kept
+    x0_leaf = x0.detach().requires_grad_()
+    x, x_backout, losses = x0_leaf, None, []
+    for first, last in stage_ranges(gpt.config):
+        for i in range(first, last + 1):
+            x = gpt.run_layer(i, x, x0_leaf, idx, step)
+            if i == gpt.config.backout_layer:
+                x_backout = x.detach()
+        loss = _exit_loss(gpt, x, last, x_backout, targets)
+        (loss * scale).backward()  # frees this stage's graph
+        losses.append(loss.detach())
+        x = x.detach()
+    if x0_leaf.grad is not None:
+        x0.backward(x0_leaf.grad)
+    return [float(v) for v in losses]
+
+
+def backward_step(gpt: GPT, idx: torch.Tensor, targets: torch.Tensor, mode: str, alpha: float,
+                  grad_scale: float = 1.0) -> list[float]:
+    """Forward + backward of one micro-batch in `mode`; returns the unscaled per-stage (or single) losses."""
+    if mode == "flat":
+        return flat_stagewise_backward(gpt, idx, targets, grad_scale * poe_loss_scale(gpt.config.poe_n_stages, alpha))
+    if mode == "hier":
+        losses = joint_stage_losses(gpt, idx, targets, detach=False)
+        (sum(losses) * poe_loss_scale(len(losses), alpha) * grad_scale).backward()
+        return [float(v.detach()) for v in losses]
+    if mode == "none":
+        loss = gpt(idx, targets)
+        (loss * grad_scale).backward()
+        return [float(loss.detach())]
+    raise ValueError(f"poe_mode must be flat, hier or none, got {mode!r}")
+
+
+# -----------------------------------------------------------------------------
+# configuration
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved in every checkpoint. None model fields come from the preset."""
+    # model
+    preset: str = "demo"  # a TRAIN_PRESETS or config.PRESETS name
+    n_layer: int | None = None
+    n_embd: int | None = None
+    n_head: int | None = None
+    n_kv_head: int | None = None
+    sequence_len: int | None = None
+    window_pattern: str | None = None
+    poe_mode: str = "flat"
+    poe_every: int | None = None
+    poe_alpha: float = 0.0
+    # data and tokenizer
+    data: str | None = None  # text file, .jsonl, .parquet or a folder of them; None = bundled tinyshakespeare
+    tokenizer: str | None = None  # tokenizer folder; None = train one on the corpus (vocab_size ids)
+    vocab_size: int | None = None
+    shuffle_block: int = 1024
+    # batch and horizon
+    device_batch_size: int = 16
+    total_batch_size: int = -1  # tokens per optimizer step; -1 = device_batch_size * sequence_len * world
+    num_steps: int = 300
+    # optimizer
+    matrix_lr: float = 0.02
+    embedding_lr: float = 0.3
+    unembedding_lr: float = 0.008
+    scalar_lr: float = 0.5
+    weight_decay: float = 0.28
+    # lr factor for the batch size: None = nanochat's sqrt(total_batch_size / 2^19) (0.088 at the demo's 4096
+    # tokens); the default 0.3 is what the poe-d8-classics reference run used at this batch size
+    batch_lr_scale: float | None = 0.3
+    warmup_steps: int = 40
+    warmdown_ratio: float = 0.65
+    final_lr_frac: float = 0.05
+    grad_clip: float = 0.0  # 0 = off
+    # eval, logging, checkpoints
+    eval_every: int = 100
+    eval_tokens: int = 40 * 257
+    eval_batch_size: int = 8
+    out_dir: str = "runs/train"
+    save_every: int = -1  # -1 = only at the end (and at stop_after)
+    keep_checkpoints: int = 2
+    resume: bool = False
+    stop_after: int | None = None  # save and stop once this many steps are done (an interruption on purpose)
+    export: bool = True  # write an HF folder to <out_dir>/hf at the end
+    export_dtype: str = "bfloat16"
+    progress: bool = True
+    # system
+    seed: int = 42
+    device: str = "auto"
+    compile: bool = False
+    fsdp: bool = False
+
+    def model_overrides(self) -> dict:
+        base = dict(TRAIN_PRESETS.get(self.preset) or PRESETS.get(self.preset) or {})
+        if not base:
+            raise ValueError(f"unknown preset {self.preset!r}; known: {', '.join([*TRAIN_PRESETS, *PRESETS])}")
+        for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "sequence_len", "window_pattern", "poe_every",
+                     "vocab_size"):
+            if getattr(self, name) is not None:
+                base[name] = getattr(self, name)
+        base["poe_mode"], base["poe_alpha"] = self.poe_mode, self.poe_alpha
+        return base
+
+
+# -----------------------------------------------------------------------------
+# distributed helpers
+
+def init_distributed(device_type: str) -> tuple[int, int]:
+    """(rank, world_size); joins the process group torchrun describes (gloo on CPU, nccl on CUDA) if any."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def allreduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average tensors across ranks in place, through one flat buffer (gloo has no AVG op, so SUM / world)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def _rng_state() -> dict:
+    state = dict(python=random.getstate(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state  # numpy's RNG is not used anywhere in training, so it is not saved
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_root: str, step: int, gpt: GPT, optimizer: MuonAdamW, state: dict, keep: int = 2) -> str:
+    """Write step_NNNNNN/ via a temp folder + rename, then flip the `latest` pointer. Returns the folder."""
+    os.makedirs(ckpt_root, exist_ok=True)
+    name = f"step_{step:06d}"
+    final = os.path.join(ckpt_root, name)
+    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=ckpt_root)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in gpt.state_dict().items()},
+                  os.path.join(tmp, "model.safetensors"))
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optim.pt"))
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        if os.path.exists(final):  # re-saving a step (e.g. a resumed run stopping at the same step)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_atomic(os.path.join(ckpt_root, "latest"), name + "\n")
+    old = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step_") and d != name)
+    for d in old[:max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_root: str) -> str | None:
+    pointer = os.path.join(ckpt_root, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        return os.path.join(ckpt_root, f.read().strip())
+
+
+def load_checkpoint(folder: str, gpt: GPT, optimizer: MuonAdamW | None = None) -> dict:
+    """Copy the weights into gpt's own (aligned) tensors, restore the optimizer; returns state.pt's dict."""
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    with torch.no_grad():
+        for k, v in gpt.state_dict().items():
+            v.copy_(tensors[k])
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(os.path.join(folder, "optim.pt"), weights_only=True))
+    return torch.load(os.path.join(folder, "state.pt"), weights_only=True)
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _get_tokenizer(cfg: TrainConfig, rank: int, vocab_size: int):
+    from ..tokenizer import CognicaPoETokenizer
+
+    if cfg.tokenizer:
+        return CognicaPoETokenizer.from_pretrained(cfg.tokenizer)
+    folder = os.path.join(cfg.out_dir, "tokenizer")
+    if rank == 0 and not os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+        from ..tokenizer_train import train_bpe
+
+        tok = train_bpe(iter_tokenizer_texts(cfg.data), vocab_size)
+        tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=cfg.out_dir)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return CognicaPoETokenizer.from_pretrained(folder)
+
+
+def _read_metrics(path: str, upto_step: int) -> list[str]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [line for line in f if line.strip() and json.loads(line)["step"] <= upto_step]
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train (or resume) a model as `cfg` says; returns a summary dict (losses, per-stage BPB, timings, paths)."""
+    if cfg.fsdp:
+        raise NotImplementedError("--fsdp is not supported: torch.optim.Muon orthogonalizes whole matrices and has "
+                                  "no DTensor/sharded path; use plain data parallelism (torchrun)")
+    device = _resolve_device(cfg.device)
+    rank, world = init_distributed(device.type)
+    master = rank == 0
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+
+    overrides = cfg.model_overrides()
+    tok = _get_tokenizer(cfg, rank, overrides["vocab_size"])
+    overrides["vocab_size"] = len(tok)
+    mcfg = CognicaPoEConfig(**overrides, bos_token_id=tok.bos_token_id, pad_token_id=tok.bos_token_id)
+    gpt = GPT.from_config(mcfg, device=device, dtype=torch.float32, seed=cfg.seed)
+    T, B = mcfg.sequence_len, cfg.device_batch_size
+    total = cfg.total_batch_size if cfg.total_batch_size > 0 else B * T * world
+    if total % (B * T * world):
+        raise ValueError(f"total_batch_size {total} is not a multiple of device_batch_size * sequence_len * world "
+                         f"= {B * T * world}")
+    grad_accum = total // (B * T * world)
+    optimizer = MuonAdamW(gpt, total, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.scalar_lr,
+                          cfg.weight_decay, cfg.batch_lr_scale)
+    corpus = Corpus(cfg.data)
+    loader = PackedLoader(corpus, tok, B, T, "train", cfg.seed, rank, world, cfg.shuffle_block, device)
+    val_stream = token_stream(corpus, tok, "val", cfg.eval_tokens) if master else None
+    token_bytes = tok.token_bytes()
+    if cfg.compile:
+        for block in gpt.transformer.h:
+            block.compile(dynamic=False)
+
+    step, elapsed, smooth = 0, 0.0, 0.0
+    last_ckpt = latest_checkpoint(ckpt_root) if cfg.resume else None
+    if cfg.resume and last_ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_root}")
+    if last_ckpt is not None:
+        state = load_checkpoint(last_ckpt, gpt, optimizer)
+        if state["model_config"] != overrides:
+            raise ValueError(f"the checkpoint's model {state['model_config']} differs from this run's {overrides}")
+        loader.load_state_dict(state["loader"])
+        _set_rng_state(state["rng"])
+        step, elapsed, smooth = state["step"], state["elapsed"], state["smooth_loss"]
+    if master:
+        lines = _read_metrics(metrics_path, step) if last_ckpt else []
+        with open(metrics_path, "w") as f:
+            f.writelines(lines)
+
+    def log(record: dict) -> None:
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def evaluate() -> list[float]:
+        gpt.eval()
+        bpb = stage_bpb(gpt, val_stream, token_bytes, T, cfg.eval_batch_size)
+        gpt.train()
+        log(dict(type="eval", step=step, bpb=bpb))
+        return bpb
+
+    def save() -> str | None:
+        if not master:
+            return None
+        state = dict(step=step, loader=loader.state_dict(), rng=_rng_state(), train_config=dataclasses.asdict(cfg),
+                     model_config=overrides, elapsed=elapsed, smooth_loss=smooth)
+        return save_checkpoint(ckpt_root, step, gpt, optimizer, state, cfg.keep_checkpoints)
+
+    bpb = evaluate() if (master and step == 0) else []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NullContext()
+    bar = None
+    if cfg.progress and master:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.num_steps, initial=step, desc=f"train {cfg.poe_mode}", dynamic_ncols=True)
+    losses: list[float] = []
+    gpt.train()
+    while step < cfg.num_steps:
+        t0 = time.perf_counter()
+        sched = optimizer.apply_schedule(step, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_ratio, cfg.final_lr_frac)
+        sums = None
+        for _ in range(grad_accum):
+            x, y = loader.next_batch()
+            with autocast:
+                micro = backward_step(gpt, x, y, cfg.poe_mode, cfg.poe_alpha, 1.0 / grad_accum)
+            sums = micro if sums is None else [a + b for a, b in zip(sums, micro)]
+        loss_vec = torch.tensor(sums, dtype=torch.float64) / grad_accum
+        for p in gpt.parameters():  # every rank must reduce the same tensors
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if world > 1:
+            allreduce_mean_([p.grad for p in gpt.parameters()])
+            loss_vec = _allreduced(loss_vec, device)  # a NaN on any rank stops every rank
+        bad = [k for k, v in enumerate(loss_vec.tolist()) if not math.isfinite(v)]
+        if bad:
+            if bar is not None:
+                bar.close()
+            where = f"stage {bad[0]}" if cfg.poe_mode != "none" else "the final exit"
+            raise NonFiniteLossError(f"non-finite loss at step {step + 1} ({where}: {loss_vec.tolist()[bad[0]]}); "
+                                     f"stopped before the optimizer step; last good checkpoint: {last_ckpt}")
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(gpt.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        elapsed += dt
+        step += 1
+        losses = loss_vec.tolist()
+        mean_loss = sum(losses) / len(losses)
+        smooth = 0.9 * smooth + 0.1 * mean_loss
+        tok_s = total / dt
+        log(dict(type="train", step=step, losses=losses, loss=mean_loss, lrm=sched["lrm"],
+                 momentum=sched["momentum"], weight_decay=sched["weight_decay"], tok_per_s=tok_s, dt=dt))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"{tok_s:,.0f} tok/s loss " + " ".join(f"{v:.3f}" for v in losses))
+        if master and (step % cfg.eval_every == 0 or step == cfg.num_steps):
+            bpb = evaluate()
+            if bar is not None:
+                bar.write(f"step {step}: val bpb per stage " + " ".join(f"{v:.4f}" for v in bpb))
+        stopping = cfg.stop_after is not None and step >= cfg.stop_after
+        if (cfg.save_every > 0 and step % cfg.save_every == 0) or step == cfg.num_steps or stopping:
+            last_ckpt = save() or last_ckpt
+        if stopping:
+            break
+    if bar is not None:
+        bar.close()
+
+    plot = None
+    if master:
+        from .plot import plot_metrics
+
+        plot = plot_metrics(metrics_path, os.path.join(cfg.out_dir, "curves.png"),
+                            f"{cfg.poe_mode} PoE, {mcfg.n_layer} layers, {mcfg.poe_n_stages} stages")
+    hf_dir = None
+    if master and cfg.export and step == cfg.num_steps:
+        hf_dir = export_hf(gpt, tok, os.path.join(cfg.out_dir, "hf"), cfg.export_dtype)
+    debias = 1 - 0.9 ** max(step, 1)
+    return dict(step=step, num_steps=cfg.num_steps, poe_mode=cfg.poe_mode, n_stages=mcfg.poe_n_stages,
+                final_losses=losses, smooth_loss=smooth / debias, stage_bpb=bpb, train_time_s=elapsed,
+                tokens=step * total, tok_per_s=step * total / max(elapsed, 1e-9), out_dir=cfg.out_dir,
+                checkpoint=last_ckpt, hf_dir=hf_dir, plot=plot, rank=rank, world_size=world,
+                n_params=gpt.num_params(), model_config=overrides)
+
+
+def _allreduced(vec: torch.Tensor, device: torch.device) -> torch.Tensor:
+    v = vec.to(device=device, dtype=torch.float64)
+    dist.all_reduce(v, op=dist.ReduceOp.SUM)
+    return (v / dist.get_world_size()).cpu()
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def export_hf(gpt: GPT, tokenizer, out_dir: str, dtype: str = "bfloat16") -> str:
+    """An HF folder (config, weights, tokenizer, remote code) for the trained gpt, via checkpoint.export_hf_folder."""
+    from ..checkpoint import export_hf_folder
+    from ..hf import CognicaPoEForCausalLM
+
+    with torch.device("meta"):
+        model = CognicaPoEForCausalLM(gpt.config)
+    model.gpt = gpt
+    return export_hf_folder(model, tokenizer, out_dir, dtype=dtype, overwrite=True)
+
+
+# -----------------------------------------------------------------------------
+# CLI: `cognica-poe train` and `cognica-poe tokenizer train`
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (--num-steps, --poe-mode, --resume, ...), defaults from TrainConfig."""
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kinds = [t for t in (typing.get_args(f.type) or (f.type,)) if t is not type(None)]  # int | None -> int
+        if kinds[0] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            choices = ("flat", "hier", "none") if f.name == "poe_mode" else None
+            parser.add_argument(flag, type=kinds[0], default=f.default, choices=choices)
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    summary = train(cfg)
+    if summary["rank"] == 0:
+        print(json.dumps({k: summary[k] for k in ("step", "poe_mode", "stage_bpb", "final_losses", "train_time_s",
+                                                  "tok_per_s", "checkpoint", "hf_dir")}))
+    return summary
+
+
+def add_tokenizer_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, help="corpus (file or folder); default: the bundled tinyshakespeare")
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--max-chars", type=int, default=None, help="stop reading the corpus after this many chars")
+    parser.add_argument("--out", required=True, help="output tokenizer folder")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from ..tokenizer_train import train_bpe
+
+    tok = train_bpe(iter_tokenizer_texts(args.data, args.max_chars), args.vocab_size)
+    tok.save_pretrained(args.out)
+    print(f"tokenizer: {len(tok):,} ids (BOS = {tok.bos_token_id}) -> {args.out}")
