@@ -12,12 +12,14 @@ bf16), meta_{step:06d}.json and tokenizer/ (tokenizer.pkl, token_bytes.pt). The 
 the safe format.
 """
 
+import contextlib
 import glob
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from importlib import resources
 
 import torch
@@ -108,6 +110,30 @@ def _write_json_atomic(path: str, obj: dict) -> None:
 # -----------------------------------------------------------------------------
 # our HF folder
 
+@contextlib.contextmanager
+def atomic_folder(out_dir: str, overwrite: bool = False) -> Iterator[str]:
+    """Yield a temporary folder beside out_dir that replaces out_dir on success and vanishes on any failure.
+    Every exported folder also gets LICENSE and NOTICE."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        yield tmp
+        for name in ("LICENSE", "NOTICE"):
+            with resources.files("cognica_poe").joinpath(name).open("rb") as src, \
+                    open(os.path.join(tmp, name), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def generation_config_for(config: CognicaPoEConfig) -> GenerationConfig:
     """Base models stop at <|bos|> (a new document) and chat models at <|assistant_end|>; pad with BOS."""
     eos = config.eos_token_id
@@ -126,13 +152,7 @@ def export_hf_folder(model: CognicaPoEForCausalLM, tokenizer: CognicaPoETokenize
                      dtype: str | torch.dtype = "bfloat16", overwrite: bool = False) -> str:
     """Write a complete, self-contained HF folder (weights in `dtype`) atomically. Returns out_dir."""
     dtype = parse_dtype(dtype)
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
+    with atomic_folder(out_dir, overwrite) as tmp:
         if tokenizer is not None:
             set_special_ids(model.config, tokenizer)
         model.config.auto_map = auto_map()
@@ -146,17 +166,7 @@ def export_hf_folder(model: CognicaPoEForCausalLM, tokenizer: CognicaPoETokenize
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_remote_code(tmp)
-        for name in ("LICENSE", "NOTICE"):
-            with resources.files("cognica_poe").joinpath(name).open("rb") as src, \
-                    open(os.path.join(tmp, name), "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return os.path.abspath(out_dir)
 
 
 def save_stage_folder(model: CognicaPoEForCausalLM, out_dir: str, base_model_name_or_path: str,
@@ -167,13 +177,7 @@ def save_stage_folder(model: CognicaPoEForCausalLM, out_dir: str, base_model_nam
 
     dtype = parse_dtype(dtype)
     delta = {k: v.detach().to(dtype).contiguous() for k, v in stage_delta(model).items()}
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".stage-", dir=parent)
-    try:
+    with atomic_folder(out_dir, overwrite) as tmp:
         config = model.config.__class__.from_dict(model.config.to_dict())
         config.base_model_name_or_path = base_model_name_or_path
         config.auto_map = auto_map()
@@ -185,17 +189,7 @@ def save_stage_folder(model: CognicaPoEForCausalLM, out_dir: str, base_model_nam
         generation_config_for(config).save_pretrained(tmp)
         save_file(delta, os.path.join(tmp, DELTA_FILE), metadata={"format": "pt"})
         write_remote_code(tmp)
-        for name in ("LICENSE", "NOTICE"):
-            with resources.files("cognica_poe").joinpath(name).open("rb") as src, \
-                    open(os.path.join(tmp, name), "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return os.path.abspath(out_dir)
 
 
 def new_stage_folder(base: str, out_dir: str, new_layers: int, head_mode: str = "dual", seed: int = 0,

@@ -222,7 +222,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .train import TrainConfig, train
+    from .train import Corpus, TrainConfig, token_stream, train
+    from .wand import calibrate_wand_bounds
 
     out = args.out or tempfile.mkdtemp(prefix="cognica-poe-demo-")
     print(f"training the default PoE model (4 stages of 1 layer) on bundled Tiny Shakespeare for {args.steps} "
@@ -243,9 +244,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
                for s in range(model.poe_n_stages)}
     samples["full depth, transformers generate()"] = model.generate(ids, max_new_tokens=n, min_new_tokens=n,
                                                                     do_sample=False)
-    out_w, used = model.generate_wand(ids, max_new_tokens=n, safety=1.0, return_stages_used=True, stop_tokens=[],
-                                      p99_bounds=model.config.wand_p99_bounds or [1.0] * (model.poe_n_stages - 1))
-    samples[f"WAND (exit stages {used[0].tolist()})"] = out_w
+    # WAND bounds for this checkpoint, calibrated on held-out text (what `cognica-poe calibrate` does)
+    held_out = token_stream(Corpus(None), tok, "val", max_tokens=16_384)
+    bounds = calibrate_wand_bounds(model, held_out, seq_len=model.config.sequence_len)
+    out_w, used = model.generate_wand(ids, max_new_tokens=n, safety=1.0, p99_bounds=bounds, return_stages_used=True,
+                                      stop_tokens=[])
+    samples[f"WAND, safety 1, calibrated bounds {bounds} (exit stages {used[0].tolist()})"] = out_w
     out_s, acc = model.generate_speculative(ids, max_new_tokens=n, draft_stage=0, k_draft=3, stop_tokens=[],
                                             return_acceptance=True)
     samples[f"speculative, stage 0 drafts K=3 (acceptance {acc:.2f})"] = out_s
