@@ -21,7 +21,6 @@ JSON object with every figure and the machine.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,21 +28,11 @@ import tempfile
 import time
 
 import torch
+from machine import machine  # bench/machine.py (scripts run from any folder)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "..", "shared")
 D8 = os.path.join(SHARED, "models", "poe-d8-classics")
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "cuda": torch.cuda.is_available()}
 
 
 def median_time(fn, runs: int = 3) -> float:

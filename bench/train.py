@@ -17,7 +17,6 @@ The last line printed is one JSON object with every figure and the machine.
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -25,19 +24,9 @@ import sys
 import time
 
 import torch
+from machine import machine  # bench/machine.py (scripts run from any folder)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "cuda": torch.cuda.is_available()}
 
 
 def rss_bytes() -> int:
