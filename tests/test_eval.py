@@ -124,3 +124,31 @@ def test_cli_eval_core_on_a_real_model(d8_model, tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["stages"] == [0, 1, 2, 3] and len(r["core"]) == 4 and r["tasks"]["mini"]["n"] == 2
     assert all(-1.0 <= c <= 1.0 for c in r["core"])
+
+
+def test_composition_bpb_by_hand_and_cli(d8_model, tmp_path, capsys):
+    from cognica_poe.checkpoint import export_hf_folder
+    from cognica_poe.cli import main as cli_main
+    from cognica_poe.eval.bpb import evaluate_bpb
+
+    model, tok = d8_model
+    text = "It was in July, 1805, and the speaker was the well-known Anna Pavlovna Scherer, maid of honor."
+    stream = torch.tensor([tok.bos_token_id] + tok(text * 6)["input_ids"])[:66]  # exactly one 64-token window
+    tb = tok.token_bytes()
+    r = evaluate_bpb(model.gpt, stream, tb, seq_len=64, batch_size=2, compositions=[[0, 3], [3]])
+    assert r["compositions"]["3"] == pytest.approx(r["stages"][3], rel=1e-6)  # a one-exit product is that exit
+    x, y = stream[:64], stream[1:65]
+    with torch.no_grad():
+        exits = model.gpt.forward_all_stages(x[None])
+    logp = torch.log_softmax(F.log_softmax(exits[0][0].double(), -1) + F.log_softmax(exits[3][0].double(), -1), -1)
+    keep = tb[y] > 0
+    want = float(-logp[torch.arange(64), y][keep].sum()) / (math.log(2) * int(tb[y].sum()))
+    assert r["compositions"]["0+3"] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="exit indices"):
+        evaluate_bpb(model.gpt, stream, tb, seq_len=64, compositions=[[0, 7]])
+    folder = export_hf_folder(model, tok, str(tmp_path / "m"), dtype="float32")
+    assert cli_main(["eval", "bpb", folder, "--max-tokens", "3000", "--seq-len", "128", "--compose", "0,3",
+                     "0,1,2,3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["stages"]) == 4 and set(out["compositions"]) == {"0+3", "0+1+2+3"}
+    assert all(1.0 < b < 5.0 for b in out["stages"])

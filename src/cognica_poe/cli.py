@@ -6,6 +6,7 @@ The `cognica-poe` command line.
     cognica-poe convert --refresh-code DIR     replace a released folder's .py files with this package's
     cognica-poe generate MODEL "prompt" --mode full|stage|wand|speculative|compose
     cognica-poe calibrate MODEL TEXT           WAND p99 bounds for a checkpoint, stored in its config
+    cognica-poe eval bpb MODEL [DATA]          bits per byte per exit and for Log-OP compositions
     cognica-poe eval core MODEL TASKS_DIR      CORE-style tasks, per stage exit
     cognica-poe stage new BASE --new-layers N --out DIR   a specialist stage on a frozen base
     cognica-poe chat MODEL                     interactive chat
@@ -196,6 +197,29 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": tok.decode(reply)})
 
 
+def cmd_eval_bpb(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .eval.bpb import evaluate_bpb
+    from .tokenizer import CognicaPoETokenizer
+    from .train import Corpus, token_stream
+
+    model = load_model(args.model, dtype=args.dtype)
+    tok = CognicaPoETokenizer.from_pretrained(args.model)
+    stream = token_stream(Corpus(args.data), tok, args.split, max_tokens=args.max_tokens)
+    combos = [[int(k) for k in c.split(",")] for c in (args.compose or [])]
+    r = evaluate_bpb(model.gpt, stream, tok.token_bytes(), seq_len=args.seq_len, batch_size=args.batch_size,
+                     compositions=combos)
+    r["tokens"] = len(stream)
+    if args.json:
+        print(json.dumps(r))
+        return
+    for s, b in enumerate(r["stages"]):
+        print(f"stage {s} exit (layer {model.poe_stage_boundary_layers[s]:>2}): {b:.6f} bits/byte")
+    for name, b in r["compositions"].items():
+        print(f"Log-OP of stages {name}: {b:.6f} bits/byte")
+    print(f"({len(stream):,} tokens of the {args.split} split of {args.data or 'the bundled corpus'})")
+
+
 def cmd_eval_core(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .eval.core import evaluate_core
@@ -328,6 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluation: `eval core MODEL TASKS_DIR`")
     eval_sub = p.add_subparsers(dest="eval_command", required=True)
+    q = eval_sub.add_parser("bpb", help="bits per byte of every exit and of Log-OP compositions")
+    q.add_argument("model")
+    q.add_argument("data", nargs="?", default=None, help="text / JSONL / parquet file or folder (default: bundled)")
+    q.add_argument("--split", choices=["val", "train"], default="val")
+    q.add_argument("--max-tokens", type=int, default=262_144)
+    q.add_argument("--seq-len", type=int, default=None)
+    q.add_argument("--batch-size", type=int, default=8)
+    q.add_argument("--compose", nargs="*", default=None, metavar="I,J,...", help="exit subsets, e.g. 0,3 0,1,2,3")
+    q.add_argument("--dtype", default=None)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_eval_bpb)
+
     q = eval_sub.add_parser("core", help="CORE-style tasks (nanochat's eval_bundle layout) scored at every exit")
     q.add_argument("model")
     q.add_argument("tasks", help="a folder with core.yaml, eval_meta_data.csv and eval_data/")
