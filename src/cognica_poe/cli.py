@@ -9,6 +9,7 @@ The `cognica-poe` command line.
     cognica-poe eval bpb MODEL [DATA]          bits per byte per exit and for Log-OP compositions
     cognica-poe eval core MODEL TASKS_DIR      CORE-style tasks, per stage exit
     cognica-poe stage new BASE --new-layers N --out DIR   a specialist stage on a frozen base
+    cognica-poe sft MODEL CONVERSATIONS.jsonl  dual-head SFT of a specialist (base frozen)
     cognica-poe chat MODEL                     interactive chat
     cognica-poe demo                           train the tiny default on the bundled corpus, show every mode
     cognica-poe train [--data PATH] ...        train a PoE model from scratch (flat | hier | none)
@@ -159,6 +160,16 @@ def cmd_stage_new(args: argparse.Namespace) -> None:
     out = new_stage_folder(args.base, args.out, args.new_layers, head_mode=args.head_mode, seed=args.seed,
                            dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}: {args.new_layers} new layers on {args.base} (identity at start, lm_head_stage zero)")
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from .train.sft import SFTConfig, sft
+
+    cfg = SFTConfig(model=args.model, data=args.data, out_dir=args.out_dir, new_layers=args.new_layers,
+                    steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                    val_fraction=args.val_fraction, eval_every=args.eval_every, save_every=args.save_every,
+                    seed=args.seed, resume=args.resume)
+    print(json.dumps(sft(cfg)))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -339,6 +350,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="bfloat16")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_stage_new)
+
+    p = sub.add_parser("sft", help="dual-head SFT of a specialist stage on conversations (the base stays frozen)")
+    p.add_argument("model", help="a base HF folder (a new specialist is appended) or a stage folder")
+    p.add_argument("data", help="conversations: JSONL of {messages: [...]} or ShareGPT {conversations: [...]}")
+    p.add_argument("--out-dir", default="runs/sft")
+    p.add_argument("--new-layers", type=int, default=2, help="layers to append when MODEL is a base")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR's last checkpoint")
+    p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal (replies stream)")
     p.add_argument("model")

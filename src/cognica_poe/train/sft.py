@@ -1,0 +1,172 @@
+"""
+Dual-head SFT of a specialist stage on a frozen base (SPEC §5).
+
+Only the specialist's own layers and its `lm_head_stage` train; every base tensor (layers, wte, lm_head,
+value embeddings, smear, backout, earlier stages) is frozen and outside the optimizer, so weight decay cannot
+touch it: with head_mode "base" the model reproduces the base bit for bit at every checkpoint. Conversations
+are rendered with the chat special tokens (tokenizer.render_conversation) and the loss covers assistant
+tokens (and <|assistant_end|>) only.
+
+Data: JSONL, one conversation per line, as {"messages": [{"role", "content"}, ...]} (OpenAI / nanochat), or
+{"conversations": [{"from": "human" | "gpt" | "system", "value"}, ...]} (ShareGPT), or a bare list of
+messages. The last `val_fraction` of conversations is held out.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+
+import torch
+
+from ..checkpoint import save_stage_folder
+from ..hf import CognicaPoEForCausalLM
+from ..specialist import DELTA_FILE, add_specialist
+from ..tokenizer import CognicaPoETokenizer
+from .loop import NonFiniteLossError, latest_checkpoint, load_checkpoint, save_checkpoint
+
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
+                "system": "system"}
+
+
+def normalize_conversation(record) -> list[dict]:
+    """One conversation in any of the supported formats -> [{"role", "content"}, ...]."""
+    if isinstance(record, dict) and "messages" in record:
+        messages = record["messages"]
+    elif isinstance(record, dict) and "conversations" in record:
+        messages = [{"role": m.get("from"), "content": m.get("value")} for m in record["conversations"]]
+    elif isinstance(record, list):
+        messages = record
+    else:
+        keys = sorted(record) if isinstance(record, dict) else "-"
+        raise ValueError(f"unrecognised conversation record (keys {keys}): expected messages or conversations")
+    out = []
+    for m in messages:
+        role = ROLE_ALIASES.get(str(m.get("role")).lower())
+        if role is None:
+            raise ValueError(f"unknown role {m.get('role')!r} (expected user/assistant/system or human/gpt)")
+        out.append({"role": role, "content": str(m.get("content", ""))})
+    return out
+
+
+def read_conversations(path: str) -> list[list[dict]]:
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".json"):
+            return [normalize_conversation(r) for r in json.load(f)]
+        return [normalize_conversation(json.loads(line)) for line in f if line.strip()]
+
+
+def sft_batch(tok: CognicaPoETokenizer, conversations: list[list[dict]], seq_len: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) (B, T): targets are -1 except where the target token is assistant content or its end."""
+    rows = []
+    for conv in conversations:
+        ids, mask = tok.render_conversation(conv, max_tokens=seq_len + 1)
+        targets = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+        rows.append((ids[:-1], targets))
+    T = max(len(x) for x, _ in rows)
+    idx = torch.full((len(rows), T), tok.bos_token_id, dtype=torch.long)
+    tgt = torch.full((len(rows), T), -1, dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        idx[i, :len(x)] = torch.tensor(x)
+        tgt[i, :len(y)] = torch.tensor(y)
+    return idx, tgt
+
+
+def trainable_parameters(model: CognicaPoEForCausalLM) -> list[torch.nn.Parameter]:
+    """The leaf specialist's own tensors; everything else is frozen (requires_grad False)."""
+    first = model.config.segments()[-1][0]
+    own = []
+    for name, p in model.gpt.named_parameters():
+        mine = name == "lm_head_stage.weight" or (name.startswith("transformer.h.")
+                                                  and int(name.split(".")[2]) >= first)
+        p.requires_grad_(mine)
+        if mine:
+            own.append(p)
+    return own
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    model: str  # a base HF folder (a new specialist is created) or a stage folder (its leaf trains further)
+    data: str  # conversations (JSONL / JSON)
+    out_dir: str = "runs/sft"
+    new_layers: int = 2
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    val_fraction: float = 0.1
+    eval_every: int = 25
+    save_every: int = 50
+    keep_checkpoints: int = 100
+    seed: int = 0
+    resume: bool = False
+
+
+@torch.no_grad()
+def val_loss(model: CognicaPoEForCausalLM, tok: CognicaPoETokenizer, convs: list[list[dict]], batch_size: int) -> float:
+    total, count = 0.0, 0
+    for i in range(0, len(convs), batch_size):
+        idx, tgt = sft_batch(tok, convs[i:i + batch_size], model.config.sequence_len)
+        n = int((tgt >= 0).sum())
+        total += float(model.gpt(idx, targets=tgt)) * n
+        count += n
+    return total / max(count, 1)
+
+
+def sft(cfg: SFTConfig) -> dict:
+    """Train the leaf specialist on conversations; writes checkpoints, metrics.jsonl and a stage folder."""
+    torch.manual_seed(cfg.seed)
+    tok = CognicaPoETokenizer.from_pretrained(cfg.model)
+    loaded = CognicaPoEForCausalLM.from_pretrained(cfg.model)
+    is_stage = os.path.isfile(os.path.join(cfg.model, DELTA_FILE))
+    model = loaded if is_stage else add_specialist(loaded, cfg.new_layers, seed=cfg.seed)
+    parent = model.config.base_model_name_or_path if is_stage else os.path.abspath(cfg.model)
+    model.config.head_mode = "dual"
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    convs = read_conversations(cfg.data)
+    n_val = max(1, int(len(convs) * cfg.val_fraction))
+    train_convs, val_convs = convs[:-n_val], convs[-n_val:]
+    if not train_convs:
+        raise ValueError(f"{cfg.data} has {len(convs)} conversations: too few to hold out {n_val} for validation")
+    ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
+    step = 0
+    if cfg.resume and (last := latest_checkpoint(ckpt_root)):
+        state = load_checkpoint(last, model.gpt, optimizer)
+        step = int(state["step"])
+    model.train()
+    losses = []
+    t0 = time.time()
+    while step < cfg.steps:
+        rng = random.Random(cfg.seed * 1_000_003 + step)  # the batch depends only on (seed, step): resume is exact
+        idx, tgt = sft_batch(tok, rng.sample(train_convs, min(cfg.batch_size, len(train_convs))),
+                             model.config.sequence_len)
+        loss = model.gpt(idx, targets=tgt)
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(f"non-finite SFT loss at step {step + 1}; last good checkpoint: "
+                                     f"{latest_checkpoint(ckpt_root)}")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(loss.item())
+        record = {"type": "train", "step": step, "loss": losses[-1]}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            model.eval()
+            record["val_loss"] = val_loss(model, tok, val_convs, cfg.batch_size)
+            model.train()
+        with open(metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(ckpt_root, step, model.gpt, optimizer, {"step": step}, keep=cfg.keep_checkpoints)
+    model.eval()
+    stage_dir = save_stage_folder(model, os.path.join(cfg.out_dir, "stage"), parent, tok, overwrite=True)
+    return {"step": step, "train_loss": losses[-1] if losses else None,
+            "val_loss": val_loss(model, tok, val_convs, cfg.batch_size), "stage_dir": stage_dir,
+            "seconds": time.time() - t0}

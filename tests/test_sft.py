@@ -1,0 +1,91 @@
+"""Dual-head SFT: the loss mask, the frozen base preserved bit for bit, and a toy task that SFT learns."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import perturbed_model
+
+from cognica_poe import CognicaPoEForCausalLM
+from cognica_poe.checkpoint import export_hf_folder
+from cognica_poe.specialist import load_stage_folder
+from cognica_poe.tokenizer_train import train_bpe
+from cognica_poe.train.loop import load_checkpoint
+from cognica_poe.train.sft import SFTConfig, normalize_conversation, sft, sft_batch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    with open(os.path.join(HERE, "..", "src", "cognica_poe", "data", "tinyshakespeare.txt"), encoding="utf-8") as f:
+        tok = train_bpe(iter(f.read()[:200_000].split("\n\n")), vocab_size=512)
+    model = perturbed_model(vocab_size=len(tok))
+    return export_hf_folder(model, tok, str(tmp_path_factory.mktemp("sft") / "base"), dtype="float32"), tok
+
+
+def toy_conversations(n: int) -> list[dict]:
+    """A toy task: the assistant repeats the colour the user names."""
+    colours = ["red", "green", "blue", "black", "white", "gold"]
+    out = []
+    for i in range(n):
+        c = colours[i % len(colours)]
+        fmt = i % 3
+        if fmt == 0:
+            out.append({"messages": [{"role": "user", "content": f"Say {c}."}, {"role": "assistant", "content": c}]})
+        elif fmt == 1:
+            out.append({"conversations": [{"from": "human", "value": f"Say {c}."}, {"from": "gpt", "value": c}]})
+        else:
+            out.append([{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Say {c}."},
+                        {"role": "assistant", "content": c}])
+    return out
+
+
+def test_formats_and_loss_mask(base):
+    _, tok = base
+    convs = [normalize_conversation(r) for r in toy_conversations(3)]
+    assert [m["role"] for m in convs[1]] == ["user", "assistant"]
+    idx, tgt = sft_batch(tok, convs, 256)
+    a_end = tok.convert_tokens_to_ids("<|assistant_end|>")
+    for row in range(3):
+        ids, mask = tok.render_conversation(convs[row])
+        n = len(ids) - 1
+        trained = [int(t) for t in tgt[row, :n] if t >= 0]
+        assert trained == [t for t, m in zip(ids[1:], mask[1:]) if m]  # exactly the assistant tokens
+        assert trained[-1] == a_end and torch.all(tgt[row, n:] == -1)
+        text = tok.decode(trained)
+        assert "Say" not in text and "Be brief" not in text
+    with pytest.raises(ValueError, match="unknown role"):
+        normalize_conversation({"messages": [{"role": "robot", "content": "x"}]})
+
+
+def test_sft_preserves_base_and_learns(base, tmp_path):
+    base_dir, tok = base
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(c) for c in toy_conversations(60)) + "\n")
+    cfg = SFTConfig(model=base_dir, data=str(data), out_dir=str(tmp_path / "run"), steps=40, batch_size=8,
+                    lr=3e-3, weight_decay=0.1, eval_every=10, save_every=10, seed=0)
+    summary = sft(cfg)
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    vals = [x["val_loss"] for x in lines if "val_loss" in x]
+    assert vals[-1] < vals[0] - 0.5  # the toy task is learned
+    # head_mode base: the base's logits, bit for bit, at every checkpoint (weight decay was on)
+    reference = CognicaPoEForCausalLM.from_pretrained(base_dir).eval()  # the base, re-read from disk
+    spec = load_stage_folder(summary["stage_dir"])
+    ids = torch.tensor([[tok.bos_token_id] + tok("ROMEO: what say you?")["input_ids"]])
+    with torch.no_grad():
+        want = reference.gpt(ids)
+        for step in (10, 20, 30, 40):
+            load_checkpoint(os.path.join(tmp_path, "run", "checkpoints", f"step_{step:06d}"), spec.gpt)
+            spec.config.head_mode = "base"
+            assert (spec.gpt(ids) - want).abs().max().item() == 0.0
+            spec.config.head_mode = "dual"
+            assert not torch.equal(spec.gpt(ids), want)  # the specialist itself did change
+    # resume continues to the same final weights as an uninterrupted run
+    cfg2 = SFTConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "run2"), "steps": 20})
+    sft(cfg2)
+    sft(SFTConfig(**{**cfg2.__dict__, "steps": 40, "resume": True}))
+    a = load_stage_folder(os.path.join(tmp_path, "run", "stage")).gpt.state_dict()
+    b = load_stage_folder(os.path.join(tmp_path, "run2", "stage")).gpt.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
