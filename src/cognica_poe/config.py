@@ -194,6 +194,9 @@ PRESETS: dict[str, dict] = {
     # CPU sizes for tests and demos
     "tiny": dict(n_layer=4, n_embd=64, n_head=4, n_kv_head=2, sequence_len=256, vocab_size=512,
                  window_pattern="SSSL", poe_every=1),
+    # the default training run (`cognica-poe train` / `demo`): 4 one-layer stages, minutes on 2 CPU cores
+    "demo": dict(n_layer=4, n_embd=128, n_head=4, n_kv_head=4, sequence_len=256, vocab_size=2048,
+                 window_pattern="SSSL", poe_every=1),
     "small": dict(n_layer=8, n_embd=256, n_head=4, n_kv_head=4, sequence_len=256, vocab_size=4096,
                   window_pattern="SSSL", poe_every=2),
     # nanochat depths

@@ -47,12 +47,6 @@ from ..model import GPT
 from .data import Corpus, PackedLoader, iter_tokenizer_texts, token_stream
 from .optim import MuonAdamW
 
-# a CPU demo size: 4 layers, 4 one-layer stages, trains in minutes on 2 cores
-TRAIN_PRESETS: dict[str, dict] = {
-    "demo": dict(n_layer=4, n_embd=128, n_head=4, n_kv_head=4, sequence_len=256, vocab_size=2048,
-                 window_pattern="SSSL", poe_every=1),
-}
-
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or inf; the run stopped before touching the optimizer or any checkpoint."""
@@ -147,7 +141,7 @@ def backward_step(gpt: GPT, idx: torch.Tensor, targets: torch.Tensor, mode: str,
 class TrainConfig:
     """Everything a run needs; saved in every checkpoint. None model fields come from the preset."""
     # model
-    preset: str = "demo"  # a TRAIN_PRESETS or config.PRESETS name
+    preset: str = "demo"  # a config.PRESETS name
     n_layer: int | None = None
     n_embd: int | None = None
     n_head: int | None = None
@@ -198,9 +192,9 @@ class TrainConfig:
     fsdp: bool = False
 
     def model_overrides(self) -> dict:
-        base = dict(TRAIN_PRESETS.get(self.preset) or PRESETS.get(self.preset) or {})
-        if not base:
-            raise ValueError(f"unknown preset {self.preset!r}; known: {', '.join([*TRAIN_PRESETS, *PRESETS])}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; known presets: {', '.join(PRESETS)}")
+        base = dict(PRESETS[self.preset])
         for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "sequence_len", "window_pattern", "poe_every",
                      "vocab_size"):
             if getattr(self, name) is not None:
