@@ -22,7 +22,6 @@ from cognica_poe.train.loop import (
     joint_stage_losses,
     load_checkpoint,
     poe_loss_scale,
-    stage_ranges,
     train,
 )
 from cognica_poe.train.optim import lr_multiplier, muon_momentum, muon_weight_decay
@@ -169,7 +168,7 @@ class _Holder:
 def test_stagewise_frees_each_stage_before_the_next():
     gpt = random_gpt(1)
     x, y = batch(B=2)
-    firsts = {first: k for k, (first, _) in enumerate(stage_ranges(gpt.config))}
+    firsts = {layers[0]: k for k, layers in enumerate(gpt.config.stage_layers())}
     book = LiveSaved()
     at_stage_start, peak_in_stage = {}, {}
     run_layer = gpt.run_layer

@@ -127,8 +127,7 @@ class CognicaKVCache(Cache):
         self.hidden_layers = set(config.poe_stage_boundary_layers[:-1]) | {config.backout_layer}
         self.hidden: dict[int, torch.Tensor] = {}
         self.n_embd = config.n_embd
-        self.stage_layers = [range(a + 1, b + 1) for a, b in
-                             zip([-1] + config.poe_stage_boundary_layers[:-1], config.poe_stage_boundary_layers)]
+        self.stage_layers = config.stage_layers()
 
     # -----------------------------------------------------------------------------
     # slot bookkeeping, shared by all layers

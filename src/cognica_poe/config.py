@@ -176,6 +176,11 @@ class CognicaPoEConfig(PretrainedConfig):
         n = self.trunk_n_layer
         return [k - 1 for k in range(self.poe_every, n, self.poe_every)] + [n - 1] + (self.specialist_ends or [])
 
+    def stage_layers(self) -> list[range]:
+        """The layers of every stage, in order (stage k ends at poe_stage_boundary_layers[k])."""
+        bounds = self.poe_stage_boundary_layers
+        return [range(a + 1, b + 1) for a, b in zip([-1] + bounds[:-1], bounds)]
+
     @property
     def poe_n_stages(self) -> int:
         return len(self.poe_stage_boundary_layers)

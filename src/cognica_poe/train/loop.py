@@ -55,12 +55,6 @@ class NonFiniteLossError(RuntimeError):
 # -----------------------------------------------------------------------------
 # PoE losses
 
-def stage_ranges(config: CognicaPoEConfig) -> list[tuple[int, int]]:
-    """(first layer, last layer) of every stage."""
-    bounds = config.poe_stage_boundary_layers
-    return [(0 if k == 0 else bounds[k - 1] + 1, b) for k, b in enumerate(bounds)]
-
-
 def poe_loss_scale(n_stages: int, alpha: float) -> float:
     """Total = sum_k loss_k / K^(1 - alpha): alpha 0 -> mean, 1 -> sum."""
     return 1.0 / n_stages ** (1.0 - alpha)
@@ -84,10 +78,11 @@ def joint_stage_losses(gpt: GPT, idx: torch.Tensor, targets: torch.Tensor, detac
     """
     x0, step = gpt.prepare(idx)
     x, x_backout, losses = x0, None, []
-    for k, (first, last) in enumerate(stage_ranges(gpt.config)):
+    for k, layers in enumerate(gpt.config.stage_layers()):
+        last = layers[-1]
         if detach and k > 0:
             x = x.detach()
-        for i in range(first, last + 1):
+        for i in layers:
             x = gpt.run_layer(i, x, x0, idx, step)
             if i == gpt.config.backout_layer:
                 x_backout = x.detach() if detach else x
@@ -104,8 +99,9 @@ def flat_stagewise_backward(gpt: GPT, idx: torch.Tensor, targets: torch.Tensor, 
     x0, step = gpt.prepare(idx)  # (B, T, C), graph through wte and smear kept
     x0_leaf = x0.detach().requires_grad_()
     x, x_backout, losses = x0_leaf, None, []
-    for first, last in stage_ranges(gpt.config):
-        for i in range(first, last + 1):
+    for layers in gpt.config.stage_layers():
+        last = layers[-1]
+        for i in layers:
             x = gpt.run_layer(i, x, x0_leaf, idx, step)
             if i == gpt.config.backout_layer:
                 x_backout = x.detach()
