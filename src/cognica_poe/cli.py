@@ -23,7 +23,15 @@ import json
 import sys
 
 from .config import PRESETS
-from .train.loop import add_tokenizer_train_args, add_train_args, cmd_tokenizer_train, cmd_train
+from .train.loop import (
+    add_dataclass_args,
+    add_tokenizer_train_args,
+    add_train_args,
+    cmd_tokenizer_train,
+    cmd_train,
+    dataclass_from_args,
+)
+from .train.sft import SFTConfig
 
 
 def _human_bytes(n: int) -> str:
@@ -165,11 +173,7 @@ def cmd_stage_new(args: argparse.Namespace) -> None:
 def cmd_sft(args: argparse.Namespace) -> None:
     from .train.sft import SFTConfig, sft
 
-    cfg = SFTConfig(model=args.model, data=args.data, out_dir=args.out_dir, new_layers=args.new_layers,
-                    steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                    val_fraction=args.val_fraction, eval_every=args.eval_every, save_every=args.save_every,
-                    seed=args.seed, resume=args.resume)
-    print(json.dumps(sft(cfg)))
+    print(json.dumps(sft(dataclass_from_args(SFTConfig, args))))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -351,20 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_stage_new)
 
-    p = sub.add_parser("sft", help="dual-head SFT of a specialist stage on conversations (the base stays frozen)")
-    p.add_argument("model", help="a base HF folder (a new specialist is appended) or a stage folder")
-    p.add_argument("data", help="conversations: JSONL of {messages: [...]} or ShareGPT {conversations: [...]}")
-    p.add_argument("--out-dir", default="runs/sft")
-    p.add_argument("--new-layers", type=int, default=2, help="layers to append when MODEL is a base")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR's last checkpoint")
+    p = sub.add_parser("sft", help="dual-head SFT of a specialist stage on conversations (the base stays frozen); "
+                       "MODEL is a base folder (new layers are appended) or a stage folder, DATA a JSONL of "
+                       "{messages: [...]} or ShareGPT {conversations: [...]}")
+    add_dataclass_args(p, SFTConfig)
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal (replies stream)")

@@ -500,20 +500,32 @@ def export_hf(gpt: GPT, tokenizer, out_dir: str, dtype: str = "bfloat16") -> str
 # -----------------------------------------------------------------------------
 # CLI: `cognica-poe train` and `cognica-poe tokenizer train`
 
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, choices: dict | None = None) -> None:
+    """One argument per field of a config dataclass: fields without a default are positional, the others
+    flags (--num-steps, ...; booleans as --x/--no-x) with the dataclass's defaults."""
+    for f in dataclasses.fields(cls):
+        kinds = [t for t in (typing.get_args(f.type) or (f.type,)) if t is not type(None)]  # int | None -> int
+        if f.default is dataclasses.MISSING:
+            parser.add_argument(f.name, type=kinds[0])
+        elif kinds[0] is bool:
+            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                                default=f.default)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=kinds[0], default=f.default,
+                                choices=(choices or {}).get(f.name))
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (--num-steps, --poe-mode, --resume, ...), defaults from TrainConfig."""
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kinds = [t for t in (typing.get_args(f.type) or (f.type,)) if t is not type(None)]  # int | None -> int
-        if kinds[0] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            choices = ("flat", "hier", "none") if f.name == "poe_mode" else None
-            parser.add_argument(flag, type=kinds[0], default=f.default, choices=choices)
+    add_dataclass_args(parser, TrainConfig, choices={"poe_mode": ("flat", "hier", "none")})
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    cfg = dataclass_from_args(TrainConfig, args)
     summary = train(cfg)
     if summary["rank"] == 0:
         print(json.dumps({k: summary[k] for k in ("step", "poe_mode", "stage_bpb", "final_losses", "train_time_s",
