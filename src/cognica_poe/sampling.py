@@ -167,9 +167,7 @@ def begin_decoding(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     """
     input_ids, attention_mask = check_request(model, input_ids, attention_mask, max_new_tokens, max_length)
     B, T = input_ids.shape
-    p = model.gpt.lm_head.weight
-    cache = CognicaKVCache(model.config, B, cache_len or T + max_new_tokens, dtype=p.dtype, device=p.device,
-                           keep_hidden=keep_hidden)
+    cache = model.new_cache(B, cache_len or T + max_new_tokens, keep_hidden=keep_hidden)
     if stop_tokens is None:
         eos = model.config.eos_token_id
         stop_tokens = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
