@@ -21,28 +21,18 @@ JSON object with every figure and the machine.
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 import torch
-from machine import machine  # bench/machine.py (scripts run from any folder)
+
+from cognica_poe.eval.report import machine, median_time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "..", "shared")
 D8 = os.path.join(SHARED, "models", "poe-d8-classics")
-
-
-def median_time(fn, runs: int = 3) -> float:
-    fn()  # warm-up (allocations, kernel selection)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # -----------------------------------------------------------------------------
@@ -68,99 +58,18 @@ def heldout_docs() -> list[str]:
 
 
 def trained_part(dtype: str, new_tokens: int, runs: int) -> dict:
-    from cognica_poe.speculative import run_speculative
-    from cognica_poe.wand import calibrate_wand_bounds, run_wand
+    """Every mode on the trained model: the capability report's speed measurements, with WAND bounds calibrated
+    on the first half of the held-out documents and prompts from the second half."""
+    from cognica_poe.eval.report import doc_stream, measure_modes
+    from cognica_poe.wand import calibrate_wand_bounds
 
     model, tok = load_trained(dtype)
     docs = heldout_docs()
-    calib = []
-    for d in docs[: len(docs) // 2]:
-        calib += [tok.bos_token_id] + tok.encoding.encode_ordinary(d)
-    bounds = calibrate_wand_bounds(model, torch.tensor(calib[:40_000]), seq_len=256)
+    bounds = calibrate_wand_bounds(model, doc_stream(docs[: len(docs) // 2], tok, 40_000), seq_len=256)
     prompts = [[tok.bos_token_id] + tok.encoding.encode_ordinary(d)[:24] for d in docs[len(docs) // 2:][:4]]
-    last = model.poe_n_stages - 1
-    kw = dict(max_new_tokens=new_tokens, stop_tokens=[])
-
-    def over_prompts(fn):
-        return lambda: [fn(torch.tensor([p])) for p in prompts]
-
-    n_tokens = new_tokens * len(prompts)
-    t_full = median_time(over_prompts(lambda ids: model.generate_stage(ids, stage=last, **kw)), runs)
-    # the prompts' prefill (one cached forward each), to compare decode time alone with the cost model
-    t_prefill = median_time(over_prompts(lambda ids: model.gpt(ids, kv_cache=model.new_cache(1, ids.size(1)),
-                                                               logits_to_keep=1)), runs)
-    res = {"model": "poe-d8-classics (8 layers, 256 wide, 4 exits)", "dtype": dtype,
-           "tokens_per_run": n_tokens, "prompts": len(prompts), "runs": runs,
-           "full_tok_s": n_tokens / t_full, "calibrated_p99_bounds": bounds}
-    for s in range(last):
-        t = median_time(over_prompts(lambda ids, s=s: model.generate_stage(ids, stage=s, **kw)), runs)
-        res[f"stage{s}_tok_s"] = n_tokens / t
-        res[f"stage{s}_speedup"] = t_full / t
-    t = median_time(over_prompts(lambda ids: model.generate_parallel_composition(ids, stages=list(range(last + 1)),
-                                                                                  **kw)), runs)
-    res["compose_all_tok_s"] = n_tokens / t
-
-    # full-model greedy continuations, to score agreement
-    def agreement(seqs):
-        hits = total = 0
-        for seq in seqs:
-            with torch.no_grad():
-                ref = model.gpt(seq)[0].argmax(-1)
-            T = seq.size(1) - new_tokens
-            hits += int((seq[0, T:] == ref[T - 1:-1]).sum())
-            total += new_tokens
-        return hits / total
-
-    res["wand"] = []
-    for safety in (0.1, 0.25, 0.5, 1.0, 2.0):
-        outs = []
-
-        def run(safety=safety, outs=outs):
-            outs.clear()
-            for p in prompts:
-                r = run_wand(model, torch.tensor([p]), safety=safety, p99_bounds=bounds, **kw)
-                outs.append(r)
-
-        t = median_time(run, runs)
-        hist = torch.bincount(torch.cat([r.stages_used[0] for r in outs]), minlength=last + 1).tolist()
-        res["wand"].append({"safety": safety, "tok_s": n_tokens / t, "speedup": t_full / t,
-                            "top1_agreement": agreement([r.sequences for r in outs]), "exit_histogram": hist})
-
-    # speculative: the run reports its wall time per phase, so c and v are measured in the same runs
-    res["speculative"] = []
-    step_time = (t_full - t_prefill) / n_tokens  # one full-depth decode step, prefill excluded
-    for draft_stage in (0, 1):
-        for k in (1, 2, 3, 4, 5, 6):
-            stats = []
-
-            def run(k=k, draft_stage=draft_stage, stats=stats):
-                stats.clear()
-                for p in prompts:
-                    stats.append(run_speculative(model, torch.tensor([p]), draft_stage=draft_stage, k_draft=k, **kw))
-
-            t = median_time(run, runs)
-            accepted = sum(r.accepted for r in stats)
-            drafted = sum(r.drafted for r in stats)
-            iters = sum(r.iterations for r in stats)
-            a = accepted / drafted
-            tokens_per_iter = 1 + accepted / iters
-            c = sum(r.seconds["draft"] for r in stats) / (k * iters) / step_time  # one draft token, head included
-            v = sum(r.seconds["verify"] for r in stats) / iters / step_time  # last draft's shallow pass + deep k+1
-            overhead = sum(r.seconds["accept"] for r in stats) / iters / step_time
-            # the issue's form (1 - a^(K+1)) / ((1 - a)(K c + v)) with a the per-token acceptance probability:
-            # the measured tokens per iteration, (1 - a^(K+1)) / (1 - a), fixes a
-            ideal = tokens_per_iter / (k * c + v)
-            measured = t_full / t
-            spec_prefill = sum(r.seconds["prefill"] for r in stats)
-            decode_measured = (t_full - t_prefill) / (t - spec_prefill)  # what the cost model describes
-            lossless = all(torch.equal(r.sequences, model.generate_stage(r.sequences[:, :len(p)], stage=last, **kw))
-                           for r, p in zip(stats, prompts))
-            res["speculative"].append({
-                "draft_stage": draft_stage, "k": k, "acceptance": a, "tokens_per_iteration": tokens_per_iter,
-                "c": c, "v": v, "bookkeeping_per_iteration": overhead, "speedup": measured,
-                "decode_speedup": decode_measured, "cost_model_speedup": ideal,
-                "ratio_to_cost_model": decode_measured / ideal, "lossless": lossless,
-                "tok_s": n_tokens / t})
+    res = {"model": "poe-d8-classics (8 layers, 256 wide, 4 exits)", "dtype": dtype, "calibrated_p99_bounds": bounds}
+    res.update(measure_modes(model, prompts, bounds, new_tokens, runs, safeties=(0.1, 0.25, 0.5, 1.0, 2.0),
+                             ks=(1, 2, 3, 4, 5, 6), draft_stages=(0, 1)))
     return res
 
 

@@ -24,7 +24,8 @@ import sys
 import time
 
 import torch
-from machine import machine  # bench/machine.py (scripts run from any folder)
+
+from cognica_poe.eval.report import machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

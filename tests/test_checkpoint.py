@@ -238,9 +238,14 @@ def test_cli_info_and_errors(capsys, tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    """The README's first command, shortened: train a few steps, export, reload, every mode prints a sample."""
-    assert cli_main(["demo", "--out", str(tmp_path / "demo"), "--steps", "4", "--new-tokens", "6", "--quiet"]) == 0
+    """The README's first command, shortened: train a few steps, export, reload, report, every mode's sample."""
+    assert cli_main(["demo", "--out", str(tmp_path / "demo"), "--steps", "4", "--sample-tokens", "6", "--quiet",
+                     "--runs", "1", "--new-tokens", "4", "--n-prompts", "2", "--eval-tokens", "2000"]) == 0
     out = capsys.readouterr().out
     assert "loaded it back with AutoModelForCausalLM" in out and "validation bits per byte by stage exit" in out
+    assert "| Capability | This checkpoint | Measured how |" in out and "| Mode | tokens/s | vs full depth |" in out
+    report = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
+    assert report["model"]["n_stages"] == 4 and len(report["speculative"]) == 6
+    assert (tmp_path / "demo" / "report" / "report_speed.png").exists()
     for name in ("stage 0 (prefix pruning)", "stage 3 (prefix pruning)", "WAND", "speculative", "Log-OP"):
         assert f"--- {name}" in out

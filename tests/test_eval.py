@@ -144,6 +144,16 @@ def test_composition_bpb_by_hand_and_cli(d8_model, tmp_path, capsys):
     keep = tb[y] > 0
     want = float(-logp[torch.arange(64), y][keep].sum()) / (math.log(2) * int(tb[y].sum()))
     assert r["compositions"]["0+3"] == pytest.approx(want, rel=1e-5)
+    # the same pass's agreement, accuracy and margins, by hand
+    lp = [F.log_softmax(e[0].double(), -1)[keep] for e in exits]
+    top1 = [p.argmax(-1) for p in lp]
+    assert r["agreement"][0][3] == pytest.approx(float((top1[0] == top1[3]).double().mean()), abs=1e-9)
+    assert r["agreement"][2][2] == 1.0 and r["counted_tokens"] == int(keep.sum())
+    assert r["top1_accuracy"]["stages"][3] == pytest.approx(float((top1[3] == y[keep]).double().mean()), abs=1e-9)
+    top2 = lp[3].topk(2, dim=-1).values
+    assert r["margin"]["stages"][3] == pytest.approx(float((top2[:, 0] - top2[:, 1]).mean()), rel=1e-4)
+    both = logp[keep].topk(2, dim=-1).values
+    assert r["margin"]["compositions"]["0+3"] == pytest.approx(float((both[:, 0] - both[:, 1]).mean()), rel=1e-4)
     with pytest.raises(ValueError, match="exit indices"):
         evaluate_bpb(model.gpt, stream, tb, seq_len=64, compositions=[[0, 7]])
     folder = export_hf_folder(model, tok, str(tmp_path / "m"), dtype="float32")
@@ -152,3 +162,58 @@ def test_composition_bpb_by_hand_and_cli(d8_model, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert len(out["stages"]) == 4 and set(out["compositions"]) == {"0+3", "0+1+2+3"}
     assert all(1.0 < b < 5.0 for b in out["stages"])
+
+
+def test_report_has_every_field_in_range(d8_model, tmp_path, capsys):
+    """`cognica-poe report` on the trained reference model, shortened; the model is also its own baseline (gap 0)."""
+    from cognica_poe.checkpoint import export_hf_folder
+    from cognica_poe.cli import main as cli_main
+
+    model, tok = d8_model
+    folder = export_hf_folder(model, tok, str(tmp_path / "m"), dtype="float32")
+    out = tmp_path / "rep"
+    assert cli_main(["report", folder, "--out", str(out), "--runs", "1", "--new-tokens", "5", "--n-prompts", "2",
+                     "--eval-tokens", "3000", "--draft-stages", "0", "1", "--baseline", folder]) == 0
+    printed = capsys.readouterr().out
+    assert "| Capability | This checkpoint | Measured how |" in printed and "WAND adaptive depth" in printed
+    r = json.loads((out / "report.json").read_text())
+    assert sorted(os.listdir(out)) == ["report.json", "report.md", "report_quality.png", "report_speed.png"]
+    assert (out / "report_quality.png").stat().st_size > 10_000
+    n = 4
+    assert r["model"]["n_stages"] == n and r["model"]["stage_boundary_layers"] == [1, 3, 5, 7]
+    assert r["machine"]["cpu"] and r["heldout"]["tokens"] == 3000
+    assert len(r["stage_bpb"]) == n and all(0.5 < b < 8 for b in r["stage_bpb"])
+    assert r["stage_bpb"][3] < r["stage_bpb"][0]  # deeper is better on a trained model
+    assert set(r["composition_bpb"]) == {"0+1+2+3", "2+3"} and set(r["margins"]["compositions"]) == {"0+1+2+3", "2+3"}
+    m = r["agreement_matrix"]
+    assert all(m[i][i] == 1.0 and all(0 <= m[i][j] <= 1 and m[i][j] == m[j][i] for j in range(n)) for i in range(n))
+    assert r["agreement_with_final"] == [row[3] for row in m] and r["agreement_with_final"][3] == 1.0
+    assert all(0 <= a <= 1 for a in r["top1_accuracy"]["stages"]) and all(x > 0 for x in r["margins"]["stages"])
+    # composing all exits multiplies distributions that mostly agree: a wider margin than the final exit's
+    assert r["margins"]["compositions"]["0+1+2+3"] > r["margins"]["stages"][3]
+    w = r["wand"]
+    assert len(w["p99_bounds"]) == 3 and w["bounds_source"].startswith("calibrated")
+    assert [x["safety"] for x in w["safeties"]] == [0.25, 0.5, 1.0, 2.0]
+    for x in w["safeties"]:
+        assert sum(x["exit_histogram"]) == 10 and 0 <= x["top1_agreement"] <= 1 and x["speedup"] > 0
+        assert 0 < x["layer_fraction"] <= 1
+    spec = r["speculative"]
+    assert [(x["draft_stage"], x["k"]) for x in spec] == [(d, k) for d in (0, 1) for k in range(1, 7)]
+    assert all(x["lossless"] and 0 <= x["acceptance"] <= 1 and x["cost_model_speedup"] > 0 for x in spec)
+    assert all(1 <= x["tokens_per_iteration"] <= x["k"] + 1 for x in spec)
+    sp = r["speed"]
+    assert sp["tokens_per_run"] == 10 and len(sp["stage_speedup"]) == n and sp["stage_speedup"][3] == 1.0
+    assert all(t > 0 for t in sp["stage_tok_s"]) and sp["compose_all_tok_s"] > 0
+    b = r["baseline"]  # the same model, the same documents and windows: exactly its final exit
+    assert b["bpb"] == pytest.approx(r["stage_bpb"][3], rel=1e-9) and abs(b["gap"]) < 1e-9
+    assert "PoE vs backprop baseline" in r["capability_table"]
+
+
+def test_report_rejects_a_single_exit_model(tmp_path):
+    from cognica_poe.eval.report import ReportSettings, build_report
+    from tests.conftest import perturbed_model
+
+    with pytest.raises(ValueError, match="single exit"):
+        build_report(perturbed_model(poe_mode="none", poe_every=4), None)
+    with pytest.raises(ValueError, match="draft stages"):
+        build_report(perturbed_model(), None, settings=ReportSettings(draft_stages=(3,)))

@@ -20,6 +20,7 @@ Errors from bad input are printed as one clear line and exit with status 2; noth
 
 import argparse
 import json
+import os
 import sys
 
 from .config import PRESETS
@@ -253,16 +254,57 @@ def cmd_eval_core(args: argparse.Namespace) -> None:
     print(f"{'CORE':<32}" + "".join(f"{c:>10.4f}" for c in r["core"]))
 
 
+def report_settings(args: argparse.Namespace):
+    from .eval.report import ReportSettings
+
+    return ReportSettings(eval_tokens=args.eval_tokens, new_tokens=args.new_tokens, runs=args.runs,
+                          n_prompts=args.n_prompts, draft_stages=tuple(args.draft_stages))
+
+
+def print_report(r: dict, files: dict[str, str]) -> None:
+    from .eval.report import speed_table
+
+    print(f"\n{r['capability_table']}\n\n{speed_table(r)}\n")
+    print(f"machine: {r['machine']['cpu']}, {r['machine']['threads']} threads; wrote " + ", ".join(files.values()))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .checkpoint import load_model
+    from .eval.report import build_report, write_report
+    from .tokenizer import CognicaPoETokenizer
+
+    model = load_model(args.model, dtype=args.dtype)
+    tok = CognicaPoETokenizer.from_pretrained(args.model)
+    prompts = None
+    if args.prompts:
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+    baseline = base_tok = None
+    if args.baseline:
+        baseline = load_model(args.baseline, dtype=args.dtype)
+        base_tok = CognicaPoETokenizer.from_pretrained(args.baseline)
+    r = build_report(model, tok, args.data, prompts, baseline, base_tok, report_settings(args),
+                     name=os.path.basename(os.path.normpath(args.model)),
+                     progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    files = write_report(r, args.out or os.path.join(args.model, "report"), plots=not args.no_plots)
+    if args.json:
+        print(json.dumps(r))
+        return
+    print_report(r, files)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Train the tiny default PoE model on the bundled corpus, load it back through transformers, show every mode."""
-    import os
+    """
+    Train the tiny default PoE model on the bundled corpus, load it back through transformers, measure its
+    capability report, show every mode.
+    """
     import tempfile
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .train import Corpus, TrainConfig, token_stream, train
-    from .wand import calibrate_wand_bounds
+    from .eval.report import build_report, write_report
+    from .train import TrainConfig, train
 
     out = args.out or tempfile.mkdtemp(prefix="cognica-poe-demo-")
     print(f"training the default PoE model (4 stages of 1 layer) on bundled Tiny Shakespeare for {args.steps} "
@@ -277,15 +319,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"exported {folder} ({', '.join(sorted(os.listdir(folder)))}) and loaded it back with "
           f"AutoModelForCausalLM: {model.num_parameters():,} parameters, {model.poe_n_stages} stages ending at "
           f"layers {model.poe_stage_boundary_layers}")
+    print("capability report (held-out Tiny Shakespeare):", flush=True)
+    report = build_report(model, tok, None, settings=report_settings(args), name="cognica-poe demo",
+                          progress=lambda msg: print(f"  {msg}", flush=True))
+    print_report(report, write_report(report, os.path.join(out, "report")))
     ids = torch.tensor([[tok.bos_token_id] + tok("ROMEO:\n")["input_ids"]])
-    n = args.new_tokens
+    n = args.sample_tokens
     samples = {f"stage {s} (prefix pruning)": model.generate_stage(ids, stage=s, max_new_tokens=n, stop_tokens=[])
                for s in range(model.poe_n_stages)}
     samples["full depth, transformers generate()"] = model.generate(ids, max_new_tokens=n, min_new_tokens=n,
                                                                     do_sample=False)
-    # WAND bounds for this checkpoint, calibrated on held-out text (what `cognica-poe calibrate` does)
-    held_out = token_stream(Corpus(None), tok, "val", max_tokens=16_384)
-    bounds = calibrate_wand_bounds(model, held_out, seq_len=model.config.sequence_len)
+    bounds = report["wand"]["p99_bounds"]  # calibrated by the report on held-out text
     out_w, used = model.generate_wand(ids, max_new_tokens=n, safety=1.0, p99_bounds=bounds, return_stages_used=True,
                                       stop_tokens=[])
     samples[f"WAND, safety 1, calibrated bounds {bounds} (exit stages {used[0].tolist()})"] = out_w
@@ -299,6 +343,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
         stop_tokens=[])
     for name, seq in samples.items():
         print(f"--- {name}\n{tok.decode(seq[0, ids.size(1):])!r}")
+
+
+def add_report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", type=int, default=3, help="timed runs per speed figure (the median is reported)")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt in the speed runs")
+    p.add_argument("--n-prompts", type=int, default=4)
+    p.add_argument("--eval-tokens", type=int, default=65_536, help="held-out tokens for the quality pass")
+    p.add_argument("--draft-stages", type=int, nargs="+", default=[0], help="speculative drafter exits")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -403,10 +455,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train the tiny default on the bundled corpus and show every mode")
     p.add_argument("--out", default=None, help="the run folder (default: a temp folder)")
     p.add_argument("--steps", type=int, default=300, help="training steps (about a second each on 2 CPU cores)")
-    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--sample-tokens", type=int, default=48, help="tokens of each mode's sample")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_report_args(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="the capability report of a checkpoint: per-stage quality, every mode's "
+                                      "speed, report.json + PNG plots")
+    p.add_argument("model", help="an HF folder (our export or a converted checkpoint)")
+    p.add_argument("--data", default=None, help="held-out text source: its validation split is used (a .txt, "
+                                                "a .jsonl / .parquet with a `text` field, a folder; default: the "
+                                                "bundled corpus)")
+    p.add_argument("--prompts", default=None, help="prompt file, one prompt per line (\\n for newlines); "
+                                                   "default: the starts of held-out documents")
+    p.add_argument("--baseline", default=None, help="a backprop model folder: adds the PoE-vs-BP BPB gap")
+    p.add_argument("--out", default=None, help="output folder (default: MODEL/report)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--json", action="store_true", help="print report.json to stdout")
+    add_report_args(p)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("train", help="train a PoE model from scratch (torchrun for several processes)")
     add_train_args(p)

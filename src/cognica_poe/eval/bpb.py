@@ -9,7 +9,6 @@ sum of the byte lengths of all targets. Special tokens have byte length 0, so th
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..model import GPT
 
@@ -31,7 +30,10 @@ def evaluate_bpb(gpt: GPT, stream: torch.Tensor, token_bytes: torch.Tensor, seq_
     """
     BPB of each exit (default: every stage boundary) and of Log-OP compositions of exits (lists of indices into
     the exits, equal weights; the product is renormalised), over fresh-context windows of `stream`, one pass
-    per batch. Returns {"stages": [...], "compositions": {"0+3": ...}}.
+    per batch. Returns {"stages": [...], "compositions": {"0+3": ...}} and, from the same pass and the same
+    counted targets: "agreement" (exits x exits: how often two exits' top-1 tokens agree), "top1_accuracy"
+    (per exit, then per composition) and "margin" (mean top-1 minus top-2 log-probability, per exit and per
+    composition: how much sharper a product of exits is than one exit).
     """
     from ..compose import log_op
 
@@ -46,22 +48,41 @@ def evaluate_bpb(gpt: GPT, stream: torch.Tensor, token_bytes: torch.Tensor, seq_
     pairs = windows(stream, seq_len)
     if not pairs:
         raise ValueError(f"the stream ({len(stream)} tokens) is shorter than one window of {seq_len + 1} tokens")
-    nats = torch.zeros(len(boundaries) + len(compositions), dtype=torch.float64, device=device)
-    total_bytes = 0
+    n_exits, n_scores = len(boundaries), len(boundaries) + len(compositions)
+    nats = torch.zeros(n_scores, dtype=torch.float64, device=device)
+    margin = torch.zeros(n_scores, dtype=torch.float64, device=device)
+    correct = torch.zeros(n_scores, dtype=torch.float64, device=device)
+    agree = torch.zeros(n_exits, n_exits, dtype=torch.float64, device=device)
+    total_bytes = n_counted = 0
     for i in range(0, len(pairs), batch_size):
         x = torch.stack([p[0] for p in pairs[i:i + batch_size]]).to(device)
         y = torch.stack([p[1] for p in pairs[i:i + batch_size]]).to(device)
         nb = token_bytes[y]  # (B, T)
         counted = (nb > 0).reshape(-1)
         total_bytes += int(nb.sum())
+        n_counted += int(counted.sum())
         exits = gpt.forward_all_stages(x, boundaries)
         scores = list(exits) + [log_op([exits[k] for k in combo], [1.0] * len(combo)) for combo in compositions]
+        top1 = []
         for k, logits in enumerate(scores):
-            ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-            nats[k] += (ce * counted).sum().double()
+            logp = torch.log_softmax(logits.float().reshape(-1, logits.size(-1)), dim=-1)  # (B*T, V)
+            nats[k] -= (logp.gather(1, y.reshape(-1, 1))[:, 0] * counted).sum().double()
+            top = logp.topk(2, dim=-1)
+            margin[k] += ((top.values[:, 0] - top.values[:, 1]) * counted).sum().double()
+            correct[k] += ((top.indices[:, 0] == y.reshape(-1)) & counted).sum().double()
+            top1.append(top.indices[:, 0])
+        for i in range(n_exits):
+            for j in range(n_exits):
+                agree[i, j] += ((top1[i] == top1[j]) & counted).sum().double()
     bpb = [float(n) / (math.log(2) * total_bytes) for n in nats]
-    return {"stages": bpb[:len(boundaries)],
-            "compositions": {"+".join(map(str, c)): b for c, b in zip(compositions, bpb[len(boundaries):])}}
+    n = max(n_counted, 1)
+
+    def split(values: list[float]) -> dict:
+        return {"stages": values[:n_exits],
+                "compositions": {"+".join(map(str, c)): v for c, v in zip(compositions, values[n_exits:])}}
+
+    return {**split(bpb), "agreement": (agree / n).tolist(), "top1_accuracy": split((correct / n).tolist()),
+            "margin": split((margin / n).tolist()), "counted_tokens": n_counted}
 
 
 def stage_bpb(gpt: GPT, stream: torch.Tensor, token_bytes: torch.Tensor, seq_len: int | None = None,

@@ -1,0 +1,452 @@
+"""
+The capability report: what each PoE mode buys on THIS checkpoint, measured, with one command.
+
+The model card's headline table was measured by hand on one checkpoint. `build_report` measures the same rows
+for any checkpoint, on held-out text (the validation split of a corpus) and a prompt set:
+
+  quality (one pass over the held-out text, every exit at once): per-stage BPB, Log-OP composition BPB, the
+      agreement matrix (how often two exits pick the same top-1 token), top-1 accuracy, and the mean top-1
+      margin of each exit and composition (how much sharper a product of exits is);
+  speed (greedy decode of the prompt set, every figure a same-process ratio to full-depth cached greedy,
+      median of `runs` timed runs after a warm-up, token counts stated): stage prefix pruning, Log-OP of all
+      stages, WAND at several safeties (exit histogram, speedup, top-1 agreement of its tokens with the full
+      model's argmax at the same prefix), self-speculative decoding for K = 1..6 (acceptance, speedup, the
+      cost model's ideal, losslessness checked against plain greedy);
+  with a backprop baseline, the PoE-vs-BP BPB gap on the same documents.
+
+Where the card used an 8-prompt factual probe for prefix pruning, the report uses agreement with the final exit
+and per-stage BPB, and says so. `write_report` saves report.json, report.md (the capability table) and PNG
+plots. WAND needs p99 bounds: the config's calibrated ones, else bounds calibrated here on the first half of the
+held-out documents (then prompts and speed runs use the second half).
+"""
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+@dataclass
+class ReportSettings:
+    eval_tokens: int = 65_536  # held-out tokens for the quality pass
+    calib_tokens: int = 32_768  # tokens for WAND calibration when the config has no bounds
+    seq_len: int | None = None  # window of the quality pass (default: the model's sequence_len)
+    batch_size: int = 8
+    n_prompts: int = 4
+    prompt_tokens: int = 24
+    new_tokens: int = 32
+    runs: int = 3  # timed runs per measurement (median), after one warm-up run
+    safeties: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    ks: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+    draft_stages: tuple[int, ...] = (0,)
+    compositions: list[list[int]] | None = None  # default: all stages, and the last two
+    extra: dict = field(default_factory=dict)  # free-form notes stored with the settings
+
+
+def machine() -> dict:
+    """The CPU/GPU, threads and versions a measurement ran on."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "gpu": gpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "cuda": torch.cuda.is_available()}
+
+
+def median_time(fn: Callable[[], object], runs: int = 3) -> float:
+    """Median wall time of `runs` calls of fn, after one untimed warm-up call (allocations, kernel choice)."""
+    fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def doc_stream(docs: list[str], tokenizer, max_tokens: int | None = None) -> torch.Tensor:
+    """[BOS] + tokens of each document, concatenated (1-D int64), capped at max_tokens."""
+    out: list[int] = []
+    for d in docs:
+        out += [tokenizer.bos_token_id] + tokenizer.encoding.encode_ordinary(d)
+        if max_tokens is not None and len(out) >= max_tokens:
+            return torch.tensor(out[:max_tokens], dtype=torch.long)
+    return torch.tensor(out, dtype=torch.long)
+
+
+# -----------------------------------------------------------------------------
+# speed: every mode against full-depth cached greedy, in one process
+
+
+def greedy_agreement(model, sequences: list[torch.Tensor], new_tokens: int) -> float:
+    """Fraction of generated tokens equal to the full model's argmax at the same prefix (teacher-forced)."""
+    hits = total = 0
+    for seq in sequences:
+        with torch.no_grad():
+            ref = model.gpt(seq)[0].argmax(-1)  # (T,)
+        n = min(new_tokens, seq.size(1) - 1)
+        T = seq.size(1) - n
+        hits += int((seq[0, T:] == ref[T - 1:-1]).sum())
+        total += n
+    return hits / max(total, 1)
+
+
+@torch.no_grad()
+def measure_modes(model, prompts: list[list[int]], bounds: list[float], new_tokens: int = 32, runs: int = 3,
+                  safeties: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0), ks: tuple[int, ...] = (1, 2, 3, 4, 5, 6),
+                  draft_stages: tuple[int, ...] = (0,)) -> dict:
+    """
+    Tokens/s of every mode over the prompts (batch 1, greedy, exactly new_tokens each) and each mode's speedup
+    over full-depth cached greedy, measured side by side. Speculative rows also give the cost model's ideal
+    tokens_per_iteration / (K c + v), c and v being the measured per-token costs of drafting and verifying in
+    units of one full decode step (prefill excluded, so it is compared with the decode-only speedup).
+    """
+    from ..speculative import run_speculative
+    from ..wand import run_wand
+
+    last = model.poe_n_stages - 1
+    kw = dict(max_new_tokens=new_tokens, stop_tokens=[])
+    n_tokens = new_tokens * len(prompts)
+    tensors = [torch.tensor([p]) for p in prompts]
+
+    def over_prompts(fn):
+        return lambda: [fn(ids) for ids in tensors]
+
+    t_full = median_time(over_prompts(lambda ids: model.generate_stage(ids, stage=last, **kw)), runs)
+    # the prompts' prefill alone (one cached forward each), to compare decode time with the cost model
+    t_prefill = median_time(over_prompts(lambda ids: model.gpt(ids, kv_cache=model.new_cache(1, ids.size(1)),
+                                                               logits_to_keep=1)), runs)
+    res = {"tokens_per_run": n_tokens, "new_tokens": new_tokens, "prompts": len(prompts), "runs": runs,
+           "full_tok_s": n_tokens / t_full, "stage_tok_s": [], "stage_speedup": []}
+    for s in range(last + 1):
+        t = t_full if s == last else median_time(over_prompts(lambda ids, s=s: model.generate_stage(ids, stage=s,
+                                                                                                    **kw)), runs)
+        res["stage_tok_s"].append(n_tokens / t)
+        res["stage_speedup"].append(t_full / t)
+    t = median_time(over_prompts(lambda ids: model.generate_parallel_composition(ids, stages=list(range(last + 1)),
+                                                                                  **kw)), runs)
+    res["compose_all_tok_s"], res["compose_all_speedup"] = n_tokens / t, t_full / t
+
+    res["wand"] = []
+    for safety in safeties:
+        outs = []
+
+        def run(safety=safety, outs=outs):
+            outs.clear()
+            outs.extend(run_wand(model, ids, safety=safety, p99_bounds=bounds, **kw) for ids in tensors)
+
+        t = median_time(run, runs)
+        used = torch.cat([r.stages_used[0] for r in outs])
+        hist = torch.bincount(used, minlength=last + 1).tolist()
+        layers = sum(h * (model.poe_stage_boundary_layers[s] + 1) for s, h in enumerate(hist))
+        res["wand"].append({"safety": safety, "tok_s": n_tokens / t, "speedup": t_full / t,
+                            "top1_agreement": greedy_agreement(model, [r.sequences for r in outs], new_tokens),
+                            "exit_histogram": hist,
+                            "layer_fraction": layers / (len(used) * model.config.n_layer)})
+
+    res["speculative"] = []
+    step_time = (t_full - t_prefill) / n_tokens  # one full-depth decode step
+    for draft_stage in draft_stages:
+        for k in ks:
+            stats = []
+
+            def run(k=k, draft_stage=draft_stage, stats=stats):
+                stats.clear()
+                stats.extend(run_speculative(model, ids, draft_stage=draft_stage, k_draft=k, **kw) for ids in tensors)
+
+            t = median_time(run, runs)
+            accepted = sum(r.accepted for r in stats)
+            iters = sum(r.iterations for r in stats)
+            tokens_per_iter = 1 + accepted / iters
+            c = sum(r.seconds["draft"] for r in stats) / (k * iters) / step_time
+            v = sum(r.seconds["verify"] for r in stats) / iters / step_time
+            ideal = tokens_per_iter / (k * c + v)
+            decode_speedup = (t_full - t_prefill) / (t - sum(r.seconds["prefill"] for r in stats))
+            lossless = all(torch.equal(r.sequences, model.generate_stage(ids, stage=last, **kw))
+                           for r, ids in zip(stats, tensors))
+            res["speculative"].append({
+                "draft_stage": draft_stage, "k": k, "acceptance": accepted / sum(r.drafted for r in stats),
+                "tokens_per_iteration": tokens_per_iter, "c": c, "v": v,
+                "bookkeeping_per_iteration": sum(r.seconds["accept"] for r in stats) / iters / step_time,
+                "tok_s": n_tokens / t, "speedup": t_full / t, "decode_speedup": decode_speedup,
+                "cost_model_speedup": ideal, "ratio_to_cost_model": decode_speedup / ideal, "lossless": lossless})
+    return res
+
+
+# -----------------------------------------------------------------------------
+# the report
+
+
+def heldout_documents(data: str | None) -> list[str]:
+    """The validation documents of a corpus (file, folder, or None for the bundled one; see train.data)."""
+    from ..train.data import Corpus
+
+    docs = list(Corpus(data).docs("val"))
+    if not docs:
+        raise ValueError(f"no validation documents in {data or 'the bundled corpus'}")
+    return docs
+
+
+@torch.no_grad()
+def build_report(model, tokenizer, data: str | None = None, prompts: list[str] | None = None,
+                 baseline=None, baseline_tokenizer=None, settings: ReportSettings | None = None,
+                 name: str | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """
+    Measure everything the capability table needs on `model` (a CognicaPoEForCausalLM in eval mode). `data` is
+    the held-out text source (its validation split), `prompts` optional prompt strings (default: the starts of
+    held-out documents), `baseline` an optional backprop model (its own tokenizer) scored on the same documents.
+    """
+    from ..eval.bpb import evaluate_bpb
+    from ..wand import calibrate_wand_bounds
+
+    st = settings or ReportSettings()
+    say = progress or (lambda msg: None)
+    gpt = model.gpt
+    n_stages = model.poe_n_stages
+    last = n_stages - 1
+    if n_stages < 2:
+        raise ValueError("the capability report compares stage exits: this model has a single exit (a backprop "
+                         "model? pass it as --baseline of a PoE model instead)")
+    if any(not 0 <= d < last for d in st.draft_stages):
+        raise ValueError(f"draft stages must be in 0..{last - 1}, got {list(st.draft_stages)}")
+    seq_len = st.seq_len or min(model.config.sequence_len, 1024)
+    docs = heldout_documents(data)
+    compositions = st.compositions or ([list(range(n_stages))] + ([[last - 1, last]] if n_stages > 2 else []))
+
+    say(f"quality pass: {n_stages} exits over up to {st.eval_tokens:,} held-out tokens")
+    stream = doc_stream(docs, tokenizer, st.eval_tokens)
+    seq_len = min(seq_len, len(stream) - 2)
+    quality = evaluate_bpb(gpt, stream, tokenizer.token_bytes(), seq_len=seq_len, batch_size=st.batch_size,
+                           compositions=compositions)
+
+    bounds, bounds_source, speed_docs = model.config.wand_p99_bounds, "config", docs
+    if bounds is None:
+        half = max(len(docs) // 2, 1)
+        calib = doc_stream(docs[:half], tokenizer, st.calib_tokens)
+        say(f"calibrating WAND bounds on {len(calib):,} tokens (the first half of the held-out documents)")
+        bounds = calibrate_wand_bounds(model, calib, seq_len=min(seq_len, len(calib) - 1))
+        bounds_source, speed_docs = "calibrated on the first half of the held-out documents", docs[half:] or docs
+    if prompts:
+        prompt_ids = [[tokenizer.bos_token_id] + tokenizer.encoding.encode_ordinary(p) for p in prompts]
+    else:
+        prompt_ids = [[tokenizer.bos_token_id] + tokenizer.encoding.encode_ordinary(d)[:st.prompt_tokens]
+                      for d in speed_docs[:st.n_prompts]]
+    say(f"speed: every mode on {len(prompt_ids)} prompts x {st.new_tokens} new tokens, median of {st.runs} runs")
+    speed = measure_modes(model, prompt_ids, bounds, st.new_tokens, st.runs, tuple(st.safeties), tuple(st.ks),
+                          tuple(st.draft_stages))
+
+    report = {
+        "model": {"name": name, "parameters": gpt.num_params(), "n_layer": model.config.n_layer,
+                  "n_embd": model.config.n_embd, "n_stages": n_stages,
+                  "stage_boundary_layers": model.poe_stage_boundary_layers,
+                  "dtype": str(next(gpt.parameters()).dtype).replace("torch.", ""),
+                  "specialist_ends": model.config.specialist_ends},
+        "machine": machine(),
+        "settings": {**asdict(st), "seq_len": seq_len, "compositions": compositions},
+        "heldout": {"source": data or "bundled corpus (validation split)", "documents": len(docs),
+                    "tokens": len(stream), "counted_tokens": quality["counted_tokens"]},
+        "stage_bpb": quality["stages"],
+        "composition_bpb": quality["compositions"],
+        "agreement_matrix": quality["agreement"],
+        "agreement_with_final": [row[last] for row in quality["agreement"]],
+        "top1_accuracy": quality["top1_accuracy"],
+        "margins": quality["margin"],
+        "wand": {"p99_bounds": list(bounds), "bounds_source": bounds_source, "safeties": speed.pop("wand")},
+        "speculative": speed.pop("speculative"),
+        "speed": speed,
+        "baseline": None,
+    }
+    if baseline is not None:
+        say("baseline: BPB of the backprop model on the same documents")
+        base_tok = baseline_tokenizer or tokenizer
+        base_stream = doc_stream(docs, base_tok, st.eval_tokens)
+        # the same documents: cut the baseline's stream where the PoE stream's documents end
+        n_docs = int((stream == tokenizer.bos_token_id).sum())
+        bos_at = (base_stream == base_tok.bos_token_id).nonzero()[:, 0].tolist() + [len(base_stream)]
+        base_stream = base_stream[:bos_at[min(n_docs, len(bos_at) - 1)]]
+        b = evaluate_bpb(baseline.gpt, base_stream, base_tok.token_bytes(),
+                         seq_len=min(seq_len, len(base_stream) - 2), batch_size=st.batch_size,
+                         stage_boundaries=[baseline.config.n_layer - 1])["stages"][0]
+        poe = quality["stages"][-1]
+        report["baseline"] = {"bpb": b, "poe_bpb": poe, "gap": (poe - b) / b, "tokens": len(base_stream)}
+    check_finite(report)
+    report["capability_table"] = capability_table(report)
+    return report
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def capability_table(r: dict) -> str:
+    """The model card's capability table, for this checkpoint (markdown)."""
+    n = r["model"]["n_stages"]
+    n_layer = r["model"]["n_layer"]
+    last = n - 1
+    sp = r["speed"]
+    how_speed = f"{sp['tokens_per_run']} greedy tokens ({sp['prompts']} prompts), median of {sp['runs']} runs"
+    how_quality = f"teacher-forced on {r['heldout']['counted_tokens']:,} held-out tokens"
+    rows = [("Capability", "This checkpoint", "Measured how")]
+    for s in range(last):
+        layers = r["model"]["stage_boundary_layers"][s] + 1
+        rows.append((f"Stage {s} prefix pruning ({layers}/{n_layer} layers)",
+                     f"{sp['stage_speedup'][s]:.2f}x decode speed; {_pct(r['agreement_with_final'][s])} top-1 "
+                     f"agreement with the final exit; BPB {r['stage_bpb'][s]:.4f} vs {r['stage_bpb'][last]:.4f}",
+                     f"speed: {how_speed}; agreement and BPB {how_quality} (in place of the card's 8-prompt "
+                     f"factual probe)"))
+    wand = r["wand"]["safeties"]
+    exact = [w for w in wand if w["top1_agreement"] >= 1.0]
+    if exact:
+        best = max(exact, key=lambda w: w["speedup"])
+        text = f"{best['speedup']:.2f}x at 100% top-1 agreement (safety {best['safety']})"
+    else:
+        best = max(wand, key=lambda w: w["top1_agreement"])
+        text = (f"100% top-1 agreement not reached; best {_pct(best['top1_agreement'])} at "
+                f"{best['speedup']:.2f}x (safety {best['safety']})")
+    frontier = "; ".join(f"s={w['safety']}: {w['speedup']:.2f}x, {_pct(w['top1_agreement'])}" for w in wand)
+    rows.append(("WAND adaptive depth", f"{text} [{frontier}]",
+                 f"{how_speed}; agreement = generated tokens equal to the full model's argmax at the same prefix; "
+                 f"bounds {r['wand']['p99_bounds']} ({r['wand']['bounds_source']})"))
+    spec = r["speculative"]
+    best = max(spec, key=lambda x: x["speedup"])
+    rows.append((f"Self-speculative decoding (stage {best['draft_stage']} drafts)",
+                 f"{best['speedup']:.2f}x at {_pct(best['acceptance'])} acceptance (K={best['k']}); lossless: "
+                 f"{all(x['lossless'] for x in spec)}; zero added parameters",
+                 f"{how_speed}; K in {[x['k'] for x in spec if x['draft_stage'] == best['draft_stage']]}"))
+    final_margin = r["margins"]["stages"][last]
+    for name, m in r["margins"]["compositions"].items():
+        rows.append((f"Parallel composition (Log-OP of stages {name})",
+                     f"top-1 margin {final_margin:.2f} -> {m:.2f} ({m - final_margin:+.2f}) "
+                     f"vs the final exit alone; BPB {r['composition_bpb'][name]:.4f}",
+                     f"mean top-1 minus top-2 log-probability, {how_quality}"))
+    if r["baseline"]:
+        b = r["baseline"]
+        rows.append(("PoE vs backprop baseline", f"BPB {b['poe_bpb']:.4f} vs {b['bpb']:.4f} ({b['gap']:+.2%} gap)",
+                     "the same held-out documents, each model with its own tokenizer"))
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + "---|" * 3)
+    return "\n".join(lines)
+
+
+def speed_table(r: dict) -> str:
+    """Tokens/s of every mode, as measured (markdown)."""
+    sp = r["speed"]
+    rows = [("full depth, cached greedy", sp["full_tok_s"], 1.0)]
+    rows += [(f"stage {s} (prefix pruning)", t, x) for s, (t, x) in enumerate(zip(sp["stage_tok_s"],
+                                                                                   sp["stage_speedup"]))][:-1]
+    rows.append(("Log-OP of all stages", sp["compose_all_tok_s"], sp["compose_all_speedup"]))
+    rows += [(f"WAND safety {w['safety']}", w["tok_s"], w["speedup"]) for w in r["wand"]["safeties"]]
+    rows += [(f"speculative stage {x['draft_stage']}, K={x['k']}", x["tok_s"], x["speedup"]) for x in r["speculative"]]
+    lines = ["| Mode | tokens/s | vs full depth |", "|---|---|---|"]
+    lines += [f"| {name} | {t:.1f} | {x:.2f}x |" for name, t, x in rows]
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# files
+
+
+def plot_report(r: dict, out_dir: str) -> list[str]:
+    """report_quality.png (per-stage BPB, agreement matrix) and report_speed.png (WAND, speculative)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = r["model"]["n_stages"]
+    paths = []
+    fig, (ax_bpb, ax_agree) = plt.subplots(1, 2, figsize=(11, 4))
+    # stage exits only: a product of exits with weights 1 is sharper and often far worse in BPB (see the table)
+    bars = ax_bpb.bar([f"stage {s}" for s in range(n)], r["stage_bpb"], color="tab:blue")
+    ax_bpb.bar_label(bars, fmt="%.4f")
+    if r["baseline"]:
+        ax_bpb.axhline(r["baseline"]["bpb"], color="tab:red", linestyle="--", label="backprop baseline")
+        ax_bpb.legend()
+    values = r["stage_bpb"] + ([r["baseline"]["bpb"]] if r["baseline"] else [])
+    ax_bpb.set_ylim(min(values) * 0.97, max(values) * 1.02)
+    ax_bpb.set_ylabel("validation bits per byte")
+    ax_bpb.set_title("per-exit BPB (lower is better)")
+    m = ax_agree.imshow(r["agreement_matrix"], vmin=0, vmax=1, cmap="viridis")
+    for i in range(n):
+        for j in range(n):
+            ax_agree.text(j, i, f"{r['agreement_matrix'][i][j]:.2f}", ha="center", va="center", color="w")
+    ax_agree.set_xticks(range(n))
+    ax_agree.set_yticks(range(n))
+    ax_agree.set_xlabel("stage")
+    ax_agree.set_ylabel("stage")
+    ax_agree.set_title("top-1 agreement between exits")
+    fig.colorbar(m, ax=ax_agree)
+    fig.suptitle(f"{r['model']['name'] or 'model'}: quality on {r['heldout']['counted_tokens']:,} held-out tokens")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "report_quality.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, (ax_wand, ax_spec) = plt.subplots(1, 2, figsize=(11, 4))
+    wand = r["wand"]["safeties"]
+    xs = range(len(wand))
+    bottom = [0.0] * len(wand)
+    for s in range(n):
+        share = [w["exit_histogram"][s] / max(sum(w["exit_histogram"]), 1) for w in wand]
+        ax_wand.bar(xs, share, bottom=bottom, label=f"exit {s}")
+        bottom = [b + x for b, x in zip(bottom, share)]
+    ax_wand.set_xticks(list(xs), [f"s={w['safety']}\n{w['speedup']:.2f}x\n{_pct(w['top1_agreement'])}"
+                                  for w in wand])
+    ax_wand.set_ylabel("share of generated tokens")
+    ax_wand.set_title("WAND exits (safety / speedup / top-1 agreement)")
+    ax_wand.legend(fontsize=8)
+    for d in sorted({x["draft_stage"] for x in r["speculative"]}):
+        rows = [x for x in r["speculative"] if x["draft_stage"] == d]
+        ks = [x["k"] for x in rows]
+        ax_spec.plot(ks, [x["speedup"] for x in rows], "o-", label=f"speedup, stage {d} drafts")
+        ax_spec.plot(ks, [x["cost_model_speedup"] for x in rows], "x:", label=f"cost model, stage {d}")
+        ax_spec.plot(ks, [x["acceptance"] for x in rows], "s--", label=f"acceptance, stage {d}")
+    ax_spec.axhline(1.0, color="gray", linewidth=0.8)
+    ax_spec.set_xlabel("K (drafted tokens per iteration)")
+    ax_spec.set_title("self-speculative decoding")
+    ax_spec.legend(fontsize=8)
+    fig.suptitle(f"speed vs full-depth cached greedy ({r['speed']['tokens_per_run']} tokens, median of "
+                 f"{r['speed']['runs']} runs, {r['machine']['cpu']}, {r['machine']['threads']} threads)", fontsize=9)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "report_speed.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_report(r: dict, out_dir: str, plots: bool = True) -> dict[str, str]:
+    """report.json, report.md (capability table + speed table) and the PNG plots into out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    files = {"json": os.path.join(out_dir, "report.json"), "markdown": os.path.join(out_dir, "report.md")}
+    with open(files["json"], "w") as f:
+        json.dump(r, f, indent=1, allow_nan=False)
+    with open(files["markdown"], "w") as f:
+        f.write(f"# Capability report: {r['model']['name'] or 'model'}\n\n{r['capability_table']}\n\n"
+                f"## Tokens per second by mode\n\n{speed_table(r)}\n\nMachine: {r['machine']['cpu']}, "
+                f"{r['machine']['threads']} threads, torch {r['machine']['torch']}.\n")
+    if plots:
+        files["quality_plot"], files["speed_plot"] = plot_report(r, out_dir)
+    return files
+
+
+def check_finite(r: dict) -> None:
+    """Raise if any number in the report is NaN or infinite (a broken checkpoint, not a result)."""
+    def walk(x, path):
+        if isinstance(x, float) and not math.isfinite(x):
+            raise ValueError(f"report field {path} is {x}: the checkpoint produces non-finite values")
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{path}.{k}")
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                walk(v, f"{path}[{i}]")
+    walk(r, "report")
