@@ -8,6 +8,7 @@ Importing the package registers our classes with transformers' Auto classes, so
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .branches import SiblingSpecialists, load_siblings
 from .cache import CognicaKVCache
 from .config import PRESETS, CognicaPoEConfig, preset_config
 from .hf import CognicaPoEForCausalLM
@@ -20,6 +21,6 @@ AutoTokenizer.register(CognicaPoEConfig, slow_tokenizer_class=CognicaPoETokenize
 
 __all__ = [
     "GPT", "PRESETS", "CognicaKVCache", "CognicaPoEConfig", "CognicaPoEForCausalLM", "CognicaPoETokenizer",
-    "preset_config",
+    "preset_config", "SiblingSpecialists", "load_siblings",
 ]
 __version__ = "0.1.0"

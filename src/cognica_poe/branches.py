@@ -1,0 +1,353 @@
+"""
+Sibling specialists on ONE shared base trunk: several stage folders that branch from the same base, loaded onto a
+single copy of it and composed with the trunk computed once (SPEC §5).
+
+The released stages are siblings (-stage-math, -stage-code, -stage-tool all continue the same base), so loading each
+with `load_stage_folder` would hold and run the base once per stage. Here the base's tensors (trunk blocks, wte,
+value embeddings, smear, backout, lm_head and any folded ancestor heads) exist once; every branch references them and
+owns only its new blocks, its lm_head_stage, its resid/x0 lambdas and its head_mode. Each branch is a complete
+CognicaPoEForCausalLM that computes what `load_stage_folder` builds for its folder, with the base's modules as its
+base layers.
+
+Exits are numbered flat and 0-based: the base's exits 0..n_base_exits-1 (its stage boundaries, as
+`base.forward_all_stages` orders them), then one exit per branch, in the order the folders were given (the branch's
+last layer). A branch can also be named by its name (default: its folder's name).
+
+One pass: the trunk runs once up to its last layer and keeps its output stream (and the backout layer's) in its KV
+cache; each requested branch then runs only its own layers from that stream, in KV storage of its own that hangs off
+the trunk's cache (the trunk's layer objects and slot bookkeeping by reference, new layers only). Decoding reuses the
+project's primitives: cache.claim, GPT.run_slots, compose.log_op and sampling.decode.
+"""
+
+import copy
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+from .cache import CognicaKVCache, CognicaKVLayer
+from .compose import log_op
+from .config import CognicaPoEConfig
+from .hf import CognicaPoEForCausalLM
+from .sampling import decode
+from .specialist import DELTA_FILE, load_stage_folder, resolve_parent, stage_delta
+from .weights import check_shapes, load_safetensors
+
+# config fields a branch must share with its base (anything else would change the shared trunk or the exits)
+SHARED_FIELDS = ("vocab_size", "sequence_len", "n_head", "n_kv_head", "n_embd", "window_pattern", "rope_theta",
+                 "rotary_multiplier", "softcap", "qk_scale", "pad_vocab_size_to", "poe_mode", "poe_every")
+
+
+# -----------------------------------------------------------------------------
+# checking that a stage folder continues this base
+
+
+def load_any(folder: str, parent_map: dict[str, str] | None, dtype: torch.dtype | None) -> CognicaPoEForCausalLM:
+    """A base folder or a stage folder (with its ancestors), as one model."""
+    if os.path.isfile(os.path.join(folder, DELTA_FILE)):
+        return load_stage_folder(folder, parent_map, dtype)
+    return CognicaPoEForCausalLM.from_pretrained(folder, **({} if dtype is None else {"dtype": dtype})).eval()
+
+
+def folder_of(model: CognicaPoEForCausalLM, parent_map: dict[str, str] | None) -> str | None:
+    """The folder a model was loaded from (None for a model built in memory)."""
+    name = str(getattr(model.config, "_name_or_path", "") or "")
+    try:
+        return resolve_parent(name, os.getcwd(), parent_map) if name else None
+    except FileNotFoundError:
+        return None
+
+
+def model_mismatch(base: CognicaPoEForCausalLM, other: CognicaPoEForCausalLM) -> str | None:
+    """Why `other` is not the same model as `base` (None when the layout and every tensor agree)."""
+    a, b = base.config, other.config
+    for field in SHARED_FIELDS + ("n_layer", "trunk_n_layer", "specialist_ends"):
+        if getattr(a, field) != getattr(b, field):
+            return f"{field} is {getattr(b, field)!r} there, {getattr(a, field)!r} in the base"
+    sa, sb = base.gpt.state_dict(), other.gpt.state_dict()
+    differ = [k for k in sa if k not in sb or sa[k].shape != sb[k].shape or not torch.equal(sa[k], sb[k].to(sa[k]))]
+    return f"{len(differ)} tensor(s) differ, e.g. {differ[:3]}" if differ else None
+
+
+def check_branch(base: CognicaPoEForCausalLM, folder: str, config: CognicaPoEConfig,
+                 parent_map: dict[str, str] | None, verified: set[str]) -> None:
+    """
+    Raise a ValueError unless the stage folder's parent is this base and its layout continues the base's.
+    verified: parent folders already found to hold this base (each other folder is loaded once to compare).
+    """
+    if not config.base_model_name_or_path:
+        raise ValueError(f"{folder} is not a stage folder: its config.json has no base_model_name_or_path")
+    parent_dir = resolve_parent(config.base_model_name_or_path, folder, parent_map)
+    base_dir = folder_of(base, parent_map)
+    if parent_dir != base_dir and parent_dir not in verified:  # another folder may hold the same base: compare
+        parent = load_any(parent_dir, parent_map, base.gpt.lm_head.weight.dtype)
+        why = model_mismatch(base, parent)
+        del parent
+        if why:
+            raise ValueError(f"{folder} is not a specialist of this base ({base_dir or 'a model built in memory'}): "
+                             f"its parent {parent_dir} is another model ({why})")
+        verified.add(parent_dir)
+    bc = base.config
+    for field in SHARED_FIELDS:
+        if getattr(config, field) != getattr(bc, field):
+            raise ValueError(f"{folder}: {field} is {getattr(config, field)!r}, the base's is {getattr(bc, field)!r}")
+    ends = config.specialist_ends or []
+    if config.trunk_n_layer != bc.trunk_n_layer or ends != (bc.specialist_ends or []) + [config.n_layer - 1] \
+            or config.n_layer <= bc.n_layer:
+        raise ValueError(f"{folder} does not continue this base: its layer segments {config.segments()} should be "
+                         f"the base's {bc.segments()} plus one more")
+
+
+# -----------------------------------------------------------------------------
+# building a branch on the shared tensors
+
+
+@torch.no_grad()
+def shared_heads(base: CognicaPoEForCausalLM) -> nn.ModuleDict:
+    """
+    The folded heads of a branch's ancestors' exits (SPEC §5), made once for all branches: the base's own ancestor
+    heads by reference, plus, when the base is itself a specialist, its leaf's head with its lm_head_stage folded in.
+    """
+    cfg, gpt = base.config, base.gpt
+    heads = nn.ModuleDict()
+    if cfg.specialist_ends:
+        heads.update(gpt.ancestor_heads)
+        below = cfg.specialist_ends[:-1]
+        head = gpt.ancestor_heads[str(below[-1])] if below else gpt.lm_head
+        leaf = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False, device="meta")
+        leaf.weight = nn.Parameter(head.weight.detach() + gpt.lm_head_stage.weight.detach(), requires_grad=False)
+        heads[str(cfg.specialist_ends[-1])] = leaf
+    return heads
+
+
+@torch.no_grad()
+def build_branch(base: CognicaPoEForCausalLM, config: CognicaPoEConfig, delta: dict[str, torch.Tensor], folder: str,
+                 heads: nn.ModuleDict) -> CognicaPoEForCausalLM:
+    """The specialist of `folder` as one model whose base tensors ARE the base's (shared by reference, never copied)."""
+    trunk = base.gpt
+    ref = trunk.lm_head.weight
+    n = base.config.n_layer
+    with torch.device("meta"):
+        model = CognicaPoEForCausalLM(config)
+    gpt = model.gpt
+    for i in range(n):
+        gpt.transformer.h[i] = trunk.transformer.h[i]
+    gpt.transformer.wte, gpt.lm_head, gpt.smear_gate = trunk.transformer.wte, trunk.lm_head, trunk.smear_gate
+    gpt.value_embeds, gpt.ancestor_heads = trunk.value_embeds, heads
+    gpt.smear_lambda, gpt.backout_lambda = trunk.smear_lambda, trunk.backout_lambda
+    gpt._rotary = trunk._rotary
+    # the branch's own tensors: its new blocks, its stage head, its (n_layer,) lambdas
+    for module in [gpt.transformer.h[i] for i in range(n, config.n_layer)] + [gpt.lm_head_stage]:
+        module.to_empty(device=ref.device).to(ref.dtype)
+    gpt.resid_lambdas = nn.Parameter(trunk.resid_lambdas.new_empty(config.n_layer))
+    gpt.x0_lambdas = nn.Parameter(trunk.x0_lambdas.new_empty(config.n_layer))
+
+    path = os.path.join(folder, DELTA_FILE)
+    check_shapes({k: tuple(v.shape) for k, v in stage_delta(model).items()},
+                 {k: tuple(v.shape) for k, v in delta.items()}, path)
+    own = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in delta.items()}  # as load_stage_folder casts
+    wte, base_wte = own.pop("transformer.wte.weight"), trunk.transformer.wte.weight
+    if not torch.equal(wte, base_wte):
+        rows = (wte != base_wte).any(dim=1).nonzero()[:, 0].tolist()
+        raise ValueError(f"{path}: transformer.wte.weight differs from the base's in {len(rows)} of {len(wte)} "
+                         f"rows (first ids {rows[:5]}): siblings share one embedding, so a branch that retrained rows "
+                         "(or was saved at a lower precision than the base) cannot join this trunk; load it alone "
+                         "with load_stage_folder")
+    for key in ("resid_lambdas", "x0_lambdas"):
+        if not torch.equal(own[key][:n], getattr(trunk, key)):
+            raise ValueError(f"{path}: {key}[:{n}] differs from the base's (the base's lambdas are frozen)")
+    missing, unexpected = gpt.load_state_dict(own, strict=False)
+    assert not unexpected, unexpected
+    model.config._name_or_path = folder
+    return model.eval()
+
+
+def branch_cache(trunk: CognicaKVCache, config: CognicaPoEConfig) -> CognicaKVCache:
+    """
+    A cache for a branch, a model that continues the trunk with more layers: the trunk cache's own layer objects and
+    slot bookkeeping (token ids, validity, positions, kept streams) by reference, so the trunk's keys exist once, and
+    fresh storage for the branch's new layers only. Slots are claimed on the trunk's cache.
+    """
+    view = copy.copy(trunk)  # shallow: every tensor and dict is the trunk's
+    k = trunk.layers[0].keys  # (B, H_kv, max_len, D)
+    windows = config.window_sizes()
+    view.layers = trunk.layers + [CognicaKVLayer(k.size(0), k.size(2), config.n_kv_head, config.head_dim, windows[i],
+                                                 k.dtype, k.device) for i in range(len(trunk.layers), config.n_layer)]
+    view.keep_hidden = False  # a branch reads the trunk's kept streams and stores none
+    view.stage_layers = config.stage_layers()
+    return view
+
+
+# -----------------------------------------------------------------------------
+# the shared-trunk model
+
+
+class SiblingSpecialists:
+    """
+    A base and sibling specialists sharing its tensors. Exits are flat and 0-based: the base's exits
+    0..n_base_exits-1, then one per branch in load order (also addressable by branch name). `branches[i]` is a full
+    CognicaPoEForCausalLM for branch i (usable alone, e.g. its generate_speculative, but then with KV for its own copy
+    of the trunk's layers).
+    """
+
+    def __init__(self, base: CognicaPoEForCausalLM, branches: list[CognicaPoEForCausalLM], names: list[str]):
+        self.base = base
+        self.branches = branches
+        self.names = names
+
+    @property
+    def n_base_exits(self) -> int:
+        return self.base.poe_n_stages
+
+    @property
+    def n_exits(self) -> int:
+        return self.n_base_exits + len(self.branches)
+
+    @property
+    def exit_names(self) -> list[str]:
+        return [f"base:{k}" for k in range(self.n_base_exits)] + list(self.names)
+
+    def exit_index(self, stage: int | str) -> int:
+        """The flat exit of `stage`: an index (negative counts from the end) or a branch name; a clear error else."""
+        n, nb = self.n_exits, self.n_base_exits
+        if isinstance(stage, str):
+            if stage not in self.names:
+                raise ValueError(f"no branch named {stage!r}; the branches are {self.names}")
+            return nb + self.names.index(stage)
+        if isinstance(stage, bool) or not isinstance(stage, int) or not -n <= stage < n:
+            branches = ", ".join(f"{nb + i}={name}" for i, name in enumerate(self.names))
+            raise ValueError(f"exit {stage!r} out of range: there are {n} exits, 0..{n - 1} (the base's exits "
+                             f"0..{nb - 1}, then the branches {branches})")
+        return stage % n
+
+    def check_composition(self, stages: list[int | str], stage_weights: list[float] | None
+                          ) -> tuple[list[int], list[float]]:
+        stages = list(stages)
+        if not stages:
+            raise ValueError("stages must name at least one exit")
+        exits = [self.exit_index(s) for s in stages]
+        weights = [1.0] * len(exits) if stage_weights is None else [float(w) for w in stage_weights]
+        if len(weights) != len(exits):
+            raise ValueError(f"stage_weights has {len(weights)} entries but stages has {len(exits)}")
+        return exits, weights
+
+    def attach(self, cache: CognicaKVCache, exits: list[int]) -> dict[int, CognicaKVCache]:
+        """
+        Prepare an empty base cache for these exits: it keeps the streams branches start from (after the base's last
+        layer, and after the backout layer), and each requested branch gets a cache of its own new layers on it.
+        """
+        wanted = sorted({e - self.n_base_exits for e in exits if e >= self.n_base_exits})
+        if wanted:
+            cache.keep_hidden = True
+            cache.hidden_layers = {self.base.config.backout_layer, self.base.config.n_layer - 1}
+        return {b: branch_cache(cache, self.branches[b].config) for b in wanted}
+
+    def run(self, cache: CognicaKVCache, views: dict[int, CognicaKVCache], ids: torch.Tensor,
+            attention_mask: torch.Tensor | None, exits: list[int], logits_to_keep: int = 1) -> list[torch.Tensor]:
+        """
+        Logits (B, T', vocab) at flat `exits` for new tokens ids (B, T) (attention_mask covers past + new, or None):
+        the trunk's layers run once, then each requested branch's own layers from the trunk's output stream.
+        """
+        nb, gpt = self.n_base_exits, self.base.gpt
+        T = ids.size(1)
+        start, _ = cache.claim(ids, attention_mask[:, -T:] if attention_mask is not None else None)
+        end = start + T
+        base_layers = [self.base.stage_boundary(e) for e in exits if e < nb]
+        last = self.base.config.n_layer - 1 if views else max(base_layers)
+        hidden = gpt.run_slots(cache, start, end, 0, last, base_layers, logits_to_keep)
+        logits = {e: gpt.exit_logits(hidden[layer], layer) for e, layer in zip(
+            [e for e in exits if e < nb], base_layers)}
+        for b, view in views.items():
+            view.n_slots = cache.n_slots
+            branch = self.branches[b].gpt
+            top = branch.config.n_layer - 1
+            h = branch.run_slots(view, start, end, self.base.config.n_layer, top, [top], logits_to_keep)[top]
+            logits[nb + b] = branch.exit_logits(h, top)
+        return [logits[e] for e in exits]
+
+    @torch.no_grad()
+    def forward_exits(self, input_ids: torch.Tensor, exits: list[int | str] | None = None,
+                      attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Logits (B, T, vocab) at the requested exits (default: all), from one pass, in the order requested."""
+        exits = [self.exit_index(e) for e in (range(self.n_exits) if exits is None else exits)]
+        if not exits:
+            raise ValueError("at least one exit is needed")
+        device = self.base.gpt.lm_head.weight.device
+        input_ids = input_ids.to(device)
+        attention_mask = attention_mask.to(device) if attention_mask is not None else None
+        cache = self.base.new_cache(input_ids.size(0), input_ids.size(1))
+        return self.run(cache, self.attach(cache, exits), input_ids, attention_mask, exits, logits_to_keep=0)
+
+    def decode(self, exits: list[int], combine: Callable[[list[torch.Tensor]], torch.Tensor], input_ids: torch.Tensor,
+               attention_mask: torch.Tensor | None, max_new_tokens: int, do_sample: bool, temperature: float,
+               top_k: int | None, top_p: float | None, seed: int | None, stop_tokens: list[int] | int | None,
+               streamer: Callable[[int, int], None] | None, max_length: int | None) -> torch.Tensor:
+        """sampling.decode over the base's request checks and cache, with next-token scores = combine(exit logits)."""
+        views: dict[int, CognicaKVCache] = {}
+
+        def next_scores(cache, ids, mask):
+            if cache.n_slots == 0:  # the prompt: hang the branches' layers off this fresh cache
+                views.clear()
+                views.update(self.attach(cache, exits))
+            return combine([logits[:, -1] for logits in self.run(cache, views, ids, mask, exits)])
+
+        return decode(self.base, input_ids, attention_mask, max_new_tokens, next_scores, do_sample, temperature, top_k,
+                      top_p, seed, stop_tokens, streamer, max_length)
+
+    @torch.no_grad()
+    def generate_parallel_composition(self, input_ids: torch.Tensor, stages: list[int | str],
+                                      stage_weights: list[float] | None = None, max_new_tokens: int = 32,
+                                      do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                                      top_p: float | None = None, seed: int | None = None,
+                                      stop_tokens: list[int] | int | None = None,
+                                      attention_mask: torch.Tensor | None = None,
+                                      streamer: Callable[[int, int], None] | None = None,
+                                      max_length: int | None = None) -> torch.Tensor:
+        """
+        Prompt + generated ids (B, T + n) decoded from the Log-OP sum_s w_s * log_softmax(logits_s) of the chosen
+        exits (flat indices or branch names), as compose.generate_parallel_composition; the trunk runs once per token.
+        """
+        exits, weights = self.check_composition(stages, stage_weights)
+        return self.decode(exits, lambda logits: log_op(logits, weights), input_ids, attention_mask, max_new_tokens,
+                           do_sample, temperature, top_k, top_p, seed, stop_tokens, streamer, max_length)
+
+    @torch.no_grad()
+    def generate_stage(self, input_ids: torch.Tensor, stage: int | str, max_new_tokens: int = 32,
+                       do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                       top_p: float | None = None, seed: int | None = None,
+                       stop_tokens: list[int] | int | None = None, attention_mask: torch.Tensor | None = None,
+                       streamer: Callable[[int, int], None] | None = None,
+                       max_length: int | None = None) -> torch.Tensor:
+        """Prompt + generated ids (B, T + n) from one exit (a base exit runs only the base layers up to it)."""
+        exits = [self.exit_index(stage)]
+        return self.decode(exits, lambda logits: logits[0], input_ids, attention_mask, max_new_tokens, do_sample,
+                           temperature, top_k, top_p, seed, stop_tokens, streamer, max_length)
+
+
+def load_siblings(base: CognicaPoEForCausalLM | str, stage_folders: list[str], names: list[str] | None = None,
+                  parent_map: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> SiblingSpecialists:
+    """
+    Load stage folders that all branch from `base` (a model, or a base or stage folder to load) onto ONE copy of it.
+    Each folder's parent must be this base: the base's own folder, or another folder holding identical weights (loaded
+    once to compare). names default to the folders' names. Raises a ValueError naming any mismatch.
+    """
+    if isinstance(base, (str, os.PathLike)):
+        base = load_any(os.path.realpath(base), parent_map, dtype)
+    base.eval()
+    folders = [os.path.realpath(f) for f in stage_folders]
+    if not folders:
+        raise ValueError("at least one stage folder is needed")
+    names = [os.path.basename(f) for f in folders] if names is None else [str(n) for n in names]
+    if len(names) != len(folders):
+        raise ValueError(f"{len(names)} names for {len(folders)} stage folders")
+    if len(set(names)) != len(names):
+        raise ValueError(f"branch names must be distinct, got {names} (pass names=)")
+    heads, verified = shared_heads(base), set()
+    branches = []
+    for folder in folders:
+        config = CognicaPoEConfig.from_pretrained(folder)
+        check_branch(base, folder, config, parent_map, verified)
+        delta = load_safetensors(os.path.join(folder, DELTA_FILE))
+        branches.append(build_branch(base, config, delta, folder, heads))
+    return SiblingSpecialists(base, branches, names)
