@@ -51,6 +51,7 @@ class CognicaPoEConfig(PretrainedConfig):
         specialist_ends: list[int] | None = None,
         head_mode: str = "dual",
         base_model_name_or_path: str | None = None,
+        poe_exit_stage: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
@@ -80,6 +81,9 @@ class CognicaPoEConfig(PretrainedConfig):
         self.specialist_ends = list(specialist_ends) if specialist_ends else None
         self.head_mode = head_mode  # the leaf's exit: "dual" lm_head + lm_head_stage, "base" lm_head, "spec" stage
         self.base_model_name_or_path = base_model_name_or_path  # a stage folder's parent (path or repo id)
+        # the stage whose exit forward()/generate() serve (0-based, negative from the end); None: the normal exit.
+        # Lets `lm_eval --model_args ...,poe_exit_stage=1` (a from_pretrained kwarg) evaluate one stage.
+        self.poe_exit_stage = poe_exit_stage
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
@@ -119,6 +123,14 @@ class CognicaPoEConfig(PretrainedConfig):
                     or ends[-1] != self.n_layer - 1:
                 raise ValueError(f"specialist_ends {ends} must increase from base_n_layer ({self.base_n_layer}) "
                                  f"to the last layer ({self.n_layer - 1})")
+        self.validate_exit_stage()
+
+    def validate_exit_stage(self) -> None:
+        """Checked again at serve time: from_pretrained(..., poe_exit_stage=s) sets the field after __init__."""
+        stage, n = self.poe_exit_stage, self.poe_n_stages
+        if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int) or not -n <= stage < n):
+            raise ValueError(f"poe_exit_stage {stage!r} out of range: this model has {n} stages, 0..{n - 1} "
+                             f"(or -{n}..-1 from the end; None serves the normal exit)")
 
     # -----------------------------------------------------------------------------
     # derived quantities (nanochat hard-codes these; we compute them in one place)

@@ -343,9 +343,13 @@ class GPT(nn.Module):
 
     @property
     def served_layer(self) -> int:
-        """The exit forward() and generate() serve: the last layer, or with head_mode "base" the parent's exit
-        (so a specialist in base mode reproduces its parent exactly, however its own layers were trained)."""
+        """The exit forward() and generate() serve: config.poe_exit_stage's boundary when set (so one stage can be
+        evaluated as a plain causal LM; forward then runs only the layers up to it), else the last layer, or with
+        head_mode "base" the parent's exit (so a specialist in base mode reproduces its parent exactly)."""
         cfg = self.config
+        if cfg.poe_exit_stage is not None:
+            cfg.validate_exit_stage()
+            return cfg.poe_stage_boundary_layers[cfg.poe_exit_stage]
         if cfg.specialist_ends and cfg.head_mode == "base":
             return cfg.segments()[-2][1]
         return cfg.n_layer - 1
