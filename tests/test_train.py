@@ -1,4 +1,4 @@
-"""Training: stage-wise flat-PoE gradients, activation freeing, resume, NaN stop, data loader, schedules, DDP."""
+"""Training: stage-wise flat-PoE gradients, activation freeing, resume, NaN stop, data loader, schedules, DDP, FSDP."""
 
 import hashlib
 import json
@@ -429,6 +429,119 @@ def test_ddp_two_processes_match_one(corpus, tok_dir, tmp_path):
     assert max(rel.values()) < 0.1, rel
 
 
-def test_fsdp_flag():
-    pytest.skip("FSDP2 is not supported: torch.optim.Muon orthogonalizes whole 2-D matrices and has no sharded "
-                "(DTensor) path, so fully_shard would feed it shards; train() raises NotImplementedError for fsdp")
+def torchrun(tmp_path, code: str, arg) -> None:
+    """Run `code` (with json-decoded `arg` bound to ARG) in 2 CPU processes under torchrun; fail with its stderr."""
+    script = tmp_path / "fsdp_run.py"
+    script.write_text(f"import json, sys\nARG = json.loads(sys.argv[1])\n{code}\n")
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           json.dumps(arg)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_fsdp_two_processes_match_one(corpus, tok_dir, tmp_path):
+    """
+    FSDP2 (fully_shard) on 2 CPU processes over gloo: the losses, BPB and weights of one process; a checkpoint in the
+    one-process format that resumes bitwise; an HF export of the gathered weights.
+    """
+    kw = dict(num_steps=3, total_batch_size=4 * 64, grad_clip=1.0)
+    fsdp = dict(device_batch_size=2, fsdp=True, **kw)
+    cfgs = [small_cfg(corpus, tok_dir, tmp_path / "straight", **fsdp),
+            small_cfg(corpus, tok_dir, tmp_path / "fsdp", stop_after=2, **fsdp),
+            small_cfg(corpus, tok_dir, tmp_path / "fsdp", resume=True, export=True, export_dtype="float32", **fsdp)]
+    torchrun(tmp_path, "from cognica_poe.train.loop import TrainConfig, train\n"
+             "for c in ARG:\n    train(TrainConfig(**c))", [c.__dict__ for c in cfgs])
+    single = train(small_cfg(corpus, tok_dir, tmp_path / "one", device_batch_size=4, **kw))
+    l1 = [r["losses"] for r in read_metrics(tmp_path / "one")]
+    l2 = [r["losses"] for r in read_metrics(tmp_path / "fsdp")]
+    assert len(l1) == len(l2) == 3 and l2 == [r["losses"] for r in read_metrics(tmp_path / "straight")]
+    for a, b in zip(l1, l2):
+        assert a == pytest.approx(b, abs=2e-4)
+    bpb1, bpb2 = (read_metrics(tmp_path / d, "eval")[-1]["bpb"] for d in ("one", "fsdp"))
+    assert bpb1 == pytest.approx(bpb2, rel=1e-3)  # every rank took part in the evaluation's forward passes
+    ckpt = os.path.join(tmp_path, "fsdp", "checkpoints", "step_000003")
+    w1, w2 = weights(single["checkpoint"]), weights(ckpt)
+    assert all(torch.equal(v, w2[k]) for k, v in weights(tmp_path / "straight" / "checkpoints" / "step_000003").items())
+    assert {k: v.shape for k, v in w1.items()} == {k: v.shape for k, v in w2.items()}  # full tensors, same names
+    rel = {k: float((w1[k] - w2[k]).norm() / w1[k].norm()) for k in w1 if k.startswith("transformer.h.")}
+    assert max(rel.values()) < 0.1, rel  # as in the DDP test (AdamW turns roundoff-size first gradients into steps)
+    o1, o2 = (torch.load(os.path.join(c, "optim.pt"), weights_only=True) for c in (single["checkpoint"], ckpt))
+    for name in ("muon", "adamw"):
+        s1, s2 = o1[name]["state"], o2[name]["state"]
+        assert s1.keys() == s2.keys() and o1[name]["param_groups"] == o2[name]["param_groups"]
+        assert all(torch.is_tensor(v) and v.shape == s1[i][k].shape for i in s2 for k, v in s2[i].items())
+    from cognica_poe.hf import CognicaPoEForCausalLM
+
+    hf = CognicaPoEForCausalLM.from_pretrained(os.path.join(tmp_path, "fsdp", "hf"))
+    assert all(torch.equal(v, w2[k]) for k, v in hf.gpt.state_dict().items())
+
+
+def test_fsdp_grads_equal_one_process(tmp_path):
+    """shard_model + every poe_mode's backward (flat: K+1 backward calls) on half a batch per rank, two micro-batches
+    accumulated: the gathered gradients equal one process's on the whole batch."""
+    torchrun(tmp_path, """
+import sys, torch, torch.distributed as dist
+from torch.distributed.tensor import DTensor
+sys.path.insert(0, ARG["tests"])
+from test_train import batch, random_gpt
+from cognica_poe.train.loop import allreduce_mean_, backward_step, shard_model
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+for mode in ("flat", "hier", "none"):
+    ref, gpt = random_gpt(2), random_gpt(2)
+    replicated = shard_model(gpt, torch.device("cpu"))
+    for seed in (0, 1):
+        x, y = batch(seed, B=4)
+        backward_step(ref, x, y, mode, 0.5, grad_scale=0.5)
+        backward_step(gpt, x.chunk(2)[rank], y.chunk(2)[rank], mode, 0.5, grad_scale=0.5)
+    allreduce_mean_([p.grad for p in replicated])
+    assert sum(isinstance(p, DTensor) for p in gpt.parameters()) == len(list(gpt.parameters())) - len(replicated)
+    for (name, p), q in zip(gpt.named_parameters(), ref.parameters()):
+        g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        torch.testing.assert_close(g, q.grad, atol=1e-6, rtol=1e-4, msg=f"{mode} {name}")
+""", {"tests": os.path.dirname(os.path.abspath(__file__))})
+
+
+def test_sharded_muon_equals_torch_muon(tmp_path):
+    """ShardedMuon on row shards (uneven, one rank empty) or on plain tensors == torch.optim.Muon, bit for bit."""
+    torchrun(tmp_path, """
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from cognica_poe.train.optim import ShardedMuon
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (2,))
+g = torch.Generator().manual_seed(0)
+full = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ARG]
+sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in full]
+kw = dict(lr=0.05, weight_decay=0.1, momentum=0.9, nesterov=True, adjust_lr_fn="original")
+ref, opt = torch.optim.Muon(full, **kw), ShardedMuon(sharded, **kw)
+for step in range(3):
+    for p, q in zip(full, sharded):
+        p.grad = torch.randn(p.shape, generator=g)
+        q.grad = distribute_tensor(p.grad.clone(), mesh, [Shard(0)])
+    ref.step()
+    opt.step()
+for p, q in zip(full, sharded):
+    assert torch.equal(p.detach(), q.detach().full_tensor()), p.shape
+    assert torch.equal(ref.state[p]["momentum_buffer"], opt.state[q]["momentum_buffer"].full_tensor())
+""", [[5, 3], [7, 12], [12, 7], [1, 4]])
+    from cognica_poe.train.optim import ShardedMuon
+
+    g = torch.Generator().manual_seed(0)
+    full = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in [(5, 3), (3, 5)]]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in full]
+    ref, opt = torch.optim.Muon(full, lr=0.05, momentum=0.9), ShardedMuon(plain, lr=0.05, momentum=0.9)
+    for _ in range(3):
+        for p, q in zip(full, plain):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        ref.step()
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(full, plain))
+
+
+def test_fsdp_needs_torchrun(corpus, tok_dir, tmp_path):
+    with pytest.raises(ValueError, match="torchrun"):
+        train(small_cfg(corpus, tok_dir, tmp_path, fsdp=True))

@@ -18,6 +18,17 @@ backward passes, instead of wrapping the model in DDP: flat mode calls backward 
 pieces of one model, which DDP's reducer (one backward per forward) does not expect. Every rank holds the full
 model and optimizer state (no ZeRO); rank 0 evaluates, logs and saves.
 
+--fsdp (FSDP2, for models whose optimizer state does not fit one device): `shard_model` applies fully_shard to
+every block, wte, lm_head and value embedding, each called as a module, so FSDP gathers a unit's weights for its
+forward and again for its backward, and reduce-scatters (averages) its gradient after each backward that used it:
+the stage-wise backward (K+1 backward calls per micro-batch) needs nothing special, and lm_head, used by every
+stage, accumulates its sharded gradient over them. The lambdas and the smear gate (a few hundred floats, read
+directly, not through a module call) stay replicated and are averaged by hand. Muon steps the shards through
+optim.ShardedMuon (full-matrix Newton-Schulz). Every rank evaluates (the forward needs all of them); rank 0 logs.
+Checkpoints and the HF export hold full tensors gathered from the shards: the same files as a one-process run,
+so any world size (with or without --fsdp) resumes from them. The full model is built on each rank before it is
+sharded, so its weights (not its optimizer state) must fit one device.
+
 Checkpoints: <out_dir>/checkpoints/step_NNNNNN/ holds model.safetensors, optim.pt and state.pt (step, loader
 position, RNG states, configs, loop state); it is written to a temporary folder and renamed, then the `latest`
 pointer file is replaced atomically, so a crash or a NaN stop never leaves a half-written or overwritten
@@ -40,6 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..config import PRESETS, CognicaPoEConfig
 from ..eval.bpb import stage_bpb
@@ -225,6 +237,50 @@ def allreduce_mean_(tensors: list[torch.Tensor]) -> None:
         offset += t.numel()
 
 
+def shard_model(gpt: GPT, device: torch.device) -> list[torch.nn.Parameter]:
+    """
+    FSDP2 over all ranks: each block, wte, lm_head and value embedding is one fully_shard unit, gpt the root. The
+    parameters outside those units (lambdas, smear gate) are left replicated; returns them (their gradients must be
+    averaged by hand).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    units = [*gpt.transformer.h, gpt.transformer.wte, gpt.lm_head, *gpt.value_embeds.values()]
+    in_units = {id(p) for unit in units for p in unit.parameters()}
+    replicated = [p for p in gpt.parameters() if id(p) not in in_units]  # a list: the same order on every rank
+    for unit in units:
+        fully_shard(unit)
+    fully_shard(gpt, ignored_params=set(replicated))
+    with torch.no_grad():  # FSDP's root is the first module to run forward: make it gpt (training calls units)
+        gpt(torch.zeros(1, 1, dtype=torch.long, device=device))
+    return replicated
+
+
+def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ for a mix of FSDP shards (their squares summed over ranks) and replicas."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = sum((g.to_local().float().pow(2).sum() for g in grads if isinstance(g, DTensor)),
+                  torch.zeros((), device=grads[0].device))
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sharded, op=dist.ReduceOp.SUM)
+    total = float(sum((g.float().pow(2).sum() for g in grads if not isinstance(g, DTensor)), sharded).sqrt())
+    coef = min(1.0, max_norm / (total + 1e-6))
+    for g in grads:
+        g.mul_(coef)
+    return total
+
+
+def full_model_state(gpt: GPT) -> dict[str, torch.Tensor]:
+    """gpt's state dict as full CPU tensors on rank 0 (FSDP shards gathered: every rank must call it); {} elsewhere."""
+    keep = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    out = {}
+    for k, v in gpt.state_dict().items():
+        v = v.full_tensor() if isinstance(v, DTensor) else v
+        if keep:
+            out[k] = v.detach().contiguous().cpu()
+    return out
+
+
 # -----------------------------------------------------------------------------
 # checkpoints
 
@@ -250,15 +306,20 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 def save_checkpoint(ckpt_root: str, step: int, gpt: GPT, optimizer: MuonAdamW, state: dict, keep: int = 2) -> str:
-    """Write step_NNNNNN/ via a temp folder + rename, then flip the `latest` pointer. Returns the folder."""
-    os.makedirs(ckpt_root, exist_ok=True)
+    """
+    Write step_NNNNNN/ via a temp folder + rename, then flip the `latest` pointer. Returns the folder. Under FSDP
+    every rank calls it (the shards are gathered) and only rank 0 writes.
+    """
+    tensors, optim_state = full_model_state(gpt), optimizer.state_dict()
     name = f"step_{step:06d}"
     final = os.path.join(ckpt_root, name)
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return final
+    os.makedirs(ckpt_root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=ckpt_root)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in gpt.state_dict().items()},
-                  os.path.join(tmp, "model.safetensors"))
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optim.pt"))
+        save_file(tensors, os.path.join(tmp, "model.safetensors"))
+        torch.save(optim_state, os.path.join(tmp, "optim.pt"))
         torch.save(state, os.path.join(tmp, "state.pt"))
         if os.path.exists(final):  # re-saving a step (e.g. a resumed run stopping at the same step)
             shutil.rmtree(final)
@@ -282,11 +343,17 @@ def latest_checkpoint(ckpt_root: str) -> str | None:
 
 
 def load_checkpoint(folder: str, gpt: GPT, optimizer: MuonAdamW | None = None) -> dict:
-    """Copy the weights into gpt's own (aligned) tensors, restore the optimizer; returns state.pt's dict."""
+    """
+    Copy the weights into gpt's own (aligned) tensors, restore the optimizer; returns state.pt's dict. Under FSDP
+    each rank reads the full tensors and keeps its shard.
+    """
     tensors = load_file(os.path.join(folder, "model.safetensors"))
     with torch.no_grad():
         for k, v in gpt.state_dict().items():
-            v.copy_(tensors[k])
+            src = tensors[k]
+            if isinstance(v, DTensor):
+                src = distribute_tensor(src.to(v.device), v.device_mesh, v.placements, src_data_rank=None)
+            v.copy_(src)
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(os.path.join(folder, "optim.pt"), weights_only=True))
     return torch.load(os.path.join(folder, "state.pt"), weights_only=True)
@@ -296,9 +363,13 @@ def load_checkpoint(folder: str, gpt: GPT, optimizer: MuonAdamW | None = None) -
 # the loop
 
 def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """"auto" = cuda if any, else cpu; under torchrun a bare "cuda" means this process's GPU (LOCAL_RANK)."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.index is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def _get_tokenizer(cfg: TrainConfig, rank: int, vocab_size: int):
@@ -328,11 +399,11 @@ def _read_metrics(path: str, upto_step: int) -> list[str]:
 
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) a model as `cfg` says; returns a summary dict (losses, per-stage BPB, timings, paths)."""
-    if cfg.fsdp:
-        raise NotImplementedError("--fsdp is not supported: torch.optim.Muon orthogonalizes whole matrices and has "
-                                  "no DTensor/sharded path; use plain data parallelism (torchrun)")
     device = _resolve_device(cfg.device)
     rank, world = init_distributed(device.type)
+    if cfg.fsdp and world == 1:
+        raise ValueError("--fsdp shards the model over the processes of a torchrun launch (e.g. torchrun "
+                         "--nproc_per_node=8 -m cognica_poe.cli train --fsdp ...); this is a single process")
     master = rank == 0
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
@@ -349,17 +420,21 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"total_batch_size {total} is not a multiple of device_batch_size * sequence_len * world "
                          f"= {B * T * world}")
     grad_accum = total // (B * T * world)
+    replicated = shard_model(gpt, device) if cfg.fsdp else list(gpt.parameters())  # FSDP averages the rest
     optimizer = MuonAdamW(gpt, total, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.scalar_lr,
                           cfg.weight_decay, cfg.batch_lr_scale)
     corpus = Corpus(cfg.data)
     loader = PackedLoader(corpus, tok, B, T, "train", cfg.seed, rank, world, cfg.shuffle_block, device)
-    val_stream = token_stream(corpus, tok, "val", cfg.eval_tokens) if master else None
+    evaluates = master or cfg.fsdp  # an FSDP forward needs every rank
+    val_stream = token_stream(corpus, tok, "val", cfg.eval_tokens) if evaluates else None
     token_bytes = tok.token_bytes()
     if cfg.compile:
         for block in gpt.transformer.h:
             block.compile(dynamic=False)
 
     step, elapsed, smooth = 0, 0.0, 0.0
+    if world > 1:  # rank 0 may still be writing the checkpoint to resume from (a previous train() in this group)
+        dist.barrier()
     last_ckpt = latest_checkpoint(ckpt_root) if cfg.resume else None
     if cfg.resume and last_ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_root}")
@@ -388,13 +463,13 @@ def train(cfg: TrainConfig) -> dict:
         return bpb
 
     def save() -> str | None:
-        if not master:
+        if not (master or cfg.fsdp):  # under FSDP every rank takes part in gathering the shards
             return None
         state = dict(step=step, loader=loader.state_dict(), rng=_rng_state(), train_config=dataclasses.asdict(cfg),
                      model_config=overrides, elapsed=elapsed, smooth_loss=smooth)
         return save_checkpoint(ckpt_root, step, gpt, optimizer, state, cfg.keep_checkpoints)
 
-    bpb = evaluate() if (master and step == 0) else []
+    bpb = evaluate() if (evaluates and step == 0) else []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NullContext()
     bar = None
     if cfg.progress and master:
@@ -416,7 +491,7 @@ def train(cfg: TrainConfig) -> dict:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         if world > 1:
-            allreduce_mean_([p.grad for p in gpt.parameters()])
+            allreduce_mean_([p.grad for p in replicated])
             loss_vec = _allreduced(loss_vec, device)  # a NaN on any rank stops every rank
         bad = [k for k, v in enumerate(loss_vec.tolist()) if not math.isfinite(v)]
         if bad:
@@ -425,7 +500,9 @@ def train(cfg: TrainConfig) -> dict:
             where = f"stage {bad[0]}" if cfg.poe_mode != "none" else "the final exit"
             raise NonFiniteLossError(f"non-finite loss at step {step + 1} ({where}: {loss_vec.tolist()[bad[0]]}); "
                                      f"stopped before the optimizer step; last good checkpoint: {last_ckpt}")
-        if cfg.grad_clip > 0:
+        if cfg.grad_clip > 0 and cfg.fsdp:
+            clip_grad_norm_(list(gpt.parameters()), cfg.grad_clip)
+        elif cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(gpt.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -443,7 +520,7 @@ def train(cfg: TrainConfig) -> dict:
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{tok_s:,.0f} tok/s loss " + " ".join(f"{v:.3f}" for v in losses))
-        if master and (step % cfg.eval_every == 0 or step == cfg.num_steps):
+        if evaluates and (step % cfg.eval_every == 0 or step == cfg.num_steps):
             bpb = evaluate()
             if bar is not None:
                 bar.write(f"step {step}: val bpb per stage " + " ".join(f"{v:.4f}" for v in bpb))
@@ -462,7 +539,13 @@ def train(cfg: TrainConfig) -> dict:
         plot = plot_metrics(metrics_path, os.path.join(cfg.out_dir, "curves.png"),
                             f"{cfg.poe_mode} PoE, {mcfg.n_layer} layers, {mcfg.poe_n_stages} stages")
     hf_dir = None
-    if master and cfg.export and step == cfg.num_steps:
+    if cfg.export and step == cfg.num_steps and cfg.fsdp:  # gather the shards into a plain model on rank 0
+        full = full_model_state(gpt)
+        if master:
+            plain = GPT.from_config(mcfg, device="meta")
+            plain.load_state_dict(full, assign=True)
+            hf_dir = export_hf(plain, tok, os.path.join(cfg.out_dir, "hf"), cfg.export_dtype)
+    elif master and cfg.export and step == cfg.num_steps:
         hf_dir = export_hf(gpt, tok, os.path.join(cfg.out_dir, "hf"), cfg.export_dtype)
     debias = 1 - 0.9 ** max(step, 1)
     return dict(step=step, num_steps=cfg.num_steps, poe_mode=cfg.poe_mode, n_stages=mcfg.poe_n_stages,

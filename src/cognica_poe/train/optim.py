@@ -31,12 +31,22 @@ Where torch.optim.Muon differs from nanochat's Muon (so this is NOT bit-for-bit 
   today). "match_rms_adamw" (0.2 * sqrt(max(rows, cols))) would need AdamW-scale lrs and is not nanochat's.
 - momentum: the same Nesterov form (buf = lerp(buf, g, 1-mu); g = lerp(g, buf, mu)).
 AdamW is torch.optim.AdamW (fp32 math, decoupled decay, bias correction): the same update as nanochat's.
-Distributed: no ZeRO sharding here; gradients are averaged by the training loop before `step()`.
+
+Distributed: with plain data parallelism every rank holds every parameter and the loop averages the gradients
+before `step()`. With FSDP2 (`fully_shard`) the parameters, gradients and optimizer state are DTensor shards
+(rows split across ranks). AdamW is elementwise, so torch.optim.AdamW steps the shards as they are. Muon is not:
+it orthogonalizes the whole matrix, so ShardedMuon keeps the momentum buffer sharded, gathers the momentum
+update of one matrix at a time (full_tensor, in bf16, which is where Newton-Schulz starts anyway), runs the same
+Newton-Schulz as torch.optim.Muon on it, and applies only this rank's rows. Every rank orthogonalizes every matrix
+(simple; each step costs one extra bf16 all-gather of the block matrices and a redundant Newton-Schulz).
+State dicts: `state_dict()` returns full tensors (a collective under FSDP: every rank must call it), so an FSDP
+checkpoint has the same format as a single-process one; `load_state_dict()` shards full tensors back.
 """
 
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..model import GPT
 
@@ -71,6 +81,64 @@ def muon_weight_decay(step: int, num_steps: int, weight_decay: float) -> float:
     return weight_decay * 0.5 * (1 + math.cos(math.pi * step / max(num_steps, 1)))
 
 
+class ShardedMuon(torch.optim.Muon):
+    """
+    torch.optim.Muon whose parameters may be FSDP2 DTensor shards: the same update (Nesterov momentum, Newton-
+    Schulz on the full matrix, decoupled weight decay, lr * sqrt(max(1, rows/cols))) computed from the gathered
+    momentum update, of which each rank applies its own rows. Plain tensors take the same path without a gather.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        # torch.optim.Muon's own helpers, so the math is its math (tests check bit equality); imported here so a
+        # torch that moves them breaks only FSDP training
+        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)  # elementwise: stays sharded
+                update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+                sharded = isinstance(update, DTensor)
+                full = update.bfloat16().full_tensor() if sharded else update  # NS casts to bf16 first anyway
+                ortho = _zeropower_via_newtonschulz(full, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                if sharded:  # this rank's rows of the full result, no communication
+                    ortho = distribute_tensor(ortho, update.device_mesh, update.placements, src_data_rank=None)
+                p.mul_(1 - lr * wd)
+                p.add_(ortho, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))  # p.shape: the full shape
+        return loss
+
+
+def _gather_state(state: dict) -> dict:
+    """An optimizer state_dict with every DTensor gathered to a full tensor (a collective: all ranks call it)."""
+    gathered = {i: {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in s.items()}
+                for i, s in state["state"].items()}
+    return dict(state, state=gathered)
+
+
+def _shard_state(opt: torch.optim.Optimizer, state: dict) -> dict:
+    """The inverse of _gather_state for `opt`: full tensors of DTensor parameters become shards laid out alike."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    sharded = {}
+    for i, s in state["state"].items():
+        p = params[int(i)]
+        if isinstance(p, DTensor):
+            s = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                 if torch.is_tensor(v) and v.shape == p.shape else v for k, v in s.items()}
+        sharded[i] = s
+    return dict(state, state=sharded)
+
+
 class MuonAdamW:
     """Two stock optimizers behind one interface: step(), zero_grad(), apply_schedule(), state_dict()."""
 
@@ -87,8 +155,10 @@ class MuonAdamW:
             by_shape.setdefault(tuple(p.shape), []).append(p)
         muon_groups = [dict(params=ps, lr=matrix_lr * batch, wd_scale=max(1.0, s[0] / s[1]) ** 0.5)
                        for s, ps in sorted(by_shape.items())]
-        self.muon = torch.optim.Muon(muon_groups, lr=matrix_lr * batch, weight_decay=0.0, momentum=0.85,
-                                     nesterov=True, adjust_lr_fn="original")
+        fsdp = any(isinstance(p, DTensor) for p in gpt.parameters())
+        muon_cls = ShardedMuon if fsdp else torch.optim.Muon
+        self.muon = muon_cls(muon_groups, lr=matrix_lr * batch, weight_decay=0.0, momentum=0.85, nesterov=True,
+                             adjust_lr_fn="original")
         emb = embedding_lr * dmodel * batch
         adam_groups = [
             dict(params=[gpt.lm_head.weight], lr=unembedding_lr * dmodel * batch, betas=(0.8, 0.96), weight_decay=0.01),
@@ -136,8 +206,10 @@ class MuonAdamW:
             opt.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        return dict(muon=self.muon.state_dict(), adamw=self.adamw.state_dict())
+        """Full (unsharded) tensors, the same under FSDP as in one process; under FSDP every rank must call it."""
+        return dict(muon=_gather_state(self.muon.state_dict()), adamw=_gather_state(self.adamw.state_dict()))
 
     def load_state_dict(self, state: dict) -> None:
-        self.muon.load_state_dict(state["muon"])
-        self.adamw.load_state_dict(state["adamw"])
+        """Load a full state dict (from any world size); under FSDP each rank keeps its shards."""
+        self.muon.load_state_dict(_shard_state(self.muon, state["muon"]))
+        self.adamw.load_state_dict(_shard_state(self.adamw, state["adamw"]))
