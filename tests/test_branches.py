@@ -215,7 +215,7 @@ def test_clear_errors(family, tmp_path):
     with pytest.raises(ValueError, match="not a stage folder"):
         load_siblings(base, [base_dir])
     # a delta whose embedding is not the trunk's (bf16 of an fp32 base)
-    rounded = save_stage_folder(add_specialist(base, 1, seed=0), str(tmp_path / "bf16"), base_dir)
+    rounded = save_stage_folder(add_specialist(base, 1, seed=0), str(tmp_path / "bf16"), base_dir, dtype="bfloat16")
     with pytest.raises(ValueError, match="wte.weight differs"):
         load_siblings(base, [rounded])
     # the same base in another folder is still this base

@@ -89,3 +89,27 @@ def test_sft_preserves_base_and_learns(base, tmp_path):
     a = load_stage_folder(os.path.join(tmp_path, "run", "stage")).gpt.state_dict()
     b = load_stage_folder(os.path.join(tmp_path, "run2", "stage")).gpt.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_can_train_the_chat_token_rows_only(base, tmp_path):
+    """train_special_rows: the chat specials' wte rows learn; every other row (BOS included) stays bit-identical."""
+    from cognica_poe.train.sft import chat_special_ids
+
+    base_dir, tok = base
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(c) for c in toy_conversations(30)) + "\n")
+    summary = sft(SFTConfig(model=base_dir, data=str(data), out_dir=str(tmp_path / "run"), steps=6, batch_size=4,
+                            lr=3e-3, weight_decay=0.1, eval_every=3, save_every=3, train_special_rows=True))
+    reference = CognicaPoEForCausalLM.from_pretrained(base_dir).eval()
+    spec = load_stage_folder(summary["stage_dir"])
+    before, after = reference.gpt.transformer.wte.weight, spec.gpt.transformer.wte.weight
+    changed = (before != after).any(dim=1).nonzero()[:, 0].tolist()
+    # the tokens these conversations feed in (<|assistant_end|> is only ever a target here: no gradient)
+    used = [tok.convert_tokens_to_ids(t) for t in ("<|user_start|>", "<|user_end|>", "<|assistant_start|>")]
+    assert set(used) <= set(changed) <= set(chat_special_ids(tok)) and tok.bos_token_id not in changed
+    spec.config.head_mode = "base"
+    plain = torch.tensor([[tok.bos_token_id] + tok("ROMEO: what say you?")["input_ids"]])
+    chat = torch.tensor([tok.render_conversation(normalize_conversation(toy_conversations(1)[0]))[0]])
+    with torch.no_grad():
+        assert (spec.gpt(plain) - reference.gpt(plain)).abs().max().item() == 0.0
+        assert not torch.equal(spec.gpt(chat), reference.gpt(chat))  # the trained rows are read

@@ -65,7 +65,12 @@ def test_delta_format(base_dir, tmp_path):
                   for m in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     assert set(delta) == layer_keys | {"lm_head_stage.weight", "transformer.wte.weight", "resid_lambdas",
                                        "x0_lambdas"}
-    assert len(delta) == 16 and all(v.dtype == torch.bfloat16 for v in delta.values())
+    assert len(delta) == 16 and all(v.dtype == torch.float32 for v in delta.values())  # the base's dtype
+    base_wte = CognicaPoEForCausalLM.from_pretrained(base_dir).gpt.transformer.wte.weight
+    assert torch.equal(delta["transformer.wte.weight"], base_wte)  # so the base's rows load back exactly
+    small = load_file(os.path.join(save_stage_folder(spec, str(tmp_path / "bf16"), base_dir, dtype="bfloat16"),
+                                   "delta.safetensors"))
+    assert all(v.dtype == torch.bfloat16 for v in small.values())
     with open(os.path.join(folder, "config.json")) as f:
         cfg = json.load(f)
     assert cfg["base_model_name_or_path"] == base_dir and cfg["specialist_ends"] == [5]

@@ -170,12 +170,16 @@ def export_hf_folder(model: CognicaPoEForCausalLM, tokenizer: CognicaPoETokenize
 
 
 def save_stage_folder(model: CognicaPoEForCausalLM, out_dir: str, base_model_name_or_path: str,
-                      tokenizer: CognicaPoETokenizer | None = None, dtype: str | torch.dtype = "bfloat16",
+                      tokenizer: CognicaPoETokenizer | None = None, dtype: str | torch.dtype | None = None,
                       overwrite: bool = False) -> str:
-    """A specialist's stage folder: config.json (with its parent), delta.safetensors, remote code, tokenizer."""
+    """
+    A specialist's stage folder: config.json (with its parent), delta.safetensors, remote code, tokenizer.
+    dtype defaults to the model's own (the base's): the delta carries the full wte, and any other dtype would
+    round the base's rows, so the loaded base would no longer be bit-identical to its folder.
+    """
     from safetensors.torch import save_file
 
-    dtype = parse_dtype(dtype)
+    dtype = model.gpt.transformer.wte.weight.dtype if dtype is None else parse_dtype(dtype)
     delta = {k: v.detach().to(dtype).contiguous() for k, v in stage_delta(model).items()}
     with atomic_folder(out_dir, overwrite) as tmp:
         config = model.config.__class__.from_dict(model.config.to_dict())
@@ -193,7 +197,7 @@ def save_stage_folder(model: CognicaPoEForCausalLM, out_dir: str, base_model_nam
 
 
 def new_stage_folder(base: str, out_dir: str, new_layers: int, head_mode: str = "dual", seed: int = 0,
-                     dtype: str = "bfloat16", overwrite: bool = False) -> str:
+                     dtype: str | None = None, overwrite: bool = False) -> str:
     """`cognica-poe stage new`: a fresh (identity) specialist on `base`, saved as a stage folder."""
     parent = CognicaPoEForCausalLM.from_pretrained(base)
     model = add_specialist(parent, new_layers, head_mode=head_mode, seed=seed)

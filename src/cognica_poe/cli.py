@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.add_argument("--head-mode", choices=["dual", "base", "spec"], default="dual")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--dtype", default="bfloat16")
+    q.add_argument("--dtype", default=None, help="delta dtype (default: the base's, which keeps its wte rows exact)")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_stage_new)
 

@@ -7,6 +7,11 @@ touch it: with head_mode "base" the model reproduces the base bit for bit at eve
 are rendered with the chat special tokens (tokenizer.render_conversation) and the loss covers assistant
 tokens (and <|assistant_end|>) only.
 
+Optionally (`train_special_rows`) the wte rows of the chat special tokens (every special but BOS) train too: a
+gradient hook zeroes every other row, and those rows sit in an AdamW group without weight decay, so each other
+row's update is exactly zero and the base stays bit-identical on inputs without chat tokens. The stage folder
+stores the full wte, so the trained rows travel with the delta.
+
 Data: JSONL, one conversation per line, as {"messages": [{"role", "content"}, ...]} (OpenAI / nanochat), or
 {"conversations": [{"from": "human" | "gpt" | "system", "value"}, ...]} (ShareGPT), or a bare list of
 messages. The last `val_fraction` of conversations is held out.
@@ -24,7 +29,7 @@ import torch
 from ..checkpoint import save_stage_folder
 from ..hf import CognicaPoEForCausalLM
 from ..specialist import DELTA_FILE, add_specialist
-from ..tokenizer import CognicaPoETokenizer
+from ..tokenizer import SPECIAL_TOKENS, CognicaPoETokenizer
 from .loop import NonFiniteLossError, latest_checkpoint, load_checkpoint, save_checkpoint
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
@@ -88,6 +93,21 @@ def trainable_parameters(model: CognicaPoEForCausalLM) -> list[torch.nn.Paramete
     return own
 
 
+def chat_special_ids(tok: CognicaPoETokenizer) -> list[int]:
+    """Ids of the chat special tokens: every special but BOS (which starts every base input too)."""
+    return [tok.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS if name != "<|bos|>"]
+
+
+def train_wte_rows(model: CognicaPoEForCausalLM, rows: list[int]) -> torch.nn.Parameter:
+    """Make wte trainable in `rows` only: gradients of every other row are zeroed by a hook."""
+    wte = model.gpt.transformer.wte.weight
+    mask = torch.zeros(wte.size(0), 1, dtype=wte.dtype, device=wte.device)
+    mask[rows] = 1.0
+    wte.requires_grad_(True)
+    wte.register_hook(lambda grad: grad * mask)
+    return wte
+
+
 @dataclasses.dataclass
 class SFTConfig:
     model: str  # a base HF folder (a new specialist is created) or a stage folder (its leaf trains further)
@@ -104,6 +124,7 @@ class SFTConfig:
     keep_checkpoints: int = 100
     seed: int = 0
     resume: bool = False
+    train_special_rows: bool = False  # also train the wte rows of the chat special tokens (not BOS)
 
 
 @torch.no_grad()
@@ -126,8 +147,10 @@ def sft(cfg: SFTConfig) -> dict:
     model = loaded if is_stage else add_specialist(loaded, cfg.new_layers, seed=cfg.seed)
     parent = model.config.base_model_name_or_path if is_stage else os.path.abspath(cfg.model)
     model.config.head_mode = "dual"
-    params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    groups = [{"params": trainable_parameters(model), "weight_decay": cfg.weight_decay}]
+    if cfg.train_special_rows:  # no weight decay: the frozen rows must get an update of exactly zero
+        groups.append({"params": [train_wte_rows(model, chat_special_ids(tok))], "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     convs = read_conversations(cfg.data)
     n_val = max(1, int(len(convs) * cfg.val_fraction))
     train_convs, val_convs = convs[:-n_val], convs[-n_val:]
