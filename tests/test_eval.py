@@ -217,3 +217,28 @@ def test_report_rejects_a_single_exit_model(tmp_path):
         build_report(perturbed_model(poe_mode="none", poe_every=4), None)
     with pytest.raises(ValueError, match="draft stages"):
         build_report(perturbed_model(), None, settings=ReportSettings(draft_stages=(3,)))
+
+
+def test_report_on_a_specialist_with_prompts_and_jsonl(tok, tmp_path):
+    """A specialist's exits (base exits + its own) go through the whole report; prompts and JSONL data are read."""
+    from cognica_poe.eval.report import ReportSettings, build_report, write_report
+    from cognica_poe.specialist import add_specialist
+    from tests.conftest import perturbed_model
+
+    model = add_specialist(perturbed_model(vocab_size=len(tok)), 1, seed=0).eval()
+    with torch.no_grad():
+        model.gpt.lm_head_stage.weight.normal_(0, 0.02)
+    data = tmp_path / "held.jsonl"
+    docs = [{"text": f"Line {i}: the quick brown fox jumps over the lazy dog, said the {i}th herald."}
+            for i in range(60)]
+    data.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    st = ReportSettings(eval_tokens=1500, new_tokens=3, runs=1, ks=(1, 2), safeties=(1.0,), seq_len=32)
+    r = build_report(model, tok, str(data), prompts=["ROMEO:", "The fox"], settings=st, name="spec")
+    n = model.poe_n_stages
+    assert n == 5 and len(r["stage_bpb"]) == n and len(r["agreement_matrix"]) == n
+    assert r["model"]["specialist_ends"] == [4] and len(r["wand"]["p99_bounds"]) == n - 1
+    assert r["speed"]["prompts"] == 2 and r["speed"]["tokens_per_run"] == 6
+    assert sum(r["wand"]["safeties"][0]["exit_histogram"]) == 6 and all(x["lossless"] for x in r["speculative"])
+    files = write_report(r, str(tmp_path / "out"), plots=False)
+    assert json.loads(open(files["json"]).read())["model"]["name"] == "spec"
+    assert "Stage 3 prefix pruning" in open(files["markdown"]).read()
