@@ -283,10 +283,11 @@ def cmd_report(args: argparse.Namespace) -> None:
     if args.baseline:
         baseline = load_model(args.baseline, dtype=args.dtype)
         base_tok = CognicaPoETokenizer.from_pretrained(args.baseline)
-    r = build_report(model, tok, args.data, prompts, baseline, base_tok, report_settings(args),
-                     name=os.path.basename(os.path.normpath(args.model)),
+    name = os.path.basename(os.path.normpath(args.model))
+    r = build_report(model, tok, args.data, prompts, baseline, base_tok, report_settings(args), name=name,
                      progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-    files = write_report(r, args.out or os.path.join(args.model, "report"), plots=not args.no_plots)
+    # not inside the model folder by default: it may be read-only (a hub cache snapshot)
+    files = write_report(r, args.out or os.path.join("reports", name), plots=not args.no_plots)
     if args.json:
         print(json.dumps(r))
         return
@@ -470,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=None, help="prompt file, one prompt per line (\\n for newlines); "
                                                    "default: the starts of held-out documents")
     p.add_argument("--baseline", default=None, help="a backprop model folder: adds the PoE-vs-BP BPB gap")
-    p.add_argument("--out", default=None, help="output folder (default: MODEL/report)")
+    p.add_argument("--out", default=None, help="output folder (default: ./reports/<model folder name>)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--json", action="store_true", help="print report.json to stdout")
