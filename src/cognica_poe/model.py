@@ -67,16 +67,15 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ve: torch.Tensor | None, step: "StepContext") -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:  # ResFormer-style value residual, gated per kv head
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, H_kv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        q = apply_rotary(q, step.rotary_cos, step.rotary_sin)
-        k = apply_rotary(k, step.rotary_cos, step.rotary_sin)
-        q = norm(q) * self.qk_scale
-        k = norm(k) * self.qk_scale
+        # rotary, QK norm and the QK scale act per head: one call each for the queries' and keys' heads together
+        qk = torch.cat([self.c_q(x).view(B, T, self.n_head, self.head_dim),
+                        self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)], dim=2)  # (B, T, H + H_kv, D)
+        qk = norm(apply_rotary(qk, step.rotary_cos, step.rotary_sin)) * self.qk_scale
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if step.cache is not None:
             layer = step.cache.layers[self.layer_idx]
