@@ -235,3 +235,30 @@ def test_clear_errors(family, tmp_path):
         sib.generate_parallel_composition(ids, stages=[3, "math"], stage_weights=[1.0])
     with pytest.raises(ValueError, match="at least one"):
         sib.generate_parallel_composition(ids, stages=[])
+
+
+def test_cli_generates_from_siblings(tmp_path, capsys):
+    """`cognica-poe generate BASE --siblings A B --mode compose --stages 3 math code` == the Python API."""
+    import os
+
+    from cognica_poe.cli import main as cli_main
+    from cognica_poe.tokenizer_train import train_bpe
+
+    corpus = os.path.join(os.path.dirname(__file__), "..", "src", "cognica_poe", "data", "tinyshakespeare.txt")
+    with open(corpus, encoding="utf-8") as f:
+        tok = train_bpe(iter(f.read()[:100_000].split("\n\n")), vocab_size=512)
+    base_dir = export_hf_folder(perturbed_model(seed=3, vocab_size=len(tok)), tok, str(tmp_path / "base"),
+                                dtype="float32")
+    folders = make_siblings(CognicaPoEForCausalLM.from_pretrained(base_dir).eval(), base_dir, tmp_path)
+    ids = torch.tensor([[tok.bos_token_id] + tok("ROMEO:")["input_ids"]])
+    sib = load_siblings(base_dir, [folders["math"], folders["code"]])
+    for mode_args, want in (
+            (["--mode", "compose", "--stages", "3", "math", "code"],
+             sib.generate_parallel_composition(ids, stages=[3, "math", "code"], max_new_tokens=5, stop_tokens=[])),
+            (["--mode", "stage", "--stage", "code"],
+             sib.generate_stage(ids, "code", max_new_tokens=5, stop_tokens=[]))):
+        assert cli_main(["generate", base_dir, "ROMEO:", "--siblings", folders["math"], folders["code"],
+                         "--max-new-tokens", "5", "--stop", *mode_args]) == 0
+        assert capsys.readouterr().out == tok.decode(want[0, ids.size(1):]) + "\n"
+    assert cli_main(["generate", base_dir, "ROMEO:", "--siblings", folders["math"], "--mode", "wand"]) == 2
+    assert "--siblings works with" in capsys.readouterr().err

@@ -102,7 +102,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .tokenizer import CognicaPoETokenizer
 
-    model = load_model(args.model, dtype=args.dtype)
+    if args.siblings:  # stage folders that branch from MODEL, on one shared trunk
+        from .branches import load_siblings
+        from .checkpoint import parse_dtype
+
+        if args.mode not in ("stage", "compose"):
+            raise ValueError("--siblings works with --mode stage or --mode compose")
+        model = load_siblings(args.model, args.siblings, dtype=parse_dtype(args.dtype) if args.dtype else None)
+        n_exits = model.n_exits
+    else:
+        model = load_model(args.model, dtype=args.dtype)
+        n_exits = model.poe_n_stages
     tok = CognicaPoETokenizer.from_pretrained(args.model)
     ids = torch.tensor([[tok.bos_token_id] + tok(args.prompt)["input_ids"]])
     sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0 else 1.0,
@@ -127,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                               return_acceptance=True, streamer=stream, **sampling)
         extra = f"acceptance: {acc:.3f}"
     else:
-        out = model.generate_parallel_composition(ids, stages=args.stages or list(range(model.poe_n_stages)),
+        out = model.generate_parallel_composition(ids, stages=args.stages or list(range(n_exits)),
                                                   stage_weights=args.stage_weights, streamer=stream, **sampling)
     elapsed = time.perf_counter() - t0
     n = out.size(1) - ids.size(1)
@@ -346,6 +356,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
         print(f"--- {name}\n{tok.decode(seq[0, ids.size(1):])!r}")
 
 
+def exit_arg(text: str) -> int | str:
+    """An exit on the command line: an index (0-based, negative from the end) or a sibling's name."""
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def add_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=3, help="timed runs per speed figure (the median is reported)")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt in the speed runs")
@@ -379,12 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("prompt", help="text; BOS is prepended")
     p.add_argument("--mode", choices=["full", "stage", "wand", "speculative", "compose"], default="full")
-    p.add_argument("--stage", type=int, default=0, help="stage mode: the exit to decode from (0-based)")
+    p.add_argument("--stage", type=exit_arg, default=0, help="stage mode: the exit to decode from (0-based)")
     p.add_argument("--safety", type=float, default=1.0, help="wand: safety factor on the bounds")
     p.add_argument("--p99-bounds", type=float, nargs="+", default=None, help="wand: bounds (default: config/card)")
     p.add_argument("--draft-stage", type=int, default=0, help="speculative: the drafting exit")
     p.add_argument("--k-draft", type=int, default=3, help="speculative: drafts per iteration")
-    p.add_argument("--stages", type=int, nargs="+", default=None, help="compose: the exits to combine")
+    p.add_argument("--stages", type=exit_arg, nargs="+", default=None, help="compose: the exits to combine")
+    p.add_argument("--siblings", nargs="+", default=None,
+                   help="stage folders branching from MODEL, loaded on one shared trunk (modes stage and compose); "
+                        "exits: MODEL's, then one per sibling, also named by folder name")
     p.add_argument("--stage-weights", type=float, nargs="+", default=None, help="compose: their weights")
     p.add_argument("--stop", type=int, nargs="*", default=None, help="stop token ids (default: the config's eos)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
