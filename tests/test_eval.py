@@ -156,6 +156,14 @@ def test_composition_bpb_by_hand_and_cli(d8_model, tmp_path, capsys):
     assert r["margin"]["compositions"]["0+3"] == pytest.approx(float((both[:, 0] - both[:, 1]).mean()), rel=1e-4)
     with pytest.raises(ValueError, match="exit indices"):
         evaluate_bpb(model.gpt, stream, tb, seq_len=64, compositions=[[0, 7]])
+    # weighted: the geometric mean (weights 1/2), by hand
+    w = evaluate_bpb(model.gpt, stream, tb, seq_len=64, compositions=[[0, 3]], composition_weights=[[0.5, 0.5]])
+    mean = torch.log_softmax(0.5 * F.log_softmax(exits[0][0].double(), -1) + 0.5 * F.log_softmax(exits[3][0].double(),
+                                                                                                  -1), -1)
+    want = float(-mean[torch.arange(64), y][keep].sum()) / (math.log(2) * int(tb[y].sum()))
+    assert w["compositions"]["0.5*0+0.5*3"] == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="weights"):
+        evaluate_bpb(model.gpt, stream, tb, seq_len=64, compositions=[[0, 3]], composition_weights=[[1.0]])
     folder = export_hf_folder(model, tok, str(tmp_path / "m"), dtype="float32")
     assert cli_main(["eval", "bpb", folder, "--max-tokens", "3000", "--seq-len", "128", "--compose", "0,3",
                      "0,1,2,3", "--json"]) == 0
@@ -184,7 +192,11 @@ def test_report_has_every_field_in_range(d8_model, tmp_path, capsys):
     assert r["machine"]["cpu"] and r["heldout"]["tokens"] == 3000
     assert len(r["stage_bpb"]) == n and all(0.5 < b < 8 for b in r["stage_bpb"])
     assert r["stage_bpb"][3] < r["stage_bpb"][0]  # deeper is better on a trained model
-    assert set(r["composition_bpb"]) == {"0+1+2+3", "2+3"} and set(r["margins"]["compositions"]) == {"0+1+2+3", "2+3"}
+    combos = {"0+1+2+3", "0.25*0+0.25*1+0.25*2+0.25*3", "2+3"}
+    assert set(r["composition_bpb"]) == set(r["margins"]["compositions"]) == combos
+    # the geometric mean is a calibrated mixture: within the exits' BPB range, unlike the sharper product
+    assert r["composition_bpb"]["0.25*0+0.25*1+0.25*2+0.25*3"] < r["composition_bpb"]["0+1+2+3"]
+    assert r["composition_bpb"]["0.25*0+0.25*1+0.25*2+0.25*3"] < max(r["stage_bpb"]) + 0.05
     m = r["agreement_matrix"]
     assert all(m[i][i] == 1.0 and all(0 <= m[i][j] <= 1 and m[i][j] == m[j][i] for j in range(n)) for i in range(n))
     assert r["agreement_with_final"] == [row[3] for row in m] and r["agreement_with_final"][3] == 1.0

@@ -26,23 +26,34 @@ def windows(stream: torch.Tensor, seq_len: int) -> list[tuple[torch.Tensor, torc
 @torch.no_grad()
 def evaluate_bpb(gpt: GPT, stream: torch.Tensor, token_bytes: torch.Tensor, seq_len: int | None = None,
                  batch_size: int = 8, stage_boundaries: list[int] | None = None,
-                 compositions: list[list[int]] | None = None) -> dict:
+                 compositions: list[list[int]] | None = None,
+                 composition_weights: list[list[float] | None] | None = None) -> dict:
     """
     BPB of each exit (default: every stage boundary) and of Log-OP compositions of exits (lists of indices into
-    the exits, equal weights; the product is renormalised), over fresh-context windows of `stream`, one pass
-    per batch. Returns {"stages": [...], "compositions": {"0+3": ...}} and, from the same pass and the same
-    counted targets: "agreement" (exits x exits: how often two exits' top-1 tokens agree), "top1_accuracy"
-    (per exit, then per composition) and "margin" (mean top-1 minus top-2 log-probability, per exit and per
-    composition: how much sharper a product of exits is than one exit).
+    the exits; weights 1, the product of experts, unless composition_weights gives a list for that composition,
+    e.g. 1/n for the geometric mean; the result is renormalised), over fresh-context windows of `stream`, one
+    pass per batch. A composition's key is "0+3" with weights 1, else "0.5*0+0.5*3".
+    Returns {"stages": [...], "compositions": {"0+3": ...}} and, from the same pass and the same counted
+    targets: "agreement" (exits x exits: how often two exits' top-1 tokens agree), "top1_accuracy" (per exit,
+    then per composition) and "margin" (mean top-1 minus top-2 log-probability, per exit and per composition:
+    how much sharper a product of exits is than one exit).
     """
     from ..compose import log_op
 
     seq_len = seq_len or gpt.config.sequence_len
     boundaries = stage_boundaries or gpt.config.poe_stage_boundary_layers
     compositions = compositions or []
-    for combo in compositions:
+    weights = list(composition_weights or [None] * len(compositions))
+    if len(weights) != len(compositions):
+        raise ValueError(f"{len(weights)} weight lists for {len(compositions)} compositions")
+    weights = [[1.0] * len(c) if w is None else [float(x) for x in w] for c, w in zip(compositions, weights)]
+    for combo, w in zip(compositions, weights):
         if not combo or any(not 0 <= k < len(boundaries) for k in combo):
             raise ValueError(f"composition {combo} must list exit indices in 0..{len(boundaries) - 1}")
+        if len(w) != len(combo):
+            raise ValueError(f"composition {combo} has {len(combo)} exits but {len(w)} weights")
+    names = ["+".join(map(str, c)) if all(x == 1.0 for x in w) else "+".join(f"{x:g}*{k}" for k, x in zip(c, w))
+             for c, w in zip(compositions, weights)]
     device = gpt.lm_head.weight.device
     token_bytes = token_bytes.to(device)
     pairs = windows(stream, seq_len)
@@ -62,7 +73,7 @@ def evaluate_bpb(gpt: GPT, stream: torch.Tensor, token_bytes: torch.Tensor, seq_
         total_bytes += int(nb.sum())
         n_counted += int(counted.sum())
         exits = gpt.forward_all_stages(x, boundaries)
-        scores = list(exits) + [log_op([exits[k] for k in combo], [1.0] * len(combo)) for combo in compositions]
+        scores = list(exits) + [log_op([exits[k] for k in c], w) for c, w in zip(compositions, weights)]
         top1 = []
         for k, logits in enumerate(scores):
             logp = torch.log_softmax(logits.float().reshape(-1, logits.size(-1)), dim=-1)  # (B*T, V)
@@ -71,15 +82,15 @@ def evaluate_bpb(gpt: GPT, stream: torch.Tensor, token_bytes: torch.Tensor, seq_
             margin[k] += ((top.values[:, 0] - top.values[:, 1]) * counted).sum().double()
             correct[k] += ((top.indices[:, 0] == y.reshape(-1)) & counted).sum().double()
             top1.append(top.indices[:, 0])
-        for i in range(n_exits):
-            for j in range(n_exits):
-                agree[i, j] += ((top1[i] == top1[j]) & counted).sum().double()
+        for a in range(n_exits):
+            for b in range(n_exits):
+                agree[a, b] += ((top1[a] == top1[b]) & counted).sum().double()
     bpb = [float(n) / (math.log(2) * total_bytes) for n in nats]
     n = max(n_counted, 1)
 
     def split(values: list[float]) -> dict:
         return {"stages": values[:n_exits],
-                "compositions": {"+".join(map(str, c)): v for c, v in zip(compositions, values[n_exits:])}}
+                "compositions": dict(zip(names, values[n_exits:]))}
 
     return {**split(bpb), "agreement": (agree / n).tolist(), "top1_accuracy": split((correct / n).tolist()),
             "margin": split((margin / n).tolist()), "counted_tokens": n_counted}

@@ -225,13 +225,17 @@ def build_report(model, tokenizer, data: str | None = None, prompts: list[str] |
         raise ValueError(f"draft stages must be in 0..{last - 1}, got {list(st.draft_stages)}")
     seq_len = st.seq_len or min(model.config.sequence_len, 1024)
     docs = heldout_documents(data)
-    compositions = st.compositions or ([list(range(n_stages))] + ([[last - 1, last]] if n_stages > 2 else []))
+    # the product of all exits (weights 1: the card's margin effect), their geometric mean (weights 1/n: a
+    # calibrated distribution, the 1.5B card's combiner), and the product of the last two exits
+    every = list(range(n_stages))
+    compositions = st.compositions or ([every, every] + ([[last - 1, last]] if n_stages > 2 else []))
+    weights = None if st.compositions else ([None, [1 / n_stages] * n_stages] + ([None] if n_stages > 2 else []))
 
     say(f"quality pass: {n_stages} exits over up to {st.eval_tokens:,} held-out tokens")
     stream = doc_stream(docs, tokenizer, st.eval_tokens)
     seq_len = min(seq_len, len(stream) - 2)
     quality = evaluate_bpb(gpt, stream, tokenizer.token_bytes(), seq_len=seq_len, batch_size=st.batch_size,
-                           compositions=compositions)
+                           compositions=compositions, composition_weights=weights)
 
     bounds, bounds_source, speed_docs = model.config.wand_p99_bounds, "config", docs
     if bounds is None:
@@ -256,7 +260,7 @@ def build_report(model, tokenizer, data: str | None = None, prompts: list[str] |
                   "dtype": str(next(gpt.parameters()).dtype).replace("torch.", ""),
                   "specialist_ends": model.config.specialist_ends},
         "machine": machine(),
-        "settings": {**asdict(st), "seq_len": seq_len, "compositions": compositions},
+        "settings": {**asdict(st), "seq_len": seq_len, "compositions": list(quality["compositions"])},
         "heldout": {"source": data or "bundled corpus (validation split)", "documents": len(docs),
                     "tokens": len(stream), "counted_tokens": quality["counted_tokens"]},
         "stage_bpb": quality["stages"],
@@ -331,7 +335,8 @@ def capability_table(r: dict) -> str:
     for name, m in r["margins"]["compositions"].items():
         rows.append((f"Parallel composition (Log-OP of stages {name})",
                      f"top-1 margin {final_margin:.2f} -> {m:.2f} ({m - final_margin:+.2f}) "
-                     f"vs the final exit alone; BPB {r['composition_bpb'][name]:.4f}",
+                     f"vs the final exit alone; BPB {r['composition_bpb'][name]:.4f} vs "
+                     f"{r['stage_bpb'][last]:.4f}",
                      f"mean top-1 minus top-2 log-probability, {how_quality}"))
     if r["baseline"]:
         b = r["baseline"]
