@@ -166,9 +166,9 @@ def test_composition_bpb_by_hand_and_cli(d8_model, tmp_path, capsys):
         evaluate_bpb(model.gpt, stream, tb, seq_len=64, compositions=[[0, 3]], composition_weights=[[1.0]])
     folder = export_hf_folder(model, tok, str(tmp_path / "m"), dtype="float32")
     assert cli_main(["eval", "bpb", folder, "--max-tokens", "3000", "--seq-len", "128", "--compose", "0,3",
-                     "0,1,2,3", "--json"]) == 0
+                     "0,1,2,3", "0:0.5,3:0.5", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert len(out["stages"]) == 4 and set(out["compositions"]) == {"0+3", "0+1+2+3"}
+    assert len(out["stages"]) == 4 and set(out["compositions"]) == {"0+3", "0+1+2+3", "0.5*0+0.5*3"}
     assert all(1.0 < b < 5.0 for b in out["stages"])
 
 

@@ -232,9 +232,15 @@ def cmd_eval_bpb(args: argparse.Namespace) -> None:
     model = load_model(args.model, dtype=args.dtype)
     tok = CognicaPoETokenizer.from_pretrained(args.model)
     stream = token_stream(Corpus(args.data), tok, args.split, max_tokens=args.max_tokens)
-    combos = [[int(k) for k in c.split(",")] for c in (args.compose or [])]
+    combos, weights = [], []
+    for spec in args.compose or []:  # "0,3" (weights 1) or "0:0.5,3:0.5"
+        items = [item.split(":") for item in spec.split(",")]
+        if any(len(it) > 2 for it in items):
+            raise ValueError(f"--compose {spec!r}: write exits as I or I:WEIGHT, comma-separated")
+        combos.append([int(it[0]) for it in items])
+        weights.append([float(it[1]) if len(it) == 2 else 1.0 for it in items])
     r = evaluate_bpb(model.gpt, stream, tok.token_bytes(), seq_len=args.seq_len, batch_size=args.batch_size,
-                     compositions=combos)
+                     compositions=combos, composition_weights=weights)
     r["tokens"] = len(stream)
     if args.json:
         print(json.dumps(r))
@@ -451,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-tokens", type=int, default=262_144)
     q.add_argument("--seq-len", type=int, default=None)
     q.add_argument("--batch-size", type=int, default=8)
-    q.add_argument("--compose", nargs="*", default=None, metavar="I,J,...", help="exit subsets, e.g. 0,3 0,1,2,3")
+    q.add_argument("--compose", nargs="*", default=None, metavar="I,J,...",
+                   help="Log-OP exit subsets, e.g. 0,3 0,1,2,3; weights as I:W, e.g. 0:0.5,3:0.5 (default 1)")
     q.add_argument("--dtype", default=None)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_eval_bpb)
