@@ -421,10 +421,11 @@ class GPT(nn.Module):
                     cache: CognicaKVCache | None) -> dict[int, torch.Tensor]:
         wanted = set(exits)
         keep = cache is not None and cache.keep_hidden
+        backout_layer = self.config.backout_layer  # read once: a config attribute costs microseconds (transformers)
         out = {}
         for i in range(first, last + 1):
             x = self.run_layer(i, x, x0, idx, step)
-            if i == self.config.backout_layer:
+            if i == backout_layer:
                 x_backout = x
             if keep and (i in cache.hidden_layers):
                 cache.store_hidden(i, step.start, x)
