@@ -61,12 +61,13 @@ def heldout_docs() -> list[str]:
 def trained_part(dtype: str, new_tokens: int, runs: int) -> dict:
     """Every mode on the trained model: the capability report's speed measurements, with WAND bounds calibrated
     on the first half of the held-out documents and prompts from the second half."""
-    from cognica_poe.eval.report import doc_stream, measure_modes
+    from cognica_poe.eval.report import measure_modes
+    from cognica_poe.train.data import documents_stream
     from cognica_poe.wand import calibrate_wand_bounds
 
     model, tok = load_trained(dtype)
     docs = heldout_docs()
-    bounds = calibrate_wand_bounds(model, doc_stream(docs[: len(docs) // 2], tok, 40_000), seq_len=256)
+    bounds = calibrate_wand_bounds(model, documents_stream(docs[: len(docs) // 2], tok, 40_000), seq_len=256)
     prompts = [[tok.bos_token_id] + tok.encoding.encode_ordinary(d)[:24] for d in docs[len(docs) // 2:][:4]]
     res = {"model": "poe-d8-classics (8 layers, 256 wide, 4 exits)", "dtype": dtype, "calibrated_p99_bounds": bounds}
     res.update(measure_modes(model, prompts, bounds, new_tokens, runs, safeties=(0.1, 0.25, 0.5, 1.0, 2.0),

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .cache import CognicaKVCache, CognicaKVLayer
-from .compose import log_op
+from .compose import composition_weights, log_op
 from .config import CognicaPoEConfig
 from .hf import CognicaPoEForCausalLM
 from .sampling import decode
@@ -227,10 +227,7 @@ class SiblingSpecialists:
         if not stages:
             raise ValueError("stages must name at least one exit")
         exits = [self.exit_index(s) for s in stages]
-        weights = [1.0] * len(exits) if stage_weights is None else [float(w) for w in stage_weights]
-        if len(weights) != len(exits):
-            raise ValueError(f"stage_weights has {len(weights)} entries but stages has {len(exits)}")
-        return exits, weights
+        return exits, composition_weights(len(exits), stage_weights)
 
     def attach(self, cache: CognicaKVCache, exits: list[int]) -> dict[int, CognicaKVCache]:
         """

@@ -20,18 +20,21 @@ def log_op(logits: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     return sum(w * torch.log_softmax(l.float(), dim=-1) for w, l in zip(weights, logits))
 
 
+def composition_weights(n_stages: int, stage_weights: list[float] | None) -> list[float]:
+    """One weight per chosen exit, 1.0 each by default."""
+    weights = [1.0] * n_stages if stage_weights is None else [float(w) for w in stage_weights]
+    if len(weights) != n_stages:
+        raise ValueError(f"stage_weights has {len(weights)} entries but stages has {n_stages}")
+    return weights
+
+
 def check_composition(model, stages: list[int], stage_weights: list[float] | None) -> tuple[list[int], list[float]]:
     stages = list(stages)
     if not stages:
         raise ValueError("stages must name at least one stage")
     for s in stages:
         model.stage_boundary(s)  # raises for a bad index
-    if stage_weights is None:
-        stage_weights = [1.0] * len(stages)
-    stage_weights = [float(w) for w in stage_weights]
-    if len(stage_weights) != len(stages):
-        raise ValueError(f"stage_weights has {len(stage_weights)} entries but stages has {len(stages)}")
-    return stages, stage_weights
+    return stages, composition_weights(len(stages), stage_weights)
 
 
 @torch.no_grad()

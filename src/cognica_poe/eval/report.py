@@ -62,25 +62,24 @@ def machine() -> dict:
             "python": platform.python_version(), "cuda": torch.cuda.is_available()}
 
 
-def median_time(fn: Callable[[], object], runs: int = 3) -> float:
-    """Median wall time of `runs` calls of fn, after one untimed warm-up call (allocations, kernel choice)."""
+def median_run(fn: Callable[[], object], runs: int = 3) -> tuple[float, object]:
+    """
+    (median wall time, result of the median run) over `runs` timed calls of fn, after one untimed warm-up call
+    (allocations, kernel choice). With an odd number of runs the result comes from the run whose time is the
+    median, so statistics and speed describe one run.
+    """
     fn()
-    times = []
+    timed = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        result = fn()
+        timed.append((time.perf_counter() - t0, result))
+    return statistics.median(t for t, _ in timed), sorted(timed, key=lambda x: x[0])[len(timed) // 2][1]
 
 
-def doc_stream(docs: list[str], tokenizer, max_tokens: int | None = None) -> torch.Tensor:
-    """[BOS] + tokens of each document, concatenated (1-D int64), capped at max_tokens."""
-    out: list[int] = []
-    for d in docs:
-        out += [tokenizer.bos_token_id] + tokenizer.encoding.encode_ordinary(d)
-        if max_tokens is not None and len(out) >= max_tokens:
-            return torch.tensor(out[:max_tokens], dtype=torch.long)
-    return torch.tensor(out, dtype=torch.long)
+def median_time(fn: Callable[[], object], runs: int = 3) -> float:
+    """Median wall time of `runs` calls of fn, after one untimed warm-up call."""
+    return median_run(fn, runs)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -138,13 +137,8 @@ def measure_modes(model, prompts: list[list[int]], bounds: list[float], new_toke
 
     res["wand"] = []
     for safety in safeties:
-        outs = []
-
-        def run(safety=safety, outs=outs):
-            outs.clear()
-            outs.extend(run_wand(model, ids, safety=safety, p99_bounds=bounds, **kw) for ids in tensors)
-
-        t = median_time(run, runs)
+        t, outs = median_run(lambda safety=safety: [run_wand(model, ids, safety=safety, p99_bounds=bounds, **kw)
+                                                    for ids in tensors], runs)
         used = torch.cat([r.stages_used[0] for r in outs])
         hist = torch.bincount(used, minlength=last + 1).tolist()
         layers = sum(h * (model.poe_stage_boundary_layers[s] + 1) for s, h in enumerate(hist))
@@ -157,18 +151,10 @@ def measure_modes(model, prompts: list[list[int]], bounds: list[float], new_toke
     step_time = (t_full - t_prefill) / n_tokens  # one full-depth decode step
     for draft_stage in draft_stages:
         for k in ks:
-            def run(k=k, draft_stage=draft_stage):
-                return [run_speculative(model, ids, draft_stage=draft_stage, k_draft=k, **kw) for ids in tensors]
-
             # c, v and the wall time all come from the same (median) run, so the cost model and the measurement
             # see the same machine state
-            run()
-            timed = []
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                stats = run()
-                timed.append((time.perf_counter() - t0, stats))
-            t, stats = sorted(timed, key=lambda x: x[0])[len(timed) // 2]
+            t, stats = median_run(lambda k=k, d=draft_stage: [run_speculative(model, ids, draft_stage=d, k_draft=k,
+                                                                              **kw) for ids in tensors], runs)
             accepted = sum(r.accepted for r in stats)
             iters = sum(r.iterations for r in stats)
             tokens_per_iter = 1 + accepted / iters
@@ -211,6 +197,7 @@ def build_report(model, tokenizer, data: str | None = None, prompts: list[str] |
     held-out documents), `baseline` an optional backprop model (its own tokenizer) scored on the same documents.
     """
     from ..eval.bpb import evaluate_bpb
+    from ..train.data import documents_stream
     from ..wand import calibrate_wand_bounds
 
     st = settings or ReportSettings()
@@ -232,7 +219,7 @@ def build_report(model, tokenizer, data: str | None = None, prompts: list[str] |
     weights = None if st.compositions else ([None, [1 / n_stages] * n_stages] + ([None] if n_stages > 2 else []))
 
     say(f"quality pass: {n_stages} exits over up to {st.eval_tokens:,} held-out tokens")
-    stream = doc_stream(docs, tokenizer, st.eval_tokens)
+    stream = documents_stream(docs, tokenizer, st.eval_tokens)
     seq_len = min(seq_len, len(stream) - 2)
     quality = evaluate_bpb(gpt, stream, tokenizer.token_bytes(), seq_len=seq_len, batch_size=st.batch_size,
                            compositions=compositions, composition_weights=weights)
@@ -240,7 +227,7 @@ def build_report(model, tokenizer, data: str | None = None, prompts: list[str] |
     bounds, bounds_source, speed_docs = model.config.wand_p99_bounds, "config", docs
     if bounds is None:
         half = max(len(docs) // 2, 1)
-        calib = doc_stream(docs[:half], tokenizer, st.calib_tokens)
+        calib = documents_stream(docs[:half], tokenizer, st.calib_tokens)
         say(f"calibrating WAND bounds on {len(calib):,} tokens (the first half of the held-out documents)")
         bounds = calibrate_wand_bounds(model, calib, seq_len=min(seq_len, len(calib) - 1))
         bounds_source, speed_docs = "calibrated on the first half of the held-out documents", docs[half:] or docs
@@ -277,7 +264,7 @@ def build_report(model, tokenizer, data: str | None = None, prompts: list[str] |
     if baseline is not None:
         say("baseline: BPB of the backprop model on the same documents")
         base_tok = baseline_tokenizer or tokenizer
-        base_stream = doc_stream(docs, base_tok, st.eval_tokens)
+        base_stream = documents_stream(docs, base_tok, st.eval_tokens)
         # the same documents: cut the baseline's stream where the PoE stream's documents end
         n_docs = int((stream == tokenizer.bos_token_id).sum())
         bos_at = (base_stream == base_tok.bos_token_id).nonzero()[:, 0].tolist() + [len(base_stream)]

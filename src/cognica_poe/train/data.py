@@ -23,7 +23,7 @@ import glob
 import json
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib import resources
 
 import torch
@@ -143,9 +143,14 @@ class Corpus:
 
 def token_stream(corpus: Corpus, tokenizer, split: str = "val", max_tokens: int | None = None) -> torch.Tensor:
     """1-D int64 stream of [BOS] + tokens of each document in file order (for evaluation), capped at max_tokens."""
+    return documents_stream(corpus.docs(split), tokenizer, max_tokens)
+
+
+def documents_stream(docs: Iterable[str], tokenizer, max_tokens: int | None = None) -> torch.Tensor:
+    """1-D int64 stream of [BOS] + tokens of each document, in order, capped at max_tokens."""
     bos = tokenizer.bos_token_id
     out: list[int] = []
-    for doc in corpus.docs(split):
+    for doc in docs:
         out.append(bos)
         out.extend(tokenizer.encoding.encode_ordinary(doc))
         if max_tokens is not None and len(out) >= max_tokens:
