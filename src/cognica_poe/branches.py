@@ -30,6 +30,7 @@ from .cache import CognicaKVCache, CognicaKVLayer
 from .compose import composition_weights, log_op
 from .config import CognicaPoEConfig
 from .hf import CognicaPoEForCausalLM
+from .packed import Linear, pack_linears
 from .sampling import decode
 from .specialist import DELTA_FILE, load_stage_folder, resolve_parent, stage_delta
 from .weights import check_shapes, load_safetensors
@@ -115,7 +116,7 @@ def shared_heads(base: CognicaPoEForCausalLM) -> nn.ModuleDict:
         heads.update(gpt.ancestor_heads)
         below = cfg.specialist_ends[:-1]
         head = gpt.ancestor_heads[str(below[-1])] if below else gpt.lm_head
-        leaf = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False, device="meta")
+        leaf = Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False, device="meta")
         leaf.weight = nn.Parameter(head.weight.detach() + gpt.lm_head_stage.weight.detach(), requires_grad=False)
         heads[str(cfg.specialist_ends[-1])] = leaf
     return heads
@@ -203,6 +204,10 @@ class SiblingSpecialists:
     @property
     def n_exits(self) -> int:
         return self.n_base_exits + len(self.branches)
+
+    def pack_weights(self) -> int:
+        """CPU inference: prepacked copies of the base's and every branch's large matrices, shared ones packed once."""
+        return pack_linears(nn.ModuleList([self.base, *self.branches]))  # modules() visits a shared module once
 
     @property
     def exit_names(self) -> list[str]:

@@ -207,19 +207,25 @@ def new_stage_folder(base: str, out_dir: str, new_layers: int, head_mode: str = 
 
 
 def load_model(path_or_preset: str, dtype: str | torch.dtype | None = None, device: str = "cpu",
-               seed: int = 0) -> CognicaPoEForCausalLM:
-    """An HF folder (ours or a released one), or a preset name (randomly initialised, for shapes and speed)."""
+               seed: int = 0, pack: bool = False) -> CognicaPoEForCausalLM:
+    """
+    An HF folder (ours or a released one), or a preset name (randomly initialised, for shapes and speed), in eval
+    mode. pack: also give the large matrices prepacked copies for CPU inference (model.pack_weights()).
+    """
     if os.path.isdir(path_or_preset):
         kwargs = {} if dtype is None else {"dtype": parse_dtype(dtype)}
-        model = CognicaPoEForCausalLM.from_pretrained(path_or_preset, **kwargs)
-        return model.to(device).eval()
-    if os.path.exists(path_or_preset):
+        model = CognicaPoEForCausalLM.from_pretrained(path_or_preset, **kwargs).to(device).eval()
+    elif os.path.exists(path_or_preset):
         raise ValueError(f"{path_or_preset} is a file; expected an HF model folder or a preset name")
-    config = preset_config(path_or_preset)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = CognicaPoEForCausalLM(config)
-    return model.to(parse_dtype(dtype) if dtype is not None else torch.float32).eval()
+    else:
+        config = preset_config(path_or_preset)
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = CognicaPoEForCausalLM(config)
+        model = model.to(parse_dtype(dtype) if dtype is not None else torch.float32).eval()
+    if pack:
+        model.pack_weights()
+    return model
 
 
 # -----------------------------------------------------------------------------

@@ -109,9 +109,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.mode not in ("stage", "compose"):
             raise ValueError("--siblings works with --mode stage or --mode compose")
         model = load_siblings(args.model, args.siblings, dtype=parse_dtype(args.dtype) if args.dtype else None)
+        if not args.no_pack:
+            model.pack_weights()
         n_exits = model.n_exits
     else:
-        model = load_model(args.model, dtype=args.dtype)
+        model = load_model(args.model, dtype=args.dtype, pack=not args.no_pack)
         n_exits = model.poe_n_stages
     tok = CognicaPoETokenizer.from_pretrained(args.model)
     ids = torch.tensor([[tok.bos_token_id] + tok(args.prompt)["input_ids"]])
@@ -192,7 +194,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from .checkpoint import load_model
     from .tokenizer import CognicaPoETokenizer
 
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, pack=not args.no_pack)
     tok = CognicaPoETokenizer.from_pretrained(args.model)
     end = tok.convert_tokens_to_ids("<|assistant_end|>")
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -289,7 +291,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     from .eval.report import build_report, write_report
     from .tokenizer import CognicaPoETokenizer
 
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, pack=not args.no_pack)
     tok = CognicaPoETokenizer.from_pretrained(args.model)
     prompts = None
     if args.prompts:
@@ -297,7 +299,7 @@ def cmd_report(args: argparse.Namespace) -> None:
             prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
     baseline = base_tok = None
     if args.baseline:
-        baseline = load_model(args.baseline, dtype=args.dtype)
+        baseline = load_model(args.baseline, dtype=args.dtype, pack=not args.no_pack)
         base_tok = CognicaPoETokenizer.from_pretrained(args.baseline)
     name = os.path.basename(os.path.normpath(args.model))
     r = build_report(model, tok, args.data, prompts, baseline, base_tok, report_settings(args), name=name,
@@ -332,6 +334,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
           + ", ".join(f"stage {s}: {b:.4f}" for s, b in enumerate(summary["stage_bpb"])))
     folder = summary["hf_dir"]
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    if not args.no_pack:
+        model.pack_weights()
     tok = AutoTokenizer.from_pretrained(folder)
     print(f"exported {folder} ({', '.join(sorted(os.listdir(folder)))}) and loaded it back with "
           f"AutoModelForCausalLM: {model.num_parameters():,} parameters, {model.poe_n_stages} stages ending at "
@@ -367,7 +371,13 @@ def exit_arg(text: str) -> int | str:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
+def add_pack_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-pack", action="store_true", help="keep plain weights only (packing adds a prepacked copy of "
+                                                          "each large matrix for faster CPU decoding)")
+
+
 def add_report_args(p: argparse.ArgumentParser) -> None:
+    add_pack_arg(p)
     p.add_argument("--runs", type=int, default=3, help="timed runs per speed figure (the median is reported)")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt in the speed runs")
     p.add_argument("--n-prompts", type=int, default=4)
@@ -418,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
+    add_pack_arg(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("stage", help="specialist stages: `stage new BASE --new-layers N --out DIR`")
@@ -446,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default=None)
+    add_pack_arg(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("eval", help="evaluation: `eval core MODEL TASKS_DIR`")

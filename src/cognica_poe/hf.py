@@ -90,6 +90,13 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.gpt.lm_head
 
+    def pack_weights(self) -> int:
+        """CPU inference: prepacked copies of the large matrices (GPT.pack_weights); returns how many."""
+        return self.gpt.pack_weights()
+
+    def unpack_weights(self) -> None:
+        self.gpt.unpack_weights()
+
     def new_cache(self, batch_size: int, max_len: int | None = None, keep_hidden: bool = False) -> CognicaKVCache:
         """An empty KV cache for this model's dtype and device (keep_hidden: also keep stage-boundary streams)."""
         p = self.gpt.lm_head.weight

@@ -197,6 +197,7 @@ def build_report(model, tokenizer, data: str | None = None, prompts: list[str] |
     held-out documents), `baseline` an optional backprop model (its own tokenizer) scored on the same documents.
     """
     from ..eval.bpb import evaluate_bpb
+    from ..packed import count_packed
     from ..train.data import documents_stream
     from ..wand import calibrate_wand_bounds
 
@@ -245,7 +246,8 @@ def build_report(model, tokenizer, data: str | None = None, prompts: list[str] |
                   "n_embd": model.config.n_embd, "n_stages": n_stages,
                   "stage_boundary_layers": model.poe_stage_boundary_layers,
                   "dtype": str(next(gpt.parameters()).dtype).replace("torch.", ""),
-                  "specialist_ends": model.config.specialist_ends},
+                  "specialist_ends": model.config.specialist_ends,
+                  "packed_matrices": count_packed(gpt)},  # prepacked for CPU inference (packed.py); 0 = plain
         "machine": machine(),
         "settings": {**asdict(st), "seq_len": seq_len, "compositions": list(quality["compositions"])},
         "heldout": {"source": data or "bundled corpus (validation split)", "documents": len(docs),

@@ -1,0 +1,126 @@
+"""
+Prepacked weights for CPU inference.
+
+A decode step multiplies one token's vector by every weight matrix once, so its speed is the speed of
+matrix-vector products. On CPU, `F.linear` with a plain (out, in) weight reaches about a third of the memory
+bandwidth that oneDNN reaches with the same weight stored once in its own blocked layout (bench/inference.py
+measures both). `Linear` is nn.Linear plus that stored copy: `pack()` makes it, and the forward uses it for
+inference (autograd off) on CPU in the weight's dtype. bf16 results are bitwise those of F.linear; fp32 ones agree
+to rounding (a different summation order).
+
+A packed copy is a second copy of the matrix in memory (`unpack()` frees it). It is tied to the weight it was made
+from: after the weight changes (an optimizer step, `.to()`, loading new weights) the copy is stale and never used;
+the plain weight serves until `pack()` runs again. Training, saving and every non-CPU device never see it.
+
+This file is copied into exported remote-code folders: it imports only torch.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# below ~256 x 256 the packed kernel's fixed cost per call (~12 us here) outweighs what it saves
+MIN_PACKED_ELEMENTS = 256 * 256
+
+
+def packing_supported(weight: torch.Tensor) -> bool:
+    """Whether this build and CPU can pack `weight` (oneDNN present; bf16 needs the CPU's bf16 support)."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return weight.dtype == torch.float32
+
+
+def weight_key(weight: torch.Tensor) -> tuple:
+    """What identifies the exact weight a packed copy was made from: storage, in-place version, dtype."""
+    return weight.data_ptr(), weight._version, weight.dtype
+
+
+class PackedWeights:
+    """
+    One or more (out_i, in) weights stacked along `out` and stored once in oneDNN's layout: one product gives all
+    their outputs side by side. Remembers which weights it was made from, so a stale copy is never used.
+    """
+
+    def __init__(self, *weights: torch.Tensor):
+        w = weights[0] if len(weights) == 1 else torch.cat(weights)
+        self.tensor = torch.ops.mkldnn._reorder_linear_weight(w.detach())
+        self.keys = [weight_key(w) for w in weights]
+
+    @staticmethod
+    def make(*weights: torch.Tensor) -> "PackedWeights | None":
+        """None (nothing stored) when the stack is too small to gain or this build/CPU cannot pack it."""
+        if sum(w.numel() for w in weights) < MIN_PACKED_ELEMENTS or not packing_supported(weights[0]):
+            return None
+        with torch.no_grad():
+            return PackedWeights(*weights)
+
+    def current(self, *weights: torch.Tensor) -> bool:
+        return [weight_key(w) for w in weights] == self.keys
+
+    def serves(self, x: torch.Tensor, *weights: torch.Tensor) -> bool:
+        """Inference (autograd off) on CPU in the packed dtype, from the same weights."""
+        return not torch.is_grad_enabled() and x.dtype == self.tensor.dtype and x.device.type == "cpu" \
+            and self.current(*weights)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.tensor, bias, "none", [], "")
+
+
+class Linear(nn.Linear):
+    """nn.Linear that multiplies by a prepacked copy of its weight in CPU inference, once pack() has made one."""
+
+    packed: PackedWeights | None = None
+
+    def pack(self) -> bool:
+        self.packed = PackedWeights.make(self.weight)
+        return self.packed is not None
+
+    def unpack(self) -> None:
+        self.packed = None
+
+    @property
+    def is_packed(self) -> bool:
+        """A packed copy exists and still matches the weight."""
+        return self.packed is not None and self.packed.current(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and self.packed.serves(x, self.weight):
+            return self.packed(x, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def pack_linears(module: nn.Module) -> int:
+    """
+    Pack module's matrices for CPU inference; returns how many are now served packed. Submodules that multiply one
+    input by several Linears (they have `pack_fused()`, e.g. attention's q, k, v) pack them as one stack first; every
+    other Linear is packed alone. Shared submodules are visited once.
+    """
+    fused = set()
+    for m in module.modules():
+        if hasattr(m, "pack_fused"):
+            fused |= {id(lin) for lin in m.pack_fused()}
+    n = 0
+    for m in module.modules():
+        if isinstance(m, Linear):
+            if id(m) in fused:
+                m.unpack()  # served by the stack
+            else:
+                n += m.pack()
+    return n + len(fused)
+
+
+def count_packed(module: nn.Module) -> int:
+    """Matrices in module served by a current packed copy (what a report states about how it was measured)."""
+    n = sum(m.is_packed for m in module.modules() if isinstance(m, Linear))
+    return n + sum(m.fused_count() for m in module.modules() if hasattr(m, "fused_count"))
+
+
+def unpack_linears(module: nn.Module) -> None:
+    """Drop every packed copy: plain F.linear everywhere."""
+    for m in module.modules():
+        if isinstance(m, Linear):
+            m.unpack()
+        if hasattr(m, "unpack_fused"):
+            m.unpack_fused()
