@@ -212,6 +212,7 @@ def test_report_has_every_field_in_range(d8_model, tmp_path, capsys):
     spec = r["speculative"]
     assert [(x["draft_stage"], x["k"]) for x in spec] == [(d, k) for d in (0, 1) for k in range(1, 7)]
     assert all(x["lossless"] and 0 <= x["acceptance"] <= 1 and x["cost_model_speedup"] > 0 for x in spec)
+    assert all(x["divergence_margins"] == [] for x in spec)
     assert all(1 <= x["tokens_per_iteration"] <= x["k"] + 1 for x in spec)
     sp = r["speed"]
     assert sp["tokens_per_run"] == 10 and len(sp["stage_speedup"]) == n and sp["stage_speedup"][3] == 1.0
@@ -254,3 +255,16 @@ def test_report_on_a_specialist_with_prompts_and_jsonl(tok, tmp_path):
     files = write_report(r, str(tmp_path / "out"), plots=False)
     assert json.loads(open(files["json"]).read())["model"]["name"] == "spec"
     assert "Stage 3 prefix pruning" in open(files["markdown"]).read()
+
+
+def test_divergence_margin_reports_where_greedy_outputs_split(tiny_model):
+    from cognica_poe.eval.report import divergence_margin
+
+    ids = torch.tensor([[0, 5, 9, 2]])
+    ref = tiny_model.generate_stage(ids, stage=3, max_new_tokens=6, stop_tokens=[])
+    assert divergence_margin(tiny_model, ref, ref) is None
+    other = ref.clone()
+    other[0, 6] = (ref[0, 6] + 1) % 512  # differs at position 6: the margin of the logits that predicted it
+    with torch.no_grad():
+        top2 = tiny_model.gpt(ref[:, :6])[0, -1].topk(2).values
+    assert divergence_margin(tiny_model, other, ref) == pytest.approx(float(top2[0] - top2[1]), abs=1e-6)

@@ -224,20 +224,29 @@ def test_speculative_greedy_is_lossless_on_trained_model(d8_model, k):
 
 def test_speculative_reuses_draft_work(tiny_model):
     """Per iteration: k draft steps of the shallow layers (1 position each), 1 more shallow position, then the deep
-    layers over k + 1 positions; the shallow layers never rerun the drafted positions."""
+    layers over k + 1 positions; the shallow layers never rerun the drafted positions. No draft past the budget."""
     k = 3
     ids = torch.tensor([[0, 9, 8], [0, 7, 6]])
     counter = BlockCounter(tiny_model)
     res = run_speculative(tiny_model, ids, max_new_tokens=12, draft_stage=1, k_draft=k, stop_tokens=[])
     counter.close()
     calls = counter.calls[4:]  # after the prompt
-    per_iter = k * 2 + 2 + 2  # layers 0,1 for k drafts; layers 0,1 for the last draft; layers 2,3 verify
-    assert len(calls) == per_iter * res.iterations
-    for it in range(res.iterations):
-        chunk = calls[it * per_iter:(it + 1) * per_iter]
-        assert all(pos == 1 for layer, _, pos in chunk if layer <= 1)
-        assert [pos for layer, _, pos in chunk if layer >= 2] == [k + 1, k + 1]
+    ks = []
+    while calls:
+        shallow = 0
+        while calls[shallow][0] <= 1:  # layers 0, 1 for each draft and for the last draft
+            shallow += 1
+        chunk, calls = calls[:shallow + 2], calls[shallow + 2:]  # then layers 2, 3 verify
+        ks.append(shallow // 2 - 1)
+        assert all(pos == 1 for layer, _, pos in chunk[:shallow]) and [c[0] for c in chunk[:shallow]] == [0, 1] * (
+            shallow // 2)
+        assert [(layer, pos) for layer, _, pos in chunk[shallow:]] == [(2, ks[-1] + 1), (3, ks[-1] + 1)]
         assert all(batch == 2 for _, batch, _ in chunk)
+    assert len(ks) == res.iterations and sum(ks) == res.draft_steps
+    assert all(x == k for x in ks[:-1]) and 1 <= ks[-1] <= k
+    # a budget smaller than k + 1: only the drafts that can still be used (the prefill gave 1 of the 5 tokens)
+    short = run_speculative(tiny_model, ids, max_new_tokens=5, draft_stage=1, k_draft=6, stop_tokens=[])
+    assert short.draft_steps <= 3 * short.iterations and short.sequences.size(1) == 3 + 5
 
 
 def test_speculative_cache_equals_fresh_prefill_per_row(d8_model):

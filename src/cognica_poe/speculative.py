@@ -62,6 +62,7 @@ class SpeculativeResult:
     accepted: int  # drafts accepted, summed over rows and iterations
     drafted: int  # drafts proposed
     iterations: int
+    draft_steps: int  # drafting forwards (k per iteration, fewer when the budget ends sooner)
     cache: CognicaKVCache
     seconds: dict = field(default_factory=dict)  # wall time per phase: prefill, draft, verify, accept
 
@@ -115,13 +116,15 @@ def run_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 32, dr
     token = choose_tokens(full[:, -1], do_sample, temperature, top_k, top_p, generator)  # (B,) not yet forwarded
     sink.push_column(token)
     lap("prefill")
-    accepted = drafted = iterations = 0
+    accepted = drafted = iterations = draft_steps = 0
     while not sink.all_done:
         n = cache.n_slots  # `token` takes slot n
         active = torch.tensor([not d for d in sink.done], device=input_ids.device)
         drafts, q = [], []
         cur = token
-        for _ in range(k_draft):  # draft: the shallow layers only, one slot at a time
+        # never draft past the budget: the row needing the most tokens takes up to k drafts + the verifier's token
+        k = max(1, min(k_draft, max(sink.max_new - len(r) for r, d in zip(sink.rows, sink.done) if not d) - 1))
+        for _ in range(k):  # draft: the shallow layers only, one slot at a time
             slot, _ = cache.claim(cur[:, None])
             h = gpt.run_slots(cache, slot, slot + 1, 0, draft_boundary, [draft_boundary])[draft_boundary]
             logits = gpt.exit_logits(h, draft_boundary)[:, -1]
@@ -148,11 +151,12 @@ def run_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 32, dr
         for row in range(B):
             if not sink.done[row]:
                 sink.push(row, drafts[row, :int(n_acc[row])].tolist() + [int(token[row])])
-        drafted += k_draft * int(active.sum())
+        drafted += k * int(active.sum())
         accepted += int(n_acc[active].sum())
         iterations += 1
+        draft_steps += k
         lap("accept")
-    return SpeculativeResult(sink.output(input_ids), accepted, drafted, iterations, cache, seconds)
+    return SpeculativeResult(sink.output(input_ids), accepted, drafted, iterations, draft_steps, cache, seconds)
 
 
 def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 32, draft_stage: int = 0,

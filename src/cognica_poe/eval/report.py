@@ -86,6 +86,21 @@ def median_time(fn: Callable[[], object], runs: int = 3) -> float:
 # speed: every mode against full-depth cached greedy, in one process
 
 
+def divergence_margin(model, output: torch.Tensor, reference: torch.Tensor) -> float | None:
+    """
+    None when a mode's greedy output (1, T) equals plain greedy's; else the full model's top-1 minus top-2 logit
+    where they first differ (teacher-forced on the reference): how near a tie the two paths' rounding broke.
+    """
+    if torch.equal(output, reference):
+        return None
+    n = min(output.size(1), reference.size(1))
+    differ = (output[0, :n] != reference[0, :n]).nonzero()
+    pos = int(differ[0]) if len(differ) else n  # equal up to n: one stopped earlier
+    with torch.no_grad():
+        top2 = model.gpt(reference[:, :pos], logits_to_keep=1)[0, -1].topk(2).values
+    return float(top2[0] - top2[1])
+
+
 def greedy_agreement(model, sequences: list[torch.Tensor], new_tokens: int) -> float:
     """Fraction of generated tokens equal to the full model's argmax at the same prefix (teacher-forced)."""
     hits = total = 0
@@ -158,18 +173,21 @@ def measure_modes(model, prompts: list[list[int]], bounds: list[float], new_toke
             accepted = sum(r.accepted for r in stats)
             iters = sum(r.iterations for r in stats)
             tokens_per_iter = 1 + accepted / iters
-            c = sum(r.seconds["draft"] for r in stats) / (k * iters) / step_time
+            drafts_per_iter = sum(r.draft_steps for r in stats) / iters  # k, less where the budget ended sooner
+            c = sum(r.seconds["draft"] for r in stats) / (drafts_per_iter * iters) / step_time
             v = sum(r.seconds["verify"] for r in stats) / iters / step_time
-            ideal = tokens_per_iter / (k * c + v)
+            ideal = tokens_per_iter / (drafts_per_iter * c + v)
             decode_speedup = (t_full - t_prefill) / (t - sum(r.seconds["prefill"] for r in stats))
-            lossless = all(torch.equal(r.sequences, model.generate_stage(ids, stage=last, **kw))
-                           for r, ids in zip(stats, tensors))
+            margins = [divergence_margin(model, r.sequences, model.generate_stage(ids, stage=last, **kw))
+                       for r, ids in zip(stats, tensors)]
+            lossless = all(m is None for m in margins)
             res["speculative"].append({
                 "draft_stage": draft_stage, "k": k, "acceptance": accepted / sum(r.drafted for r in stats),
-                "tokens_per_iteration": tokens_per_iter, "c": c, "v": v,
+                "tokens_per_iteration": tokens_per_iter, "drafts_per_iteration": drafts_per_iter, "c": c, "v": v,
                 "bookkeeping_per_iteration": sum(r.seconds["accept"] for r in stats) / iters / step_time,
                 "tok_s": n_tokens / t, "speedup": t_full / t, "decode_speedup": decode_speedup,
-                "cost_model_speedup": ideal, "ratio_to_cost_model": decode_speedup / ideal, "lossless": lossless})
+                "cost_model_speedup": ideal, "ratio_to_cost_model": decode_speedup / ideal, "lossless": lossless,
+                "divergence_margins": [m for m in margins if m is not None]})
     return res
 
 
