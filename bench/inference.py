@@ -15,7 +15,7 @@ where attention over the cache matters. Both parts run every mode with packed we
 Every speed is a median of >= 3 runs in this process; token counts are stated. The last line printed is one
 JSON object with every figure and the machine.
 
-    python bench/inference.py                 # everything (about 15 minutes on 2 CPU cores)
+    python bench/inference.py                 # everything (about 5 minutes on 2 CPU cores)
     python bench/inference.py --scale d12     # part 2 on a smaller shape
     python bench/inference.py --skip-scale    # part 1 only
 """
