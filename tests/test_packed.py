@@ -83,10 +83,13 @@ def test_stale_packed_copy_is_never_used():
         assert attn.fused_count() == 0 and count_packed(model) == 13 - 1 - 3
         plain = torch.cat([F.linear(x, lin.weight) for lin in (attn.c_q, attn.c_k, attn.c_v)], dim=-1)
         assert torch.equal(attn.project_qkv(x), plain)
-    # a dtype change after packing: every copy is stale, the bf16 model computes as an unpacked bf16 model
+    # a dtype change after packing drops every copy (a later model.to(float32) could reuse the freed addresses, so
+    # the storage pointer alone would not prove a copy stale): the bf16 model computes as an unpacked bf16 model
     model.pack_weights()
     model.to(torch.bfloat16)
     assert count_packed(model) == 0
+    assert all(m.packed is None for m in model.modules() if isinstance(m, Linear))
+    assert all(b.attn.packed_qkv is None for b in model.gpt.transformer.h)
     with torch.no_grad():
         a = model.gpt(ids)
         model.unpack_weights()

@@ -96,6 +96,10 @@ class CausalSelfAttention(nn.Module):
     def unpack_fused(self) -> None:
         self.packed_qkv = None
 
+    def _apply(self, fn, recurse=True):
+        self.packed_qkv = None  # .to() and its kin give the weights new storage: drop the stale stack
+        return super()._apply(fn, recurse)
+
     def fused_count(self) -> int:
         current = self.packed_qkv is not None and self.packed_qkv.current(self.c_q.weight, self.c_k.weight,
                                                                            self.c_v.weight)

@@ -2,15 +2,16 @@
 Prepacked weights for CPU inference.
 
 A decode step multiplies one token's vector by every weight matrix once, so its speed is the speed of
-matrix-vector products. On CPU, `F.linear` with a plain (out, in) weight reaches about a third of the memory
+matrix-vector products. On CPU, `F.linear` with a plain (out, in) weight reaches well under half the memory
 bandwidth that oneDNN reaches with the same weight stored once in its own blocked layout (bench/inference.py
 measures both). `Linear` is nn.Linear plus that stored copy: `pack()` makes it, and the forward uses it for
 inference (autograd off) on CPU in the weight's dtype. bf16 results are bitwise those of F.linear; fp32 ones agree
 to rounding (a different summation order).
 
 A packed copy is a second copy of the matrix in memory (`unpack()` frees it). It is tied to the weight it was made
-from: after the weight changes (an optimizer step, `.to()`, loading new weights) the copy is stale and never used;
-the plain weight serves until `pack()` runs again. Training, saving and every non-CPU device never see it.
+from: after the weight changes in place (an optimizer step, loading new weights) the copy is stale and never used,
+and `.to()` and its kin drop it; the plain weight serves until `pack()` runs again. Training, saving and every
+non-CPU device never see it.
 
 This file is copied into exported remote-code folders: it imports only torch.
 """
@@ -79,6 +80,10 @@ class Linear(nn.Linear):
 
     def unpack(self) -> None:
         self.packed = None
+
+    def _apply(self, fn, recurse=True):
+        self.packed = None  # .to() / .half() / .cuda() give the weight new storage: the copy is stale, free it now
+        return super()._apply(fn, recurse)
 
     @property
     def is_packed(self) -> bool:
