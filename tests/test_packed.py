@@ -23,7 +23,9 @@ def batch(B: int = 2, T: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(1, 512, (B, T), generator=g)
     ids[:, 0] = 0
     mask = torch.ones(B, T, dtype=torch.long)
-    mask[B - 1, :3] = 0 if B > 1 else 1  # the last row left-padded
+    if B > 1:  # the last row left-padded, starting with BOS after its pads
+        mask[B - 1, :3] = 0
+        ids[B - 1, 3] = 0
     return ids, mask
 
 
