@@ -39,6 +39,8 @@ def every_output(model: CognicaPoEForCausalLM) -> dict[str, torch.Tensor]:
     out["sampled"] = model.generate_stage(ids, stage=1, do_sample=True, top_k=20, seed=3, **kw)
     out["speculative"] = model.generate_speculative(ids, draft_stage=0, k_draft=2, **kw)
     out["compose"] = model.generate_parallel_composition(ids, stages=[0, 1], **kw)
+    out["wand"], out["wand_stages"] = model.generate_wand(ids, safety=1.0, p99_bounds=[0.5], return_stages_used=True,
+                                                          **kw)
     return out
 
 
@@ -56,13 +58,37 @@ def test_packed_bf16_is_bitwise_the_plain_model():
         assert torch.equal(plain[k], packed[k]), k
 
 
+@needs_bf16_packing
+def test_sibling_specialists_pack_their_shared_trunk_once(tmp_path):
+    from test_specialist import train_like
+
+    from cognica_poe import load_siblings
+    from cognica_poe.checkpoint import export_hf_folder, save_stage_folder
+    from cognica_poe.specialist import add_specialist
+
+    base_dir = export_hf_folder(wide_model(torch.float32), None, str(tmp_path / "base"), dtype="bfloat16")
+    base = CognicaPoEForCausalLM.from_pretrained(base_dir).eval()
+    folders = [save_stage_folder(train_like(add_specialist(base, 1, seed=k), 10 + k), str(tmp_path / f"s{k}"),
+                                 base_dir) for k in range(2)]
+    sib = load_siblings(base_dir, folders)
+    ids, mask = batch()
+    kw = dict(attention_mask=mask, max_new_tokens=6, stop_tokens=[])
+    plain = [sib.generate_parallel_composition(ids, stages=[0, 2, 3], **kw), sib.generate_stage(ids, stage=3, **kw)]
+    # the trunk's 13 once; each branch its own layer (q|k|v stack, c_proj, c_fc, mlp c_proj) and its heads
+    n = sib.pack_weights()
+    assert n == count_packed(torch.nn.ModuleList([sib.base, *sib.branches])) and 13 + 2 * 6 < n <= 13 + 2 * 9
+    packed = [sib.generate_parallel_composition(ids, stages=[0, 2, 3], **kw), sib.generate_stage(ids, stage=3, **kw)]
+    for a, b in zip(plain, packed):
+        assert torch.equal(a, b)
+
+
 def test_packed_fp32_agrees_to_rounding():
     model = wide_model(torch.float32)
     plain = every_output(model)
     assert model.pack_weights() == 13
     packed = every_output(model)
     torch.testing.assert_close(packed["exits"], plain["exits"], rtol=1e-5, atol=1e-5)
-    for k in ("stage", "speculative", "compose"):
+    for k in ("stage", "speculative", "compose", "wand", "wand_stages"):
         assert torch.equal(plain[k], packed[k]), k
     model.unpack_weights()
     assert count_packed(model) == 0
