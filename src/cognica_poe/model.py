@@ -122,7 +122,7 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, H_kv, self.head_dim)
         # rotary, QK norm and the QK scale act per head: one call each for the queries' and keys' heads together
         qk = norm(apply_rotary(qkv[:, :, :H + H_kv], step.rotary_cos, step.rotary_sin)) * self.qk_scale
-        q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
+        q, k = qk.split([H, H_kv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if step.cache is not None:
             layer = step.cache.layers[self.layer_idx]
@@ -133,7 +133,7 @@ class CausalSelfAttention(nn.Module):
             y = attend_one_query(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                               enable_gqa=self.n_kv_head != self.n_head)
+                                               enable_gqa=H_kv != H)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 
@@ -170,8 +170,8 @@ class StepContext:
                  cache: CognicaKVCache | None, q_pos: torch.Tensor | None, k_pos: torch.Tensor | None,
                  k_valid: torch.Tensor | None, padded: bool):
         self.windows = windows
-        self.cos, self.sin = cos, sin  # (B or 1, T, 1, D/2)
-        self.rotary_cos = torch.cat([cos, cos], dim=-1)  # (B or 1, T, 1, D): apply_rotary's full-width tables
+        # cos, sin (B or 1, T, 1, D/2) -> apply_rotary's full-width tables (B or 1, T, 1, D)
+        self.rotary_cos = torch.cat([cos, cos], dim=-1)
         self.rotary_sin = torch.cat([sin, -sin], dim=-1)
         self.T, self.start = T, start  # the chunk occupies slots [start, start + T)
         self.cache = cache
@@ -191,7 +191,7 @@ class StepContext:
     def _build(self, window: int) -> tuple[torch.Tensor | None, bool]:
         T, start = self.T, self.start
         kv_len = start + T
-        device = self.cos.device
+        device = self.rotary_cos.device
         if self.q_pos is None:  # no cache, no padding: positions are slots
             if T - 1 <= window:
                 return None, True
@@ -519,9 +519,10 @@ class GPT(nn.Module):
 
     def pack_weights(self) -> int:
         """
-        Give every large matrix a oneDNN-prepacked copy for CPU inference (packed.py): decode runs ~2-3x faster on
-        CPU, bf16 results unchanged bit for bit. Costs a second copy of those matrices in memory; stale copies (the
-        weights changed since) are never used. Returns how many matrices were packed (0 off CPU).
+        Give every large matrix a oneDNN-prepacked copy for CPU inference (packed.py): faster decoding on CPU
+        (bench/inference.py measures by how much), bf16 results unchanged bit for bit. Costs a second copy of those
+        matrices in memory; stale copies (the weights changed since) are never used. Returns how many matrices
+        were packed (0 off CPU).
         """
         return pack_linears(self)
 

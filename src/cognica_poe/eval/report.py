@@ -173,8 +173,9 @@ def measure_modes(model, prompts: list[list[int]], bounds: list[float], new_toke
             accepted = sum(r.accepted for r in stats)
             iters = sum(r.iterations for r in stats)
             tokens_per_iter = 1 + accepted / iters
-            drafts_per_iter = sum(r.draft_steps for r in stats) / iters  # k, less where the budget ended sooner
-            c = sum(r.seconds["draft"] for r in stats) / (drafts_per_iter * iters) / step_time
+            draft_steps = sum(r.draft_steps for r in stats)  # k per iteration, less where the budget ended sooner
+            drafts_per_iter = draft_steps / iters
+            c = sum(r.seconds["draft"] for r in stats) / draft_steps / step_time
             v = sum(r.seconds["verify"] for r in stats) / iters / step_time
             ideal = tokens_per_iter / (drafts_per_iter * c + v)
             decode_speedup = (t_full - t_prefill) / (t - sum(r.seconds["prefill"] for r in stats))
