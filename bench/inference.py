@@ -113,7 +113,7 @@ def scale_part(preset: str, dtype_name: str, new_tokens: int, runs: int, long_pr
     from cognica_poe.config import preset_config
     from cognica_poe.hf import CognicaPoEForCausalLM
     from cognica_poe.model import GPT
-    from cognica_poe.packed import Linear
+    from cognica_poe.packed import count_packed
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     cfg = preset_config(preset, bos_token_id=0, pad_token_id=0, eos_token_id=[0])
@@ -122,13 +122,15 @@ def scale_part(preset: str, dtype_name: str, new_tokens: int, runs: int, long_pr
     model.gpt = GPT.from_config(cfg, seed=0).to(dtype)
     model.eval()
     n_packed = model.pack_weights()
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    packed_copies = [m.packed for m in linears]
+    # every packed copy: each Linear's own and each attention's q|k|v stack
+    stashed = [(m, name, getattr(m, name)) for m in model.modules() for name in ("packed", "packed_qkv")
+               if getattr(m, name, None) is not None]
 
     def packing(on: bool) -> None:
         """Switch the packed copies in or out without rebuilding them: plain and packed runs share one model."""
-        for m, copy in zip(linears, packed_copies):
-            m.packed = copy if on else None
+        for m, name, copy in stashed:
+            setattr(m, name, copy if on else None)
+        assert count_packed(model) == (n_packed if on else 0)
 
     bytes_per_param = torch.finfo(dtype).bits // 8
     # weights a decode step reads: every block matrix, lm_head, and one row of wte and of each value embedding
@@ -212,7 +214,7 @@ def scale_part(preset: str, dtype_name: str, new_tokens: int, runs: int, long_pr
             "llama_decode_weight_GBps": res["llama_weight_bytes_read_per_token"] / step["llama"] / 1e9}
         lc = res["long_context"]
         lc["bandwidth_ratio_vs_llama"] = lc["full_decode_weight_GBps"] / lc["llama_decode_weight_GBps"]
-    model = llama = linears = packed_copies = None
+    model = llama = stashed = None
     res["gemv_GBps"] = gemv_bandwidth(dtype, packed=False)
     res["gemv_packed_GBps"] = gemv_bandwidth(dtype, packed=True)
     res["bandwidth_ratio_vs_gemv"] = res["full_weight_GBps"] / res["gemv_packed_GBps"]
