@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import bundled_text, perturbed_model, shared_path
 from safetensors.torch import load_file
 
 from cognica_poe import CognicaPoEForCausalLM
@@ -26,8 +27,6 @@ from cognica_poe.tokenizer import CognicaPoETokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GOLDEN = os.path.join(HERE, "fixtures", "nanochat_tiny")
-D8 = os.path.join(HERE, "..", "..", "shared", "models", "poe-d8-classics")
-DATA = os.path.join(HERE, "..", "..", "shared", "data")
 ALLOWED_IMPORTS = {"torch", "transformers", "safetensors", "tiktoken"}
 
 
@@ -52,8 +51,7 @@ def test_d8_classics_stage_bpb(tmp_path):
     """Convert the nanochat-trained reference (opting in to its pickle once) and reproduce its per-stage val BPB."""
     from cognica_poe.eval.bpb import stage_bpb
 
-    if not os.path.isdir(D8):
-        pytest.skip(f"reference checkpoint not present at {D8}")
+    D8, DATA = shared_path("models", "poe-d8-classics"), shared_path("data")
     with pytest.raises(ValueError, match="pickle"):
         convert_nanochat(D8, str(tmp_path / "refused"))
     assert not os.path.exists(tmp_path / "refused")
@@ -96,10 +94,7 @@ def _fresh_python(code: str, cwd: str) -> subprocess.CompletedProcess:
 def exported(tmp_path) -> str:
     from cognica_poe.tokenizer_train import train_bpe
 
-    with open(os.path.join(DATA, "tinyshakespeare.txt"), encoding="utf-8") as f:
-        text = f.read()[:200_000]
-    tok = train_bpe(iter(text.split("\n\n")), vocab_size=512)
-    from conftest import perturbed_model
+    tok = train_bpe(iter(bundled_text(200_000).split("\n\n")), vocab_size=512)
 
     model = perturbed_model(vocab_size=len(tok))
     return export_hf_folder(model, tok, str(tmp_path / "exported"), dtype="bfloat16")

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import bundled_text, shared_path
 
 from cognica_poe.tokenizer import (
     SPECIAL_TOKENS,
@@ -21,8 +22,6 @@ from cognica_poe.tokenizer import (
 from cognica_poe.tokenizer_train import train_bpe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "..", "..", "shared", "data")
-D8_TOK = os.path.join(HERE, "..", "..", "shared", "models", "poe-d8-classics", "tokenizer")
 VOCAB = 512
 SAMPLE = "Hello, World! It's 2026: 12345 cafés\r\nnaïve — 🙂👍🏽 ROMEO:\n\n  spaced   out\t\ttabs 中文 ∑x²"
 CHAT = [
@@ -36,22 +35,18 @@ CHAT = [
 
 @pytest.fixture(scope="module")
 def tok() -> CognicaPoETokenizer:
-    with open(os.path.join(DATA, "tinyshakespeare.txt"), encoding="utf-8") as f:
-        text = f.read()[:200_000]
-    return train_bpe(iter(text.split("\n\n")), vocab_size=VOCAB)
+    return train_bpe(iter(bundled_text(200_000).split("\n\n")), vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="module")
 def legacy() -> CognicaPoETokenizer:
-    if not os.path.isfile(os.path.join(D8_TOK, "tokenizer.pkl")):
-        pytest.skip("reference tokenizer not present")
-    return load_legacy_pickle(os.path.join(D8_TOK, "tokenizer.pkl"), allow_pickle=True)
+    return load_legacy_pickle(os.path.join(shared_path("models", "poe-d8-classics", "tokenizer"), "tokenizer.pkl"),
+                              allow_pickle=True)
 
 
-def warpeace_paragraphs(n: int = 20) -> str:
-    with open(os.path.join(DATA, "warpeace.txt"), encoding="utf-8") as f:
-        text = f.read(400_000)
-    return "\n\n".join([p for p in text.split("\n\n")[200:] if len(p) > 200][:n])
+def held_out_paragraphs(n: int = 20) -> str:
+    """Long paragraphs of the bundled corpus past the part the test tokenizer was trained on."""
+    return "\n\n".join([p for p in bundled_text()[200_000:].split("\n\n") if len(p) > 200][:n])
 
 
 # -----------------------------------------------------------------------------
@@ -132,7 +127,7 @@ def test_token_bytes(tok):
     assert torch.all(tb[VOCAB - len(SPECIAL_TOKENS):] == 0) and torch.all(tb[:256] == 1)
     n = VOCAB - len(SPECIAL_TOKENS)
     assert all(tb[i] == len(tok.encoding.decode_single_token_bytes(i)) for i in range(n))
-    for text in [SAMPLE, warpeace_paragraphs(3)]:
+    for text in [SAMPLE, held_out_paragraphs(3)]:
         ids = tok(text)["input_ids"]
         assert int(tb[ids].sum()) == len(text.encode("utf-8"))
 
@@ -152,7 +147,7 @@ def test_save_load_identical(tok, tmp_path):
     first = (tmp_path / "tokenizer.tiktoken").read_text().splitlines()[:2]
     assert first == ["AA== 0", "AQ== 1"]  # base64 of the raw bytes 0x00, 0x01, then the rank
     again = CognicaPoETokenizer.from_pretrained(tmp_path)
-    text = SAMPLE + warpeace_paragraphs(5)
+    text = SAMPLE + held_out_paragraphs(5)
     assert again(text)["input_ids"] == tok(text)["input_ids"]
     assert again.encoding._mergeable_ranks == tok.encoding._mergeable_ranks
     assert torch.equal(load_token_bytes(str(tmp_path)), tok.token_bytes())
@@ -196,9 +191,8 @@ def test_too_small_vocab():
 # nanochat's legacy pickle
 
 def test_legacy_pickle_needs_opt_in():
+    D8_TOK = shared_path("models", "poe-d8-classics", "tokenizer")
     pkl = os.path.join(D8_TOK, "tokenizer.pkl")
-    if not os.path.isfile(pkl):
-        pytest.skip("reference tokenizer not present")
     with pytest.raises(PickleNotAllowedError, match="(?s)arbitrary code.*allow_pickle=True.*--allow-pickle"):
         load_legacy_pickle(pkl)
     with pytest.raises(FileNotFoundError, match="tokenizer.pkl"):  # our loader points at the conversion
@@ -208,10 +202,11 @@ def test_legacy_pickle_needs_opt_in():
 def test_legacy_pickle_converts(legacy, tmp_path):
     import pickle
 
+    D8_TOK = shared_path("models", "poe-d8-classics", "tokenizer")
     with open(os.path.join(D8_TOK, "tokenizer.pkl"), "rb") as f:
         original = pickle.load(f)  # the test trusts this file; the library never unpickles without opt-in
     assert len(legacy) == 4096 and legacy.bos_token_id == 4087 and legacy.eos_token_id == 4091
-    text = warpeace_paragraphs()
+    text = held_out_paragraphs()
     assert legacy(text)["input_ids"] == original.encode_ordinary(text)
     legacy.save_pretrained(tmp_path)
     safe = CognicaPoETokenizer.from_pretrained(tmp_path)
@@ -319,7 +314,7 @@ def test_remote_code_auto_tokenizer(tok, tmp_path):
     folder = tmp_path / "exported"
     tok.save_pretrained(folder)
     shutil.copyfile(os.path.join(HERE, "..", "src", "cognica_poe", "tokenizer.py"), folder / "tokenizer.py")
-    text = SAMPLE + warpeace_paragraphs(3)
+    text = SAMPLE + held_out_paragraphs(3)
     (tmp_path / "text.txt").write_text(text, encoding="utf-8")
     work = tmp_path / "cwd"
     work.mkdir()
