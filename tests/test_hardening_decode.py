@@ -196,15 +196,15 @@ def test_speculative_batch_cache_is_sized_by_use_and_compacts(tiny_model, monkey
 
 
 def test_speculative_batch_reaches_the_context_limit():
-    """A batch may use all of max_length (here 100, 10 x sequence_len is 640): the cache no longer needs k + 1
-    slots per token, and a request over the limit names the limit."""
-    model = perturbed_model(sequence_len=64)
+    """A batch may use all of max_length (here 50; the rotary table holds 320): the cache no longer needs k + 1
+    slots per token, and a request over the limit names the limit. Past 32 tokens the sliding windows act."""
+    model = perturbed_model(sequence_len=32)
     ids, mask = left_pad([[0, 11, 12, 13], [0, 21], [0, 31, 32]])
-    kw = dict(attention_mask=mask, max_length=100, stop_tokens=[])
-    out = model.generate_speculative(ids, max_new_tokens=96, draft_stage=1, k_draft=7, **kw)
-    assert torch.equal(out, model.generate_stage(ids, stage=3, max_new_tokens=96, **kw))
-    with pytest.raises(ValueError, match="exceeds the context of 100 tokens"):
-        model.generate_speculative(ids, max_new_tokens=97, draft_stage=1, k_draft=7, **kw)
+    kw = dict(attention_mask=mask, max_length=50, stop_tokens=[])
+    out = model.generate_speculative(ids, max_new_tokens=46, draft_stage=1, k_draft=7, **kw)
+    assert torch.equal(out, model.generate_stage(ids, stage=3, max_new_tokens=46, **kw))
+    with pytest.raises(ValueError, match="exceeds the context of 50 tokens"):
+        model.generate_speculative(ids, max_new_tokens=47, draft_stage=1, k_draft=7, **kw)
 
 
 # -----------------------------------------------------------------------------
