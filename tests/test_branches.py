@@ -237,6 +237,16 @@ def test_clear_errors(family, tmp_path):
         sib.generate_parallel_composition(ids, stages=[])
 
 
+def test_numpy_integer_exits_are_accepted(family):
+    import numpy as np
+
+    _, _, sib = family
+    assert sib.exit_index(np.int64(5)) == 5 and sib.exit_index(np.int32(-1)) == 6
+    ids = torch.tensor([[0, 5, 6]])
+    assert torch.equal(sib.generate_stage(ids, np.int64(4), max_new_tokens=3, stop_tokens=[]),
+                       sib.generate_stage(ids, "math", max_new_tokens=3, stop_tokens=[]))
+
+
 def test_cli_generates_from_siblings(tmp_path, capsys):
     """`cognica-poe generate BASE --siblings A B --mode compose --stages 3 math code` == the Python API."""
     import os

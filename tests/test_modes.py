@@ -113,7 +113,7 @@ def test_wand_huge_safety_is_full_greedy(long_model):
     ref = long_model.generate(ids, max_new_tokens=60, min_new_tokens=60, do_sample=False)
     out, used = long_model.generate_wand(ids, max_new_tokens=60, safety=1e9, p99_bounds=[1, 1, 1],
                                          return_stages_used=True, stop_tokens=[])
-    assert torch.equal(out, ref) and torch.all(used == 3)
+    assert torch.equal(out, ref) and all(s == 3 for row in used for s in row)
 
 
 def test_wand_cached_logits_and_catch_up_are_exact(long_model, monkeypatch):
@@ -128,7 +128,7 @@ def test_wand_cached_logits_and_catch_up_are_exact(long_model, monkeypatch):
     res = run_wand(long_model, ids, max_new_tokens=200, safety=0.03, p99_bounds=[1, 1, 1], stop_tokens=[],
                    complete_cache=True)
     monkeypatch.undo()
-    used = res.stages_used[0].tolist()
+    used = res.stages_used[0]
     assert len(set(used)) >= 3  # the run really mixes exits
     with torch.no_grad():
         ref = long_model.gpt.forward_all_stages(res.sequences)
@@ -154,7 +154,7 @@ def test_wand_exited_token_runs_no_deeper_block_until_catch_up(long_model):
     counter = BlockCounter(long_model)
     res = run_wand(long_model, ids, max_new_tokens=60, safety=0.03, p99_bounds=[1, 1, 1], stop_tokens=[])
     counter.close()
-    used = res.stages_used[0].tolist()
+    used = res.stages_used[0]
     calls = counter.calls[4:]  # after the prompt's full-depth prefill (4 layers, one call each)
     # replay: a step whose exit is s runs layers 0..s once each; a deeper layer's chunk covers every pending slot
     pending = [0] * 4  # tokens forwarded since each layer last ran
@@ -178,7 +178,7 @@ def test_wand_bounds_resolution_and_errors(tiny_model, d8_model):
     model, tok = d8_model
     # 4 exits and no calibration: the card's defaults apply
     out, used = model.generate_wand(torch.tensor(prompts(tok, ["Pierre"])), max_new_tokens=5, return_stages_used=True)
-    assert used.shape[1] == out.shape[1] - 2
+    assert len(used) == out.shape[1] - 2
     three = perturbed_model(n_layer=3, poe_every=1)
     with pytest.raises(ValueError, match="calibrate"):
         three.generate_wand(ids)

@@ -39,8 +39,8 @@ def every_output(model: CognicaPoEForCausalLM) -> dict[str, torch.Tensor]:
     out["sampled"] = model.generate_stage(ids, stage=1, do_sample=True, top_k=20, seed=3, **kw)
     out["speculative"] = model.generate_speculative(ids, draft_stage=0, k_draft=2, **kw)
     out["compose"] = model.generate_parallel_composition(ids, stages=[0, 1], **kw)
-    out["wand"], out["wand_stages"] = model.generate_wand(ids, safety=1.0, p99_bounds=[0.5], return_stages_used=True,
-                                                          **kw)
+    out["wand"], used = model.generate_wand(ids, safety=1.0, p99_bounds=[0.5], return_stages_used=True, **kw)
+    out["wand_stages"] = torch.tensor(used)  # one list per row
     return out
 
 

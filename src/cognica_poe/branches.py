@@ -25,13 +25,14 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+from transformers import GenerationConfig
 
 from .cache import CognicaKVCache, CognicaKVLayer
 from .compose import composition_weights, log_op
 from .config import CognicaPoEConfig
 from .hf import CognicaPoEForCausalLM
 from .packed import Linear, pack_linears
-from .sampling import decode
+from .sampling import SamplingParams, decode, is_int
 from .specialist import DELTA_FILE, load_stage_folder, resolve_parent, stage_delta
 from .weights import check_shapes, load_safetensors
 
@@ -220,11 +221,11 @@ class SiblingSpecialists:
             if stage not in self.names:
                 raise ValueError(f"no branch named {stage!r}; the branches are {self.names}")
             return nb + self.names.index(stage)
-        if isinstance(stage, bool) or not isinstance(stage, int) or not -n <= stage < n:
+        if not is_int(stage) or not -n <= stage < n:  # Python or numpy integers; never a bool
             branches = ", ".join(f"{nb + i}={name}" for i, name in enumerate(self.names))
             raise ValueError(f"exit {stage!r} out of range: there are {n} exits, 0..{n - 1} (the base's exits "
                              f"0..{nb - 1}, then the branches {branches})")
-        return stage % n
+        return int(stage) % n
 
     def check_composition(self, stages: list[int | str], stage_weights: list[float] | None
                           ) -> tuple[list[int], list[float]]:
@@ -282,9 +283,7 @@ class SiblingSpecialists:
         return self.run(cache, self.attach(cache, exits), input_ids, attention_mask, exits, logits_to_keep=0)
 
     def decode(self, exits: list[int], combine: Callable[[list[torch.Tensor]], torch.Tensor], input_ids: torch.Tensor,
-               attention_mask: torch.Tensor | None, max_new_tokens: int, do_sample: bool, temperature: float,
-               top_k: int | None, top_p: float | None, seed: int | None, stop_tokens: list[int] | int | None,
-               streamer: Callable[[int, int], None] | None, max_length: int | None) -> torch.Tensor:
+               attention_mask: torch.Tensor | None, params: SamplingParams) -> torch.Tensor:
         """sampling.decode over the base's request checks and cache, with next-token scores = combine(exit logits)."""
         views: dict[int, CognicaKVCache] = {}
 
@@ -294,37 +293,32 @@ class SiblingSpecialists:
                 views.update(self.attach(cache, exits))
             return combine([logits[:, -1] for logits in self.run(cache, views, ids, mask, exits)])
 
-        return decode(self.base, input_ids, attention_mask, max_new_tokens, next_scores, do_sample, temperature, top_k,
-                      top_p, seed, stop_tokens, streamer, max_length)
+        return decode(self.base, input_ids, attention_mask, params, next_scores)
 
     @torch.no_grad()
     def generate_parallel_composition(self, input_ids: torch.Tensor, stages: list[int | str],
-                                      stage_weights: list[float] | None = None, max_new_tokens: int = 32,
-                                      do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                                      top_p: float | None = None, seed: int | None = None,
-                                      stop_tokens: list[int] | int | None = None,
+                                      stage_weights: list[float] | None = None,
                                       attention_mask: torch.Tensor | None = None,
-                                      streamer: Callable[[int, int], None] | None = None,
-                                      max_length: int | None = None) -> torch.Tensor:
+                                      generation_config: GenerationConfig | None = None, **sampling) -> torch.Tensor:
         """
         Prompt + generated ids (B, T + n) decoded from the Log-OP sum_s w_s * log_softmax(logits_s) of the chosen
         exits (flat indices or branch names), as compose.generate_parallel_composition; the trunk runs once per token.
+        sampling: the SamplingParams fields, as generate_stage.
         """
+        params = SamplingParams.from_kwargs(generation_config, **sampling)
         exits, weights = self.check_composition(stages, stage_weights)
-        return self.decode(exits, lambda logits: log_op(logits, weights), input_ids, attention_mask, max_new_tokens,
-                           do_sample, temperature, top_k, top_p, seed, stop_tokens, streamer, max_length)
+        return self.decode(exits, lambda logits: log_op(logits, weights), input_ids, attention_mask, params)
 
     @torch.no_grad()
-    def generate_stage(self, input_ids: torch.Tensor, stage: int | str, max_new_tokens: int = 32,
-                       do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                       top_p: float | None = None, seed: int | None = None,
-                       stop_tokens: list[int] | int | None = None, attention_mask: torch.Tensor | None = None,
-                       streamer: Callable[[int, int], None] | None = None,
-                       max_length: int | None = None) -> torch.Tensor:
-        """Prompt + generated ids (B, T + n) from one exit (a base exit runs only the base layers up to it)."""
+    def generate_stage(self, input_ids: torch.Tensor, stage: int | str, attention_mask: torch.Tensor | None = None,
+                       generation_config: GenerationConfig | None = None, **sampling) -> torch.Tensor:
+        """
+        Prompt + generated ids (B, T + n) from one exit (a base exit runs only the base layers up to it). sampling:
+        the SamplingParams fields, as the model's generate_stage.
+        """
+        params = SamplingParams.from_kwargs(generation_config, **sampling)
         exits = [self.exit_index(stage)]
-        return self.decode(exits, lambda logits: logits[0], input_ids, attention_mask, max_new_tokens, do_sample,
-                           temperature, top_k, top_p, seed, stop_tokens, streamer, max_length)
+        return self.decode(exits, lambda logits: logits[0], input_ids, attention_mask, params)
 
 
 def load_siblings(base: CognicaPoEForCausalLM | str, stage_folders: list[str], names: list[str] | None = None,

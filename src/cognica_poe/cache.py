@@ -21,7 +21,9 @@ the backout layer) for each slot, so a later call can run only the deeper layers
 layers already ran: early-exit catch-up and speculative verification reuse that work instead of redoing it.
 
 Rows with their own lengths. A batch shares slot columns; a row that accepts fewer tokens than another marks
-its unused slots invalid (`invalidate`), and positions, masks and smear all skip invalid slots.
+its unused slots invalid (`invalidate`), and positions, masks and smear all skip invalid slots. Such holes
+cost slots only: `compact` squeezes them out (per row, the valid slots move to the right end in order), so a
+cache sized for one row's needs serves a batch whose rows advance at different paces.
 
 This file is copied into exported remote-code folders: it imports only torch/transformers.
 """
@@ -111,7 +113,7 @@ class CognicaKVCache(Cache):
         max_len = max_len or config.sequence_len
         if max_len > config.rotary_seq_len:
             raise ValueError(f"cache length {max_len} exceeds the rotary table ({config.rotary_seq_len} positions, "
-                             f"10x sequence_len); raise sequence_len to go longer")
+                             f"{config.rotary_multiplier}x sequence_len); raise sequence_len to go longer")
         windows = config.window_sizes()
         layers = [CognicaKVLayer(batch_size, max_len, config.n_kv_head, config.head_dim, windows[i], dtype, device)
                   for i in range(config.n_layer)]
@@ -170,6 +172,34 @@ class CognicaKVCache(Cache):
         slot = torch.arange(self.max_len, device=self.valid.device)
         drop = (slot[None, :] >= starts[:, None]) & (slot[None, :] < end)  # (len(rows), max_len)
         self.valid[rows] &= ~drop
+
+    def compact(self) -> int:
+        """
+        Squeeze out the invalid slots (pads, rejected drafts): per row, its valid slots move to the right end in
+        their order, the left side is invalid, and the cache ends after the row with the most valid slots. Keys,
+        values, kept streams, ids and positions move with their slots; since positions, masks and smear skip
+        invalid slots, every later token computes exactly what it computed before. Every layer must hold every
+        claimed slot. Returns the new length.
+        """
+        n = self.n_slots
+        if any(length != n for length in self.layer_len):
+            raise RuntimeError(f"compact needs every layer to hold all {n} claimed slots; fill levels {self.layer_len}")
+        valid = self.valid[:, :n]
+        new_len = int(valid.sum(dim=1).max()) if n else 0
+        # per row: the invalid slots, then the valid ones in order (a stable sort); the last new_len of them stay
+        src = torch.sort(valid.to(torch.uint8), dim=1, stable=True).indices[:, n - new_len:]  # (B, new_len)
+        for layer in self.layers:
+            idx = src[:, None, :, None].expand(-1, layer.keys.size(1), -1, layer.keys.size(3))
+            layer.keys[:, :, :new_len] = layer.keys[:, :, :n].gather(2, idx)
+            layer.values[:, :, :new_len] = layer.values[:, :, :n].gather(2, idx)
+            layer.length = new_len
+        for h in self.hidden.values():
+            h[:, :new_len] = h[:, :n].gather(1, src[:, :, None].expand(-1, -1, h.size(2)))
+        for t in (self.token_ids, self.valid, self.positions):
+            t[:, :new_len] = t[:, :n].gather(1, src)
+        self.valid[:, new_len:] = False
+        self.n_slots = new_len
+        return new_len
 
     def stage_len(self, stage: int) -> int:
         """Slots filled by every layer of `stage`."""

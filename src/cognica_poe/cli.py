@@ -133,7 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     elif args.mode == "wand":
         out, used = model.generate_wand(ids, safety=args.safety, p99_bounds=args.p99_bounds, return_stages_used=True,
                                         streamer=stream, **sampling)
-        extra = f"exit stages: {used[0].tolist()}"
+        extra = f"exit stages: {used}"
     elif args.mode == "speculative":
         out, acc = model.generate_speculative(ids, draft_stage=args.draft_stage, k_draft=args.k_draft,
                                               return_acceptance=True, streamer=stream, **sampling)
@@ -220,7 +220,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         model.generate_stage([ids], stage=model.poe_n_stages - 1, max_new_tokens=args.max_new_tokens,
                              do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-6),
                              top_k=args.top_k, seed=args.seed, stop_tokens=[end, tok.bos_token_id], streamer=stream,
-                             max_length=model.config.sequence_len * 10)
+                             max_length=model.config.rotary_seq_len)
         print()
         messages.append({"role": "assistant", "content": tok.decode(reply)})
 
@@ -353,7 +353,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     bounds = report["wand"]["p99_bounds"]  # calibrated by the report on held-out text
     out_w, used = model.generate_wand(ids, max_new_tokens=n, safety=1.0, p99_bounds=bounds, return_stages_used=True,
                                       stop_tokens=[])
-    samples[f"WAND, safety 1, calibrated bounds {bounds} (exit stages {used[0].tolist()})"] = out_w
+    samples[f"WAND, safety 1, calibrated bounds {bounds} (exit stages {used})"] = out_w
     out_s, acc = model.generate_speculative(ids, max_new_tokens=n, draft_stage=0, k_draft=3, stop_tokens=[],
                                             return_acceptance=True)
     samples[f"speculative, stage 0 drafts K=3 (acceptance {acc:.2f})"] = out_s

@@ -5,14 +5,15 @@ A product of experts over any subset of exits, all read from ONE cached pass up 
 Greedy takes the argmax of the score; sampling draws from softmax(score / temperature) (after top-k/top-p).
 With weights 1 the product sharpens where the exits agree and widens the top-1 margin.
 
-This file is copied into exported remote-code folders: it imports only torch and siblings.
+This file is copied into exported remote-code folders: it imports only torch/transformers and siblings.
 """
 
-from collections.abc import Callable
+import math
 
 import torch
+from transformers import GenerationConfig
 
-from .sampling import decode
+from .sampling import SamplingParams, decode, is_real
 
 
 def log_op(logits: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -21,11 +22,15 @@ def log_op(logits: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
 
 
 def composition_weights(n_stages: int, stage_weights: list[float] | None) -> list[float]:
-    """One weight per chosen exit, 1.0 each by default."""
-    weights = [1.0] * n_stages if stage_weights is None else [float(w) for w in stage_weights]
+    """One finite, non-negative weight per chosen exit (1.0 each by default), at least one of them positive."""
+    if stage_weights is None:
+        return [1.0] * n_stages
+    weights = list(stage_weights)
     if len(weights) != n_stages:
         raise ValueError(f"stage_weights has {len(weights)} entries but stages has {n_stages}")
-    return weights
+    if not all(is_real(w) and math.isfinite(w) and w >= 0 for w in weights) or not any(w > 0 for w in weights):
+        raise ValueError(f"stage_weights must be finite numbers >= 0, at least one of them > 0, got {weights}")
+    return [float(w) for w in weights]
 
 
 def check_composition(model, stages: list[int], stage_weights: list[float] | None) -> tuple[list[int], list[float]]:
@@ -34,19 +39,19 @@ def check_composition(model, stages: list[int], stage_weights: list[float] | Non
         raise ValueError("stages must name at least one stage")
     for s in stages:
         model.stage_boundary(s)  # raises for a bad index
-    return stages, composition_weights(len(stages), stage_weights)
+    return [int(s) for s in stages], composition_weights(len(stages), stage_weights)
 
 
 @torch.no_grad()
 def generate_parallel_composition(model, input_ids: torch.Tensor, stages: list[int],
-                                  stage_weights: list[float] | None = None, max_new_tokens: int = 32,
-                                  do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                                  top_p: float | None = None, seed: int | None = None,
-                                  stop_tokens: list[int] | int | None = None,
+                                  stage_weights: list[float] | None = None,
                                   attention_mask: torch.Tensor | None = None,
-                                  streamer: Callable[[int, int], None] | None = None,
-                                  max_length: int | None = None) -> torch.Tensor:
-    """Prompt + generated ids (B, T + n) decoded from the Log-OP of the chosen stage exits."""
+                                  generation_config: GenerationConfig | None = None, **sampling) -> torch.Tensor:
+    """
+    Prompt + generated ids (B, T + n) decoded from the Log-OP of the chosen stage exits; logits processors apply
+    to the composed score. sampling: the SamplingParams fields, as generate_stage.
+    """
+    params = SamplingParams.from_kwargs(generation_config, **sampling)
     stages, weights = check_composition(model, stages, stage_weights)
     boundaries = [model.stage_boundary(s) for s in stages]
     gpt = model.gpt
@@ -55,5 +60,4 @@ def generate_parallel_composition(model, input_ids: torch.Tensor, stages: list[i
         hidden = gpt.hidden_at_exits(ids, boundaries, cache, mask, logits_to_keep=1)
         return log_op([gpt.exit_logits(hidden[b], b)[:, -1] for b in boundaries], weights)
 
-    return decode(model, input_ids, attention_mask, max_new_tokens, next_scores, do_sample, temperature, top_k, top_p,
-                  seed, stop_tokens, streamer, max_length)
+    return decode(model, input_ids, attention_mask, params, next_scores)

@@ -20,7 +20,7 @@ from .cache import CognicaKVCache
 from .compose import generate_parallel_composition
 from .config import CognicaPoEConfig
 from .model import GPT
-from .sampling import warn_if_missing_bos
+from .sampling import is_int, warn_if_missing_bos
 from .specialist import DELTA_FILE, load_stage_folder
 from .speculative import generate_speculative
 from .stage import generate_stage
@@ -171,10 +171,10 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
     def stage_boundary(self, stage: int) -> int:
         """Last layer of `stage` (0-based); a clear error for a bad index."""
         n = self.poe_n_stages
-        if isinstance(stage, bool) or not isinstance(stage, int) or not -n <= stage < n:
+        if not is_int(stage) or not -n <= stage < n:  # Python or numpy integers; never a bool
             raise ValueError(f"stage {stage!r} out of range: this model has {n} stages, 0..{n - 1} "
                              f"(boundaries {self.poe_stage_boundary_layers})")
-        return self.poe_stage_boundary_layers[stage]
+        return self.poe_stage_boundary_layers[int(stage)]
 
     @torch.no_grad()
     def forward_stage(self, input_ids: torch.LongTensor, stage: int, attention_mask: torch.Tensor | None = None

@@ -13,20 +13,27 @@ own next token: the output is token-for-token plain greedy. Sampling uses the st
 normalize(max(0, p - q)), after k acceptances draw a bonus token from p; p and q are the full and draft
 distributions after the same temperature / top-k / top-p, so the output is distributed as the full model's.
 
-Rows advance at their own pace: a row that accepts fewer drafts marks its unused slots invalid in the shared
-cache (no copy); positions, masks and smear skip them. Rejected work is cropped from every layer.
+Logits processors (repetition penalty, no-repeat n-grams, the caller's LogitsProcessors) apply to the draft
+scores and to every verified position's scores, each with that position's prefix (the row's tokens, then the
+drafts before it): greedy stays token-for-token plain greedy WITH the same processors, and sampling is
+distributed as plain sampling with them.
 
-This file is copied into exported remote-code folders: it imports only torch and siblings.
+Rows advance at their own pace: a row that accepts fewer drafts marks its unused slots invalid in the shared
+cache (no copy); positions, masks and smear skip them. Rejected work is cropped from every layer. The cache
+holds the prompt + max_new_tokens + k_draft + 1 slots, what one row can use; when the holes rows leave would
+overflow it, it compacts (CognicaKVCache.compact), so a batch reaches the same context as a single row.
+
+This file is copied into exported remote-code folders: it imports only torch/transformers and siblings.
 """
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from transformers import GenerationConfig
 
 from .cache import CognicaKVCache
-from .sampling import begin_decoding, choose_tokens, sampling_probs
+from .sampling import SamplingParams, begin_decoding, is_int
 
 
 def speculative_accept(p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor, do_sample: bool,
@@ -73,34 +80,29 @@ class SpeculativeResult:
 
 
 @torch.no_grad()
-def run_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 32, draft_stage: int = 0, k_draft: int = 3,
-                    do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-                    top_p: float | None = None, seed: int | None = None, stop_tokens: list[int] | int | None = None,
-                    attention_mask: torch.Tensor | None = None, streamer: Callable[[int, int], None] | None = None,
-                    max_length: int | None = None) -> SpeculativeResult:
+def run_speculative(model, input_ids: torch.Tensor, draft_stage: int = 0, k_draft: int = 3,
+                    attention_mask: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+                    **sampling) -> SpeculativeResult:
     """
-    Speculative decoding with its statistics. Afterwards every layer of the cache holds every kept slot (the
-    newest token, like in plain decoding, is not forwarded yet).
+    Speculative decoding with its statistics. Afterwards every layer of the cache holds, for each row, its prompt
+    and every generated token but the last (which, like in plain decoding, is not forwarded yet).
     """
-    if isinstance(k_draft, bool) or not isinstance(k_draft, int) or k_draft < 1:
+    params = SamplingParams.from_kwargs(generation_config, **sampling)
+    if not is_int(k_draft) or k_draft < 1:
         raise ValueError(f"k_draft must be an integer >= 1, got {k_draft!r}")
+    k_draft = int(k_draft)
     n_stages = model.poe_n_stages
     draft_boundary = model.stage_boundary(draft_stage)
-    if draft_stage % n_stages == n_stages - 1:
+    if draft_boundary == model.poe_stage_boundary_layers[-1]:
         raise ValueError(f"draft_stage {draft_stage} is the last stage: the drafter must be an earlier exit "
                          f"(0..{n_stages - 2})")
-    input_ids = torch.as_tensor(input_ids)
-    B, T = input_ids.shape if input_ids.dim() == 2 else (1, len(input_ids))
-    # one row never leaves holes; rows of a batch may each waste up to k slots per iteration
-    max_len = T + max_new_tokens + k_draft + 1 if B == 1 else T + (max_new_tokens + 1) * (k_draft + 1)
-    input_ids, attention_mask, cache, generator, sink = begin_decoding(
-        model, input_ids, attention_mask, max_new_tokens, max_length, stop_tokens, streamer, seed, max_len,
-        keep_hidden=True)
+    # the row needing the most slots holds its prompt, its tokens but the last, and one iteration's k + 1
+    state = begin_decoding(model, input_ids, attention_mask, params, extra_slots=k_draft + 1, keep_hidden=True)
+    cache, sink = state.cache, state.sink
+    B = state.input_ids.size(0)
+    device = state.input_ids.device
     gpt = model.gpt
     last = model.config.n_layer - 1
-
-    def probs(logits):
-        return sampling_probs(logits, temperature, top_k, top_p) if do_sample else logits
 
     seconds = dict.fromkeys(("prefill", "draft", "verify", "accept"), 0.0)
     clock = time.perf_counter()
@@ -111,57 +113,82 @@ def run_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 32, dr
         seconds[phase] += now - clock
         clock = now
 
-    full = gpt.exit_logits(gpt.hidden_at_exits(input_ids, [last], cache, attention_mask, logits_to_keep=1)[last],
-                           last)
-    token = choose_tokens(full[:, -1], do_sample, temperature, top_k, top_p, generator)  # (B,) not yet forwarded
+    full = gpt.exit_logits(gpt.hidden_at_exits(state.input_ids, [last], cache, state.attention_mask,
+                                               logits_to_keep=1)[last], last)
+    token = state.choose(state.process(full[:, -1]))  # (B,) not yet forwarded
     sink.push_column(token)
     lap("prefill")
     accepted = drafted = iterations = draft_steps = 0
     while not sink.all_done:
-        n = cache.n_slots  # `token` takes slot n
-        active = torch.tensor([not d for d in sink.done], device=input_ids.device)
-        drafts, q = [], []
-        cur = token
+        active = torch.tensor([not d for d in sink.done], device=device)
         # never draft past the budget: the row needing the most tokens takes up to k drafts + the verifier's token
         k = max(1, min(k_draft, max(sink.max_new - len(r) for r, d in zip(sink.rows, sink.done) if not d) - 1))
+        k = make_room(cache, k, ~active)
+        n = cache.n_slots  # `token` takes slot n
+        drafts, q = [], []
+        cur = token
         for _ in range(k):  # draft: the shallow layers only, one slot at a time
             slot, _ = cache.claim(cur[:, None])
             h = gpt.run_slots(cache, slot, slot + 1, 0, draft_boundary, [draft_boundary])[draft_boundary]
-            logits = gpt.exit_logits(h, draft_boundary)[:, -1]
-            cur = choose_tokens(logits, do_sample, temperature, top_k, top_p, generator)
+            scores = state.process(gpt.exit_logits(h, draft_boundary)[:, -1], drafts)
+            cur = state.choose(scores)
             drafts.append(cur)
-            q.append(probs(logits) if do_sample else None)
+            q.append(state.probs(scores) if params.do_sample else None)
         lap("draft")
         # verify: the last draft's shallow layers, then the deep layers for all k + 1 slots from the kept stream
         slot, _ = cache.claim(cur[:, None])
         gpt.run_slots(cache, slot, slot + 1, 0, draft_boundary, [])
         h = gpt.run_slots(cache, n, slot + 1, draft_boundary + 1, last, [last])[last]
-        p = probs(gpt.exit_logits(h, last))  # (B, k+1, V)
-        lap("verify")
+        p = gpt.exit_logits(h, last)  # (B, k+1, V)
+        if state.processors:  # each verified position with its own prefix
+            p = torch.stack([state.process(p[:, j], drafts[:j]) for j in range(k + 1)], dim=1)
         drafts = torch.stack(drafts, dim=1)  # (B, k)
-        n_acc, token = speculative_accept(p, torch.stack(q, dim=1) if do_sample else None, drafts, do_sample,
-                                          generator)
-        # roll back: row r keeps slots n .. n + n_acc[r]; the cache ends after the longest row
-        new_len = n + 1 + int(n_acc.max())
+        if params.do_sample:
+            p = state.probs(p.flatten(0, 1)).view(p.shape)
+        lap("verify")
+        n_acc, token = speculative_accept(p, torch.stack(q, dim=1) if params.do_sample else None, drafts,
+                                          params.do_sample, state.generator)
+        # each active row keeps `token`'s slot and the accepted drafts it took (a row that stops takes fewer);
+        # finished rows keep nothing new. The cache ends after the longest row; shorter rows' slots become holes
+        keep = [0] * B
+        for row in range(B):
+            if bool(active[row]):
+                keep[row] = sink.push(row, drafts[row, :int(n_acc[row])].tolist() + [int(token[row])])
+        ends = n + torch.tensor(keep, device=device)
+        new_len = int(ends.max())
         cache.crop(new_len)
-        short = (n + 1 + n_acc) < new_len
+        short = ends < new_len
         if bool(short.any()):
             rows = short.nonzero()[:, 0]
-            cache.invalidate(rows, n + 1 + n_acc[rows], new_len)
-        for row in range(B):
-            if not sink.done[row]:
-                sink.push(row, drafts[row, :int(n_acc[row])].tolist() + [int(token[row])])
+            cache.invalidate(rows, ends[rows], new_len)
         drafted += k * int(active.sum())
         accepted += int(n_acc[active].sum())
         iterations += 1
         draft_steps += k
         lap("accept")
-    return SpeculativeResult(sink.output(input_ids), accepted, drafted, iterations, draft_steps, cache, seconds)
+    return SpeculativeResult(state.output(), accepted, drafted, iterations, draft_steps, cache, seconds)
 
 
-def generate_speculative(model, input_ids: torch.Tensor, max_new_tokens: int = 32, draft_stage: int = 0,
-                         k_draft: int = 3, return_acceptance: bool = False, **kwargs):
-    """Prompt + generated ids (B, T + n); with return_acceptance, (ids, accepted / drafted)."""
-    r = run_speculative(model, input_ids, max_new_tokens=max_new_tokens, draft_stage=draft_stage, k_draft=k_draft,
-                        **kwargs)
+def make_room(cache: CognicaKVCache, k: int, finished: torch.Tensor) -> int:
+    """
+    The drafts (<= k) an iteration can claim with the verifier's token: when k + 1 slots do not fit after the
+    longest row, the cache compacts (rows' holes squeezed out); only at the rotary table's very end do finished
+    rows (B,) give up their slots too.
+    """
+    if cache.n_slots + k + 1 > cache.max_len:
+        cache.compact()
+        if cache.n_slots + 2 > cache.max_len and bool(finished.any()):
+            rows = finished.nonzero()[:, 0]
+            cache.invalidate(rows, torch.zeros_like(rows), cache.n_slots)
+            cache.compact()
+    return min(k, cache.max_len - cache.n_slots - 1)
+
+
+def generate_speculative(model, input_ids: torch.Tensor, draft_stage: int = 0, k_draft: int = 3,
+                         return_acceptance: bool = False, **kwargs):
+    """
+    Prompt + generated ids (B, T + n); with return_acceptance, (ids, accepted / drafted). kwargs: attention_mask,
+    generation_config and the SamplingParams fields, as generate_stage.
+    """
+    r = run_speculative(model, input_ids, draft_stage=draft_stage, k_draft=k_draft, **kwargs)
     return (r.sequences, r.acceptance) if return_acceptance else r.sequences

@@ -5,23 +5,24 @@ Because every stage was trained against the shared head on its own, the prefix i
 its predictions are exactly those the same layers make inside the full model (the prefix of
 `forward_all_stages`). Only the layers of stages 0..s run and only they hold KV; deeper layers are never touched.
 
-This file is copied into exported remote-code folders: it imports only torch and siblings.
+This file is copied into exported remote-code folders: it imports only torch/transformers and siblings.
 """
 
-from collections.abc import Callable
-
 import torch
+from transformers import GenerationConfig
 
-from .sampling import decode
+from .sampling import SamplingParams, decode
 
 
 @torch.no_grad()
-def generate_stage(model, input_ids: torch.Tensor, stage: int, max_new_tokens: int = 32, do_sample: bool = False,
-                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                   seed: int | None = None, stop_tokens: list[int] | int | None = None,
-                   attention_mask: torch.Tensor | None = None, streamer: Callable[[int, int], None] | None = None,
-                   max_length: int | None = None) -> torch.Tensor:
-    """Prompt + up to max_new_tokens tokens per row (B, T + n), decoded from the exit of `stage` (0-based)."""
+def generate_stage(model, input_ids: torch.Tensor, stage: int, attention_mask: torch.Tensor | None = None,
+                   generation_config: GenerationConfig | None = None, **sampling) -> torch.Tensor:
+    """
+    Prompt + up to max_new_tokens tokens per row (B, T + n), decoded from the exit of `stage` (0-based).
+    sampling: the SamplingParams fields (max_new_tokens=32, do_sample, temperature, top_k, top_p, min_p,
+    repetition_penalty, no_repeat_ngram_size, logits_processor, seed, stop_tokens, streamer, max_length).
+    """
+    params = SamplingParams.from_kwargs(generation_config, **sampling)
     boundary = model.stage_boundary(stage)
     gpt = model.gpt
 
@@ -29,5 +30,4 @@ def generate_stage(model, input_ids: torch.Tensor, stage: int, max_new_tokens: i
         h = gpt.hidden_at_exits(ids, [boundary], cache, mask, logits_to_keep=1)[boundary]
         return gpt.exit_logits(h, boundary)[:, -1]
 
-    return decode(model, input_ids, attention_mask, max_new_tokens, next_scores, do_sample, temperature, top_k, top_p,
-                  seed, stop_tokens, streamer, max_length)
+    return decode(model, input_ids, attention_mask, params, next_scores)

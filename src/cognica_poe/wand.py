@@ -16,16 +16,17 @@ approximated: after a final catch-up the cache equals a full-depth prefill.
 In a batch a step runs a stage while any row still needs it (the number of forward calls per step does not
 depend on the batch size); each row takes its token from its own exit.
 
-This file is copied into exported remote-code folders: it imports only torch and siblings.
+This file is copied into exported remote-code folders: it imports only torch/transformers and siblings.
 """
 
-from collections.abc import Callable
+import math
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 
 from .cache import CognicaKVCache
-from .sampling import begin_decoding, choose_tokens
+from .sampling import SamplingParams, begin_decoding, is_real
 
 CARD_P99_BOUNDS = (7.09, 3.03, 2.15)  # the released d24's bounds for the 1->2, 2->3, 3->4 exit transitions
 
@@ -40,17 +41,19 @@ def resolve_bounds(model, p99_bounds: list[float] | tuple[float, ...] | None) ->
             raise ValueError(f"this model has {n} stages and no calibrated WAND bounds: run `cognica-poe calibrate` "
                              f"or pass p99_bounds with {n - 1} values")
         p99_bounds = CARD_P99_BOUNDS
-    bounds = [float(b) for b in p99_bounds]
+    bounds = list(p99_bounds)
     if len(bounds) != n - 1:
         raise ValueError(f"p99_bounds needs {n - 1} values (one per transition between {n} exits), got {len(bounds)}")
-    if any(b < 0 for b in bounds):
-        raise ValueError(f"p99_bounds must be non-negative, got {bounds}")
-    return bounds
+    if not all(is_real(b) and math.isfinite(b) and b >= 0 for b in bounds):
+        raise ValueError(f"p99_bounds must be finite numbers >= 0, got {bounds}")
+    return [float(b) for b in bounds]
 
 
 def exit_thresholds(bounds: list[float], safety: float) -> list[float]:
     """Margin needed to exit after stage k: safety * (sum of the bounds of the transitions still ahead)."""
-    return [safety * sum(bounds[k:]) for k in range(len(bounds))] + [float("-inf")]
+    if not is_real(safety) or not math.isfinite(safety) or safety < 0:
+        raise ValueError(f"safety must be a finite number >= 0 (larger exits later), got {safety!r}")
+    return [float(safety) * sum(bounds[k:]) for k in range(len(bounds))] + [float("-inf")]
 
 
 def top2_margin(logits: torch.Tensor) -> torch.Tensor:
@@ -80,46 +83,49 @@ def catch_up(model, cache: CognicaKVCache, end: int, last_stage: int,
 @dataclass
 class WandResult:
     sequences: torch.Tensor  # (B, T + n) prompt + generated ids
-    stages_used: torch.Tensor  # (B, n) exit stage of every generated token, -1 after a row stopped
+    stages_used: list[list[int]]  # per row, the exit stage of each token it generated (rows that stop are shorter)
     cache: CognicaKVCache
 
 
 @torch.no_grad()
-def run_wand(model, input_ids: torch.Tensor, max_new_tokens: int = 32, safety: float = 1.0,
-             p99_bounds: list[float] | None = None, do_sample: bool = False, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_tokens: list[int] | int | None = None, attention_mask: torch.Tensor | None = None,
-             streamer: Callable[[int, int], None] | None = None, max_length: int | None = None,
-             complete_cache: bool = False) -> WandResult:
-    """WAND decoding with everything it knows; `complete_cache` catches every layer up at the end."""
+def run_wand(model, input_ids: torch.Tensor, safety: float = 1.0, p99_bounds: list[float] | None = None,
+             attention_mask: torch.Tensor | None = None, complete_cache: bool = False,
+             generation_config: GenerationConfig | None = None, **sampling) -> WandResult:
+    """
+    WAND decoding with everything it knows; `complete_cache` catches every layer up at the end. Logits processors
+    apply to each exit's scores before its margin test, so the rule protects the processed argmax.
+    """
+    params = SamplingParams.from_kwargs(generation_config, **sampling)
     bounds = resolve_bounds(model, p99_bounds)
-    thresholds = exit_thresholds(bounds, float(safety))
-    input_ids, attention_mask, cache, generator, sink = begin_decoding(
-        model, input_ids, attention_mask, max_new_tokens, max_length, stop_tokens, streamer, seed, keep_hidden=True)
+    thresholds = exit_thresholds(bounds, safety)
+    state = begin_decoding(model, input_ids, attention_mask, params, keep_hidden=True)
+    cache, sink = state.cache, state.sink
     gpt = model.gpt
     n_stages = model.poe_n_stages
     boundaries = model.poe_stage_boundary_layers
-    B = input_ids.size(0)
+    B = state.input_ids.size(0)
+    device = state.input_ids.device
     stages_used: list[list[int]] = [[] for _ in range(B)]
 
     # the prompt runs at full depth; its last position's exits decide the first token like any other step
-    hidden = gpt.hidden_at_exits(input_ids, boundaries, cache, attention_mask, logits_to_keep=1)
+    hidden = gpt.hidden_at_exits(state.input_ids, boundaries, cache, state.attention_mask, logits_to_keep=1)
     exits = {s: gpt.exit_logits(hidden[b], b)[:, -1] for s, b in enumerate(boundaries)}
     while True:
-        chosen = torch.empty(B, model.config.vocab_size, device=input_ids.device)
-        exit_stage = torch.full((B,), -1, dtype=torch.long, device=input_ids.device)
+        chosen = torch.empty(B, model.config.vocab_size, device=device)
+        exit_stage = torch.full((B,), -1, dtype=torch.long, device=device)
         shared = {}  # this step's stage calls share embeddings and masks
         for s in range(n_stages):
             if s not in exits:  # a deeper stage is needed: catch it up for pending slots and run it for this token
                 got = catch_up(model, cache, cache.n_slots, s, shared)
                 exits[s] = gpt.exit_logits(got[s], boundaries[s])[:, -1]
+            scores = state.process(exits[s])
             open_rows = exit_stage < 0
-            leave = open_rows & (top2_margin(exits[s]) > thresholds[s])
-            chosen[leave] = exits[s][leave]
+            leave = open_rows & (top2_margin(scores) > thresholds[s])
+            chosen[leave] = scores[leave]
             exit_stage[leave] = s
             if not bool((exit_stage < 0).any()):
                 break
-        tokens = choose_tokens(chosen, do_sample, temperature, top_k, top_p, generator)
+        tokens = state.choose(chosen)
         for row in range(B):
             if not sink.done[row]:
                 stages_used[row].append(int(exit_stage[row]))
@@ -130,18 +136,22 @@ def run_wand(model, input_ids: torch.Tensor, max_new_tokens: int = 32, safety: f
         exits = {}
     if complete_cache:
         catch_up(model, cache, cache.n_slots, n_stages - 1)
-    n = max(len(r) for r in stages_used)
-    used = torch.full((B, n), -1, dtype=torch.long)
-    for i, r in enumerate(stages_used):
-        used[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return WandResult(sink.output(input_ids), used, cache)
+    return WandResult(state.output(), stages_used, cache)
 
 
-def generate_wand(model, input_ids: torch.Tensor, max_new_tokens: int = 32, safety: float = 1.0,
-                  p99_bounds: list[float] | None = None, return_stages_used: bool = False, **kwargs):
-    """Prompt + generated ids (B, T + n); with return_stages_used, (ids, stages_used (B, n), 0-based exits)."""
-    result = run_wand(model, input_ids, max_new_tokens=max_new_tokens, safety=safety, p99_bounds=p99_bounds, **kwargs)
-    return (result.sequences, result.stages_used) if return_stages_used else result.sequences
+def generate_wand(model, input_ids: torch.Tensor, safety: float = 1.0, p99_bounds: list[float] | None = None,
+                  return_stages_used: bool = False, **kwargs):
+    """
+    Prompt + generated ids (B, T + n); with return_stages_used, (ids, stages_used): the 0-based exit stage of
+    every generated token, a flat list for a batch of one (so `sum(stages_used) / len(stages_used)` is the mean
+    exit), else one list per row (a row that stopped early has fewer entries). kwargs: attention_mask,
+    generation_config and the SamplingParams fields, as generate_stage.
+    """
+    result = run_wand(model, input_ids, safety=safety, p99_bounds=p99_bounds, **kwargs)
+    if not return_stages_used:
+        return result.sequences
+    used = result.stages_used
+    return result.sequences, (used[0] if len(used) == 1 else used)
 
 
 @torch.no_grad()

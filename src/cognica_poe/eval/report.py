@@ -154,7 +154,7 @@ def measure_modes(model, prompts: list[list[int]], bounds: list[float], new_toke
     for safety in safeties:
         t, outs = median_run(lambda safety=safety: [run_wand(model, ids, safety=safety, p99_bounds=bounds, **kw)
                                                     for ids in tensors], runs)
-        used = torch.cat([r.stages_used[0] for r in outs])
+        used = torch.tensor([s for r in outs for s in r.stages_used[0]])
         hist = torch.bincount(used, minlength=last + 1).tolist()
         layers = sum(h * (model.poe_stage_boundary_layers[s] + 1) for s, h in enumerate(hist))
         res["wand"].append({"safety": safety, "tok_s": n_tokens / t, "speedup": t_full / t,
