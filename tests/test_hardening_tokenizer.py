@@ -191,19 +191,21 @@ def test_long_whitespace_matches_tiktoken_where_it_works(tok):
         assert tok.encoding.encode_ordinary(text) == want and tok(text)["input_ids"] == want
 
 
+@pytest.mark.slow
 def test_megabyte_inputs_tokenize(tok):
     from cognica_poe.train.data import documents_stream
 
-    texts = [" " * 1_000_000, "\n" + " " * 1_000_000 + "x", "said" + "\t" * 1_100_000 + "no\n",
-             "word" * 250_000, "中" * 300_000]
-    for text in texts:
-        ids = tok(text)["input_ids"]
-        assert ids == tok.encoding._encode_only_native_bpe(text)  # tiktoken's python-regex reference
-        assert tok.decode(ids) == text
-    batch = tok.encoding.encode_ordinary_batch(texts[:3])  # the training loader's path (threads)
-    assert [tok.decode(ids) for ids in batch] == texts[:3]
-    stream = documents_stream(texts[:2], tok)  # the evaluation stream's path
-    assert stream.tolist() == [tok.bos_token_id, *batch[0], tok.bos_token_id, *batch[1]]
+    texts = [" " * 1_000_000, "\n" + "\t" * 1_000_000 + "x", "word" * 250_000]
+    want = [tok.encoding._encode_only_native_bpe(text) for text in texts]  # tiktoken's python-regex reference
+    assert [tok(text)["input_ids"] for text in texts] == want
+    assert tok.decode(want[1]) == texts[1]
+    assert tok.encoding.encode_ordinary_batch([texts[1], "ok"]) == [want[1], ordinary(tok, "ok")]  # loader (threads)
+    stream = documents_stream([texts[1], "ok"], tok)  # the evaluation stream's path
+    assert stream.tolist() == [tok.bos_token_id, *want[1], tok.bos_token_id, *ordinary(tok, "ok")]
+    # tiktoken's encode keeps its rules on special-token text over the cut-out path
+    assert tok.encoding.encode(texts[1] + "<|bos|>", allowed_special="all") == want[1] + [tok.bos_token_id]
+    with pytest.raises(ValueError, match="disallowed special token"):
+        tok.encoding.encode(texts[1] + "<|bos|>")
 
 
 def test_engine_failure_is_a_value_error(tok, monkeypatch):
@@ -269,6 +271,7 @@ def test_tokenizer_json_same_ids(tok, tmp_path):
     for text in ("ROMEO: hi", "<|bos|>x"):
         want = [tok.bos_token_id] + tok(text, allowed_special="all")["input_ids"]
         assert fast(text)["input_ids"] == ours(text, allowed_special="all")["input_ids"] == want
+        assert ours(text)["input_ids"] == [tok.bos_token_id] + ordinary(tok, text)  # reloaded: still text
 
 
 def test_tokenizer_json_same_ids_reference_tokenizer(tmp_path):
@@ -292,6 +295,7 @@ print(json.dumps({"cls": [type(t).__name__ for t in (ours, fast_opt_in, fast)],
 """
 
 
+@pytest.mark.slow
 def test_auto_tokenizer_loads(tok, tmp_path):
     folder = tmp_path / "exported"
     tok.save_pretrained(folder)
@@ -305,6 +309,7 @@ def test_auto_tokenizer_loads(tok, tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["cls"] == ["CognicaPoETokenizer", "CognicaPoETokenizer", "PreTrainedTokenizerFast"] or \
-        out["cls"][2] == "TokenizersBackend"
+    # transformers 5 ignores use_fast: with remote code trusted the folder's auto_map gives ours, and
+    # PreTrainedTokenizerFast (TokenizersBackend) reads tokenizer.json
+    assert out["cls"] == ["CognicaPoETokenizer", "CognicaPoETokenizer", "TokenizersBackend"]
     assert out["ids"] == [tok(text)["input_ids"]] * 3
