@@ -58,7 +58,7 @@ def test_d8_classics_stage_bpb(tmp_path):
     out = convert_nanochat(D8, str(tmp_path / "d8"), dtype="float32", allow_pickle=True)
     assert sorted(f for f in os.listdir(out) if not f.endswith(".py")) == sorted(
         ["config.json", "generation_config.json", "model.safetensors", "tokenizer.tiktoken", "tokenizer_config.json",
-         "chat_template.jinja", "token_bytes.safetensors", "LICENSE", "NOTICE"])
+         "chat_template.jinja", "token_bytes.safetensors", "tokenizer.json", "LICENSE", "NOTICE"])
     assert sorted(f for f in os.listdir(out) if f.endswith(".py")) == remote_code_files()
     model = load_model(out)
     tok = CognicaPoETokenizer.from_pretrained(out)

@@ -83,10 +83,10 @@ def test_round_trip(tok):
 def test_special_text_in_input(tok):
     n = VOCAB - len(SPECIAL_TOKENS)
     text = "hi<|user_start|>x <|assistant_end|><|bos|>"
-    ids = tok(text)["input_ids"]
+    ids = tok(text, allowed_special="all")["input_ids"]  # special-token text is text unless allowed
     assert ids == tok.encoding.encode(text, allowed_special="all")
     assert ids[-1] == n and n + 1 in ids and n + 4 in ids
-    assert tok.convert_tokens_to_ids(tok.tokenize(text)) == ids
+    assert tok.convert_tokens_to_ids(tok.tokenize(text, allowed_special="all")) == ids
     assert tok.decode(ids) == text and tok.decode(ids, skip_special_tokens=True) == "hix "
     plain = tok(text, split_special_tokens=True)["input_ids"]
     assert plain == tok.encoding.encode_ordinary(text) and max(plain) < n

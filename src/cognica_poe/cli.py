@@ -116,7 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         model = load_model(args.model, dtype=args.dtype, pack=not args.no_pack)
         n_exits = model.poe_n_stages
     tok = CognicaPoETokenizer.from_pretrained(args.model)
-    ids = torch.tensor([[tok.bos_token_id] + tok(args.prompt)["input_ids"]])
+    ids = torch.tensor([[tok.bos_token_id] + tok(args.prompt, split_special_tokens=True)["input_ids"]])  # all text
     sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0 else 1.0,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_new_tokens=args.max_new_tokens,
                     stop_tokens=args.stop if args.stop is not None else None)
@@ -208,7 +208,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if not line:
             break
         messages.append({"role": "user", "content": line})
-        ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+        ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False,
+                                      sanitize_control_tokens=True)  # what the user types is text
         reply = []
 
         def stream(row, token, reply=reply):

@@ -12,29 +12,38 @@ On disk (no pickles):
   token_bytes.safetensors   {"token_bytes": int32 (vocab,)}: raw bytes per id, 0 for specials (bits per byte)
   chat_template.jinja       nanochat's chat protocol (transformers 5 keeps templates in this file)
   tokenizer.py              this file, so the folder loads with AutoTokenizer(..., trust_remote_code=True)
+  tokenizer.json            the same BPE for the `tokenizers` library (PreTrainedTokenizerFast.from_pretrained,
+                            serving stacks, transformers.js); written by every save for those readers
 
 Token strings (what `tokenize` returns) are the token's bytes through GPT-2's reversible byte-to-unicode map
 (printable ASCII maps to itself, other bytes to printable code points); specials are their own text. Encoding
-plain text is tiktoken's `encode_ordinary`; special-token text in the input (a rendered chat template) becomes
-the special ids, as usual for transformers' added tokens. BOS is NOT added by default (the model card prepends
-it itself); `add_bos_token=True` or `add_bos(ids)` prepend it.
+is tiktoken's `encode_ordinary`: special-token text typed by a user ("<|assistant_end|>" in a prompt) is plain
+text, so no input can forge a control token. Only an explicit opt-in encodes it as the special id:
+`allowed_special=` (a set of names or "all", tiktoken's convention) or `split_special_tokens=False`
+(transformers'). `apply_chat_template(tokenize=True)` gives the ids of `render_conversation`: the template's own
+specials as ids, message text as text. BOS is NOT added by default (the model card prepends it itself);
+`add_bos_token=True` or `add_bos(ids)` prepend it.
 
 This file is copied into exported remote-code folders: it imports only the standard library, torch,
 transformers, safetensors and tiktoken.
 """
 
 import base64
+import functools
 import json
 import os
 import pickle
 import re
 import shutil
+from collections.abc import Collection, Iterator
+from collections.abc import Set as AbstractSet
 
 import tiktoken
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizer
 from transformers.tokenization_utils_base import AddedToken, PaddingStrategy, TruncationStrategy
+from transformers.utils.chat_template_utils import _CONTROL_TOKEN_END, _CONTROL_TOKEN_START
 
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""  # noqa: E501
@@ -47,6 +56,7 @@ SPECIAL_TOKENS = [
     "<|output_start|>", "<|output_end|>",
 ]
 VOCAB_FILE = "tokenizer.tiktoken"
+FAST_FILE = "tokenizer.json"
 TOKEN_BYTES_FILE = "token_bytes.safetensors"
 LEGACY_TOKEN_BYTES_FILE = "token_bytes.pt"
 LEGACY_PICKLE_FILE = "tokenizer.pkl"
@@ -110,17 +120,111 @@ def tokenizer_auto_map() -> list:
 
 
 # -----------------------------------------------------------------------------
+# long whitespace: tiktoken's regex engine panics on it
+
+# Unicode White_Space but \r and \n: the split regex's \s (Python's \s would add \x1c-\x1f)
+BLANKS = "\t\x0b\x0c \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+LONG_WHITESPACE = 100_000  # runs of blanks this long are cut out (the engine fails near 1M)
+
+
+@functools.lru_cache(maxsize=4)
+def _blank_run_patterns(n: int) -> tuple[re.Pattern, re.Pattern]:
+    # a run of n blanks puts min(n, 8) blanks in a row among every (n // 8)-th character: a cheap first test
+    return re.compile(f"[{BLANKS}]{{{min(n, 8)}}}"), re.compile(f"(?<![{BLANKS}])[{BLANKS}]{{{n},}}")
+
+
+def whitespace_parts(text: str) -> Iterator[tuple[str, bool]]:
+    r"""
+    text as consecutive parts whose ids, concatenated, are the ids of the whole text: (part, False) for text that
+    tiktoken encodes as usual, (run, True) for a run of LONG_WHITESPACE+ blanks that the split regex takes as one
+    piece, to byte-pair encode whole. Why: the regex backtracks over such a run (`\s*[\r\n]` looking for a
+    newline) and past about a million characters tiktoken's engine overflows its stack, a Rust panic.
+
+    Why the cuts are exact: a maximal run of blanks [s, e) followed by a non-space (or the end) starts a piece
+    (before it is a newline, which ends the regex's whitespace piece, or a non-space, which no piece extends into
+    a blank). From s the regex takes `\s+(?!\S)`: the run but its last blank, which joins the next piece (the whole
+    run at the end of the text). The regex only looks ahead, so the text after a cut splits as in the whole text.
+    A run followed by a newline is left alone: the regex takes it up to the newline without backtracking.
+    """
+    sampled, runs = _blank_run_patterns(LONG_WHITESPACE)
+    if len(text) < LONG_WHITESPACE or not sampled.search(text[::max(1, LONG_WHITESPACE // 8)]):
+        if text:
+            yield text, False
+        return
+    start = 0
+    for m in runs.finditer(text):
+        s, e = m.span()
+        if e < len(text) and text[e] in "\r\n":
+            continue
+        end = e if e == len(text) else e - 1
+        if s > start:
+            yield text[start:s], False
+        yield text[s:end], True
+        start = end
+    if start < len(text):
+        yield text[start:], False
+
+
+def is_rust_panic(e: BaseException) -> bool:
+    """A panic inside a pyo3 extension (tiktoken, rustbpe): raised as a BaseException, so `except Exception`
+    misses it."""
+    return type(e).__name__ == "PanicException" and type(e).__module__ == "pyo3_runtime"
+
+
+def _engine(fn, text: str, **kwargs) -> list[int]:
+    """fn(text): a tiktoken engine panic becomes a ValueError that names the text."""
+    try:
+        return fn(text, **kwargs)
+    except BaseException as e:
+        if not is_rust_panic(e):
+            raise
+        raise ValueError(f"cannot tokenize a text of {len(text):,} characters starting {text[:40]!r}: tiktoken's "
+                         f"engine failed ({e})") from e
+
+
+class CognicaPoEEncoding(tiktoken.Encoding):
+    """
+    tiktoken's Encoding that tokenizes any text: runs of blanks too long for its regex engine are cut out and
+    byte-pair encoded whole (same ids), and any other engine panic is a ValueError. Everything that encodes
+    through `tokenizer.encoding` (the training loader, evaluation streams) gets this; the batch methods call these.
+    """
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        ids = []
+        for part, whole in whitespace_parts(text):
+            ids += self._encode_single_piece(part) if whole else _engine(super().encode_ordinary, part)
+        return ids
+
+    def encode(self, text: str, *, allowed_special: str | AbstractSet[str] = frozenset(),
+               disallowed_special: str | Collection[str] = "all") -> list[int]:
+        if not any(whole for _, whole in whitespace_parts(text)):
+            return _engine(super().encode, text, allowed_special=allowed_special,
+                           disallowed_special=disallowed_special)
+        # tiktoken's rules on special-token text, then the text between allowed specials as ordinary text
+        allowed = self.special_tokens_set if allowed_special == "all" else frozenset(allowed_special)
+        disallowed = self.special_tokens_set - allowed if disallowed_special == "all" else disallowed_special
+        found = [t for t in disallowed if t in text]
+        if found:
+            tiktoken.core.raise_disallowed_special_token(min(found, key=text.index))
+        parts = re.split("(" + "|".join(map(re.escape, allowed)) + ")", text) if allowed else [text]
+        ids = []
+        for i, part in enumerate(parts):
+            ids += [self._special_tokens[part]] if i % 2 else self.encode_ordinary(part)
+        return ids
+
+
+# -----------------------------------------------------------------------------
 # the encoding and its files
 
 def build_encoding(mergeable_ranks: dict[bytes, int], pat_str: str = SPLIT_PATTERN,
-                   name: str = "cognica_poe") -> tiktoken.Encoding:
+                   name: str = "cognica_poe") -> CognicaPoEEncoding:
     """A tiktoken Encoding with the 9 specials placed right after the mergeable ranks."""
     n = len(mergeable_ranks)
     if sorted(mergeable_ranks.values()) != list(range(n)):
         raise ValueError("mergeable ranks must be exactly 0..N-1, one token per rank")
     specials = {tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)}
-    return tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=mergeable_ranks,
-                             special_tokens=specials)
+    return CognicaPoEEncoding(name=name, pat_str=pat_str, mergeable_ranks=mergeable_ranks,
+                              special_tokens=specials)
 
 
 def mergeable_ranks_of(encoding: tiktoken.Encoding) -> dict[bytes, int]:
@@ -173,6 +277,36 @@ def load_token_bytes(path_or_dir: str) -> torch.Tensor:
     if path.endswith(".pt"):
         return torch.load(path, map_location="cpu", weights_only=True).to(torch.int32)
     return load_file(path)["token_bytes"].to(torch.int32)
+
+
+def fast_tokenizer(encoding: tiktoken.Encoding, add_bos_token: bool = False):
+    """
+    The same BPE as a `tokenizers` Tokenizer (what tokenizer.json holds), built by transformers' tiktoken converter:
+    byte-level BPE whose merges are every split of a token at that token's rank, the split regex, and the 9
+    specials as added tokens at their ids (BOS prepended by its post-processor with add_bos_token, where fast
+    tokenizers keep that setting). Like every tokenizer.json it matches special-token text in its input (serving
+    stacks render the chat template to text, then encode it); `encode_special_tokens = True` (transformers'
+    split_special_tokens=True) gives this tokenizer's default, where that text stays text.
+    """
+    from transformers.convert_slow_tokenizer import TikTokenConverter, processors  # (tokenizers' processors)
+
+    ranks = mergeable_ranks_of(encoding)
+    converter = TikTokenConverter(pattern=encoding._pat_str, extra_special_tokens=SPECIAL_TOKENS)
+    converter.load_tiktoken_bpe = lambda _: ranks  # the table is in memory (its file loader caches by path)
+    fast = converter.converted()
+    if [fast.token_to_id(t) for t in SPECIAL_TOKENS] != [encoding._special_tokens[t] for t in SPECIAL_TOKENS]:
+        raise ValueError("the tiktoken converter placed the special tokens at other ids")
+    if add_bos_token:
+        bos = SPECIAL_TOKENS[0]
+        fast.post_processor = processors.Sequence([fast.post_processor, processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, fast.token_to_id(bos))])])
+    return fast
+
+
+@functools.lru_cache(maxsize=16)
+def _tokens_pattern(tokens: tuple[str, ...]) -> re.Pattern:
+    """A regex that captures any of tokens (given longest first)."""
+    return re.compile("(" + "|".join(map(re.escape, tokens)) + ")")
 
 
 class PickleNotAllowedError(ValueError):
@@ -247,6 +381,10 @@ class CognicaPoETokenizer(PreTrainedTokenizer):
             if vocab_file is None or not os.path.isfile(vocab_file):
                 raise FileNotFoundError(_missing_vocab_message(kwargs.get("name_or_path") or vocab_file))
             encoding = build_encoding(read_ranks(vocab_file), pat_str)
+        if not isinstance(encoding, CognicaPoEEncoding):  # same tables, an encoding that takes any text
+            encoding = CognicaPoEEncoding(name=encoding.name, pat_str=encoding._pat_str,
+                                          mergeable_ranks=mergeable_ranks_of(encoding),
+                                          special_tokens=encoding._special_tokens)
         self.encoding = encoding
         self.add_bos_token = add_bos_token
         self._n_mergeable = encoding.n_vocab - len(SPECIAL_TOKENS)
@@ -261,13 +399,13 @@ class CognicaPoETokenizer(PreTrainedTokenizer):
         self._str_to_id = {s: i for i, s in enumerate(self._id_to_str)}
         self._added_tokens_decoder = {i: AddedToken(name, special=True, normalized=False)
                                       for name, i in self._special_ids.items()}
-        self._added_pattern = None  # (tokens, compiled regex), rebuilt when added tokens change
         kwargs.pop("added_tokens_decoder", None)  # always the 9 specials, at fixed ids
         # the other specials are extra special tokens, so that all_special_ids (skip_special_tokens) has all 9
         extra = [t for t in SPECIAL_TOKENS if t not in (bos_token, eos_token)]
         kwargs.setdefault("extra_special_tokens", extra)
         kwargs.setdefault("chat_template", CHAT_TEMPLATE)
         kwargs.setdefault("clean_up_tokenization_spaces", False)
+        kwargs.setdefault("split_special_tokens", True)  # special-token text in the input is text (see _matched)
         super().__init__(bos_token=bos_token, eos_token=eos_token, pad_token=pad_token,
                          padding_side=padding_side, pat_str=encoding._pat_str, add_bos_token=add_bos_token,
                          special_tokens=dict(expected),
@@ -294,6 +432,16 @@ class CognicaPoETokenizer(PreTrainedTokenizer):
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, VOCAB_FILE)):
             raise FileNotFoundError(_missing_vocab_message(path))
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
+    def _from_pretrained(cls, resolved_vocab_files, *args, **kwargs):
+        # with a tokenizer.json present transformers drops add_bos_token from the config (a fast tokenizer keeps it
+        # in its post-processor): read ours back unless the caller gave one
+        config = resolved_vocab_files.get("tokenizer_config_file")
+        if config and "add_bos_token" not in kwargs:
+            with open(config, encoding="utf-8") as f:
+                kwargs["add_bos_token"] = bool(json.load(f).get("add_bos_token", False))
+        return super()._from_pretrained(resolved_vocab_files, *args, **kwargs)
 
     # --- vocabulary
 
@@ -323,31 +471,78 @@ class CognicaPoETokenizer(PreTrainedTokenizer):
     def _tokenize(self, text: str, **kwargs) -> list[str]:
         return [self._id_to_str[i] for i in self.encoding.encode_ordinary(text)]
 
-    def _encode_text(self, text: str, split_special_tokens: bool = False) -> list[int]:
-        """Ids of text: added-token text becomes its id (unless split_special_tokens), the rest is
-        encode_ordinary."""
-        if split_special_tokens:
+    def _matched(self, allowed_special=None, split_special_tokens: bool | None = None) -> tuple[str, ...]:
+        """
+        The added-token strings that encoding turns into their ids, longest first: tokens a user added as plain
+        tokens always, special tokens only when allowed, by `allowed_special` (a set of names or "all") or
+        `split_special_tokens=False`. By default special-token text is text: no input can forge a control token.
+        """
+        special = {t for t, i in self._added_tokens_encoder.items() if self._added_tokens_decoder[i].special}
+        split = self.split_special_tokens if split_special_tokens is None else split_special_tokens
+        if allowed_special is None:
+            allowed = set() if split else special
+        elif allowed_special == "all":
+            allowed = special
+        else:
+            allowed = {allowed_special} if isinstance(allowed_special, str) else set(allowed_special)
+            if unknown := sorted(allowed - special):
+                raise ValueError(f"allowed_special: {unknown} are not special tokens of this tokenizer; name some "
+                                 f"of {sorted(special)} or pass 'all'")
+        return tuple(sorted(set(self._added_tokens_encoder) - special | allowed, key=len, reverse=True))
+
+    def _encode_text(self, text: str, matched: tuple[str, ...] = ()) -> list[int]:
+        """Ids of text: the `matched` added-token strings become their ids, the rest is encode_ordinary."""
+        if not matched:
             return self.encoding.encode_ordinary(text)
-        tokens = tuple(sorted(self._added_tokens_encoder, key=len, reverse=True))
-        if self._added_pattern is None or self._added_pattern[0] != tokens:
-            self._added_pattern = (tokens, re.compile("(" + "|".join(map(re.escape, tokens)) + ")"))
         ids = []
-        for i, piece in enumerate(self._added_pattern[1].split(text)):
+        for i, piece in enumerate(_tokens_pattern(matched).split(text)):
             if i % 2:
                 ids.append(self._added_tokens_encoder[piece])
             elif piece:
                 ids += self.encoding.encode_ordinary(piece)
         return ids
 
+    def _encode_marked_chat(self, chat: str) -> list[int]:
+        """
+        Ids of a chat that apply_chat_template rendered from marked inputs: transformers wraps every control token
+        spelled inside a message (or tool, document) in private-use markers, so the template's own tokens are the
+        unmarked ones. Those become ids; marked ones stay text, joined to the text around them, so each stretch
+        between two template tokens is encoded in one go, as render_conversation encodes a message.
+        """
+        tokens = _tokens_pattern(tuple(sorted(self._added_tokens_encoder, key=len, reverse=True))).pattern
+        start, end = re.escape(_CONTROL_TOKEN_START), re.escape(_CONTROL_TOKEN_END)
+        pieces = re.split(f"{start}{tokens}{end}|[{start}{end}]|{tokens}", chat)  # text, marked, template, ...
+        ids, text = [], ""
+        for i in range(0, len(pieces), 3):
+            text += pieces[i]
+            marked, token = pieces[i + 1:i + 3] if i + 1 < len(pieces) else (None, None)
+            if marked is not None:
+                text += marked
+            elif token is not None:
+                ids += self.encoding.encode_ordinary(text) + [self._added_tokens_encoder[token]]
+                text = ""
+        return ids + self.encoding.encode_ordinary(text)
+
+    def tokenize(self, text: str, **kwargs) -> list[str]:
+        """Token strings of text, by the same rules as encoding (special-token text is text unless allowed)."""
+        matched = self._matched(kwargs.pop("allowed_special", None), kwargs.pop("split_special_tokens", None))
+        return self.convert_ids_to_tokens(self._encode_text(text, matched))
+
     def _encode_plus(self, text, text_pair=None, **kwargs):
-        """Fast path for plain strings: ids straight from tiktoken, no per-token python strings."""
-        plain = isinstance(text, str) and (text_pair is None or isinstance(text_pair, str))
-        tricky = any(t.lstrip or t.rstrip or t.single_word for t in self._added_tokens_decoder.values())
-        if not plain or tricky or kwargs.get("is_split_into_words") or kwargs.get("sanitize_control_tokens"):
+        """
+        Plain strings: ids straight from tiktoken, no per-token python strings (special-token text as text unless
+        allowed); a chat from apply_chat_template (sanitize_control_tokens) as render_conversation encodes it.
+        """
+        if not (isinstance(text, str) and (text_pair is None or isinstance(text_pair, str))) \
+                or kwargs.get("is_split_into_words"):
             return super()._encode_plus(text, text_pair=text_pair, **kwargs)
-        split = kwargs.get("split_special_tokens", self.split_special_tokens)
-        ids = self._encode_text(text, split)
-        pair_ids = None if text_pair is None else self._encode_text(text_pair, split)
+        if kwargs.get("sanitize_control_tokens"):
+            encode = self._encode_marked_chat
+        else:
+            matched = self._matched(kwargs.get("allowed_special"), kwargs.get("split_special_tokens"))
+            encode = functools.partial(self._encode_text, matched=matched)
+        ids = encode(text)
+        pair_ids = None if text_pair is None else encode(text_pair)
         return self.prepare_for_model(
             ids, pair_ids=pair_ids, add_special_tokens=kwargs.get("add_special_tokens", True),
             padding=kwargs.get("padding_strategy", PaddingStrategy.DO_NOT_PAD).value,
@@ -400,13 +595,32 @@ class CognicaPoETokenizer(PreTrainedTokenizer):
 
     # --- chat
 
+    def apply_chat_template(self, conversation, tools=None, documents=None, chat_template=None,
+                            add_generation_prompt: bool = False, continue_final_message: bool = False,
+                            tokenize: bool = True, sanitize_control_tokens: bool | None = None, **kwargs):
+        """
+        transformers' chat rendering with message text kept as text: tokenize=True gives render_conversation's
+        ids (the template's special tokens as ids, special-token text inside messages as text); tokenize=False
+        returns the template's text. sanitize_control_tokens=False is the explicit opt-in to encode that text with
+        every special allowed, so that special-token text inside a message becomes a control token.
+        """
+        if sanitize_control_tokens is None:
+            sanitize_control_tokens = bool(tokenize)
+        if tokenize and not sanitize_control_tokens:
+            kwargs["tokenizer_kwargs"] = {"allowed_special": "all", **(kwargs.get("tokenizer_kwargs") or {})}
+        return super().apply_chat_template(
+            conversation, tools=tools, documents=documents, chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+            tokenize=tokenize, sanitize_control_tokens=sanitize_control_tokens, **kwargs)
+
     def render_conversation(self, messages: list[dict] | dict, max_tokens: int | None = None
                             ) -> tuple[list[int], list[int]]:
         """
         nanochat's chat rendering -> (ids, mask), mask 1 exactly on what the assistant writes: its content and
         <|assistant_end|> (python tool calls included, tool outputs excluded). A leading system message is
         merged into the first user turn; then roles must alternate user/assistant. Content is encoded as plain
-        text (special-token text inside a message never becomes a special id). Truncated to max_tokens.
+        text (special-token text inside a message never becomes a special id), consecutive text parts as one text
+        (as the chat template writes them). Truncated to max_tokens. apply_chat_template gives the same ids.
         """
         messages = list(messages["messages"] if isinstance(messages, dict) else messages)
         if messages and messages[0]["role"] == "system":
@@ -431,16 +645,20 @@ class CognicaPoETokenizer(PreTrainedTokenizer):
                 add([s["<|user_start|>"], *self.encoding.encode_ordinary(content), s["<|user_end|>"]], 0)
                 continue
             add([s["<|assistant_start|>"]], 0)
+            text = ""  # consecutive text parts, encoded together
             for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
-                body = self.encoding.encode_ordinary(part["text"])
                 if part["type"] == "text":
-                    add(body, 1)
-                elif part["type"] == "python":
+                    text += part["text"]
+                    continue
+                add(self.encoding.encode_ordinary(text), 1)
+                text, body = "", self.encoding.encode_ordinary(part["text"])
+                if part["type"] == "python":
                     add([s["<|python_start|>"], *body, s["<|python_end|>"]], 1)
                 elif part["type"] == "python_output":
                     add([s["<|output_start|>"], *body, s["<|output_end|>"]], 0)
                 else:
                     raise ValueError(f"unknown assistant content part type {part['type']!r}")
+            add(self.encoding.encode_ordinary(text), 1)
             add([s["<|assistant_end|>"]], 1)
         if max_tokens is not None:
             ids, mask = ids[:max_tokens], mask[:max_tokens]
@@ -457,13 +675,23 @@ class CognicaPoETokenizer(PreTrainedTokenizer):
         return (vocab_path, bytes_path)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """transformers' save, plus our keys in tokenizer_config.json and this file (for remote code)."""
+        """
+        transformers' save, plus our keys in tokenizer_config.json, tokenizer.json (the same BPE for the
+        `tokenizers` library) and this file (for remote code).
+        """
         files = super().save_pretrained(save_directory, *args, **kwargs)
         prefix = kwargs.get("filename_prefix")
-        path = os.path.join(save_directory, (f"{prefix}-" if prefix else "") + "tokenizer_config.json")
+        prefix = f"{prefix}-" if prefix else ""
+        fast = os.path.join(save_directory, prefix + FAST_FILE)
+        fast_tokenizer(self.encoding, self.add_bos_token).save(fast + ".tmp")
+        os.replace(fast + ".tmp", fast)
+        path = os.path.join(save_directory, prefix + "tokenizer_config.json")
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
         config["add_bos_token"] = self.add_bos_token  # transformers' base class leaves it out
+        # our default (special-token text is text) lives in this class: PreTrainedTokenizerFast reads the same
+        # file and must keep matching the specials that a rendered chat template writes
+        config.pop("split_special_tokens", None)
         config["auto_map"] = {"AutoTokenizer": tokenizer_auto_map()}
         with open(path, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
@@ -471,4 +699,4 @@ class CognicaPoETokenizer(PreTrainedTokenizer):
         code = os.path.join(save_directory, "tokenizer.py")
         if not (os.path.exists(code) and os.path.samefile(code, __file__)):
             shutil.copyfile(__file__, code)
-        return files
+        return (*files, fast)

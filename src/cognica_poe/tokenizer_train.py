@@ -11,7 +11,15 @@ from collections.abc import Iterable, Iterator
 
 import rustbpe
 
-from .tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, CognicaPoETokenizer, build_encoding
+from .tokenizer import (
+    LONG_WHITESPACE,
+    SPECIAL_TOKENS,
+    SPLIT_PATTERN,
+    CognicaPoETokenizer,
+    build_encoding,
+    is_rust_panic,
+    whitespace_parts,
+)
 
 
 def train_bpe(text_iterator: Iterable[str], vocab_size: int, doc_cap: int | None = 10_000,
@@ -26,11 +34,20 @@ def train_bpe(text_iterator: Iterable[str], vocab_size: int, doc_cap: int | None
                          f"the special tokens, leaving room for merges), got {vocab_size}")
 
     def cropped() -> Iterator[str]:
+        # rustbpe's regex engine panics on the runs of blanks that tiktoken's does: those go in as texts of
+        # their own, in slices short enough for it (the merges then see a few pairs fewer in such a run)
         for text in text_iterator:
-            yield text[:doc_cap] if doc_cap else text
+            for part, whole in whitespace_parts(text[:doc_cap] if doc_cap else text):
+                yield from (part[i:i + LONG_WHITESPACE] for i in range(0, len(part), LONG_WHITESPACE)) if whole \
+                    else [part]
 
     bpe = rustbpe.Tokenizer()
-    bpe.train_from_iterator(cropped(), vocab_size - n_specials, pattern=pattern)
+    try:
+        bpe.train_from_iterator(cropped(), vocab_size - n_specials, pattern=pattern)
+    except BaseException as e:
+        if not is_rust_panic(e):
+            raise
+        raise ValueError(f"rustbpe failed on the training text ({e})") from e
     ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
     if len(ranks) != vocab_size - n_specials:
         needed = vocab_size - n_specials - 256
