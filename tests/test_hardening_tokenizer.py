@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import tiktoken
+from conftest import bundled_text, shared_path
 
 from cognica_poe import tokenizer as tokenizer_module
 from cognica_poe.cli import main as cli_main
@@ -16,8 +17,6 @@ from cognica_poe.tokenizer import SPECIAL_TOKENS, CognicaPoETokenizer, load_lega
 from cognica_poe.tokenizer_train import train_bpe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "..", "..", "shared", "data")
-D8_TOK = os.path.join(HERE, "..", "..", "shared", "models", "poe-d8-classics", "tokenizer")
 VOCAB = 700
 UNICODE = [
     "中文字符和日本語のテキスト、한국어 문장도 있습니다。",
@@ -45,9 +44,7 @@ BROAD = [
 
 @pytest.fixture(scope="module")
 def tok() -> CognicaPoETokenizer:
-    with open(os.path.join(DATA, "tinyshakespeare.txt"), encoding="utf-8") as f:
-        text = f.read()[:100_000]
-    return train_bpe(iter(text.split("\n\n") + UNICODE * 40), vocab_size=VOCAB)
+    return train_bpe(iter(bundled_text(100_000).split("\n\n") + UNICODE * 40), vocab_size=VOCAB)
 
 
 def ordinary(tok, text: str) -> list[int]:
@@ -226,7 +223,7 @@ def test_train_bpe_with_a_huge_whitespace_document():
 # -----------------------------------------------------------------------------
 # 18: tokenizer.json, the same ids through the `tokenizers` library and transformers' fast tokenizer
 
-def fast_parity(tok, folder):
+def fast_parity(tok, folder, prose: str):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -234,7 +231,7 @@ def fast_parity(tok, folder):
     raw = Tokenizer.from_file(path)
     fast = PreTrainedTokenizerFast(tokenizer_file=path)
     loaded = PreTrainedTokenizerFast.from_pretrained(folder)
-    texts = BROAD + [warpeace(12)]
+    texts = BROAD + [prose]
     for text in texts:
         ours, every = tok(text)["input_ids"], tok(text, allowed_special="all")["input_ids"]
         assert raw.encode(text).ids == every, text  # tokenizer.json matches special-token text, as usual
@@ -252,9 +249,8 @@ def fast_parity(tok, folder):
     assert loaded.apply_chat_template(chat, return_dict=False) == tok.render_conversation(chat)[0]
 
 
-def warpeace(n: int) -> str:
-    with open(os.path.join(DATA, "warpeace.txt"), encoding="utf-8") as f:
-        text = f.read(300_000)
+def paragraphs(text: str, n: int) -> str:
+    """n long paragraphs of a corpus, past its first part."""
     return "\n\n".join([p for p in text.split("\n\n")[100:] if len(p) > 200][:n])
 
 
@@ -263,7 +259,7 @@ def test_tokenizer_json_same_ids(tok, tmp_path):
 
     tok.save_pretrained(tmp_path)
     assert (tmp_path / "tokenizer.json").is_file()
-    fast_parity(tok, str(tmp_path))
+    fast_parity(tok, str(tmp_path), paragraphs(bundled_text()[100_000:], 12))
     with_bos = CognicaPoETokenizer.from_encoding(tok.encoding, add_bos_token=True)
     with_bos.save_pretrained(tmp_path / "bos")
     fast, ours = PreTrainedTokenizerFast.from_pretrained(tmp_path / "bos"), CognicaPoETokenizer.from_pretrained(
@@ -275,11 +271,10 @@ def test_tokenizer_json_same_ids(tok, tmp_path):
 
 
 def test_tokenizer_json_same_ids_reference_tokenizer(tmp_path):
-    if not os.path.isfile(os.path.join(D8_TOK, "tokenizer.pkl")):
-        pytest.skip("reference tokenizer not present")
-    tok = load_legacy_pickle(os.path.join(D8_TOK, "tokenizer.pkl"), allow_pickle=True)
+    tok = load_legacy_pickle(shared_path("models", "poe-d8-classics", "tokenizer", "tokenizer.pkl"), allow_pickle=True)
     tok.save_pretrained(tmp_path)
-    fast_parity(tok, str(tmp_path))
+    with open(shared_path("data", "warpeace.txt"), encoding="utf-8") as f:
+        fast_parity(tok, str(tmp_path), paragraphs(f.read(300_000), 12))
 
 
 AUTO_SCRIPT = r"""
