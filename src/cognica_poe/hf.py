@@ -105,7 +105,10 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length, *args, **kwargs) -> None:
-        """generate() always decodes with our preallocated CognicaKVCache (never a DynamicCache)."""
+        """
+        generate() always decodes with our preallocated CognicaKVCache (never a DynamicCache). batch_size is the
+        caller's batch; transformers has already repeated every row num_beams / num_return_sequences times.
+        """
         user_cache = model_kwargs.get(_CACHE_FIELD)
         if user_cache is not None:
             if not isinstance(user_cache, CognicaKVCache):
@@ -113,7 +116,8 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
             return
         if generation_config.use_cache is False:
             return
-        model_kwargs[_CACHE_FIELD] = self.new_cache(batch_size, max_cache_length + 1)
+        expand = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        model_kwargs[_CACHE_FIELD] = self.new_cache(batch_size * expand, max_cache_length + 1)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         cache = kwargs.pop(_CACHE_FIELD, None)
