@@ -1,7 +1,9 @@
 """transformers parity: beam search and several return sequences, Trainer with gradient accumulation, gradient
 checkpointing, embedding resizing, hidden states, inputs_embeds and dynamic quantization."""
 
+import pytest
 import torch
+from conftest import perturbed_model
 
 
 def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,3 +45,40 @@ def test_several_return_sequences_equal_recompute(tiny_model):
         ref = tiny_model.gpt(seq, attention_mask=full_mask)
     torch.testing.assert_close(torch.stack(out.logits, dim=1), ref[:, 11:-1], rtol=1e-5, atol=1e-5)
     assert len({tuple(r) for r in seq[:3, 12:].tolist()}) > 1  # the copies of one prompt really sample apart
+
+
+# -----------------------------------------------------------------------------
+# Trainer: gradient accumulation gives the loss and gradient of one large batch
+
+
+def trainer_log(batch_size: int, accumulation: int, rows: list[dict], out_dir: str) -> list[tuple[float, float]]:
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=batch_size,
+                             gradient_accumulation_steps=accumulation, max_steps=2, learning_rate=1e-2,
+                             lr_scheduler_type="constant", logging_steps=1, use_cpu=True, report_to=[],
+                             save_strategy="no", train_sampling_strategy="sequential", disable_tqdm=True)
+    trainer = Trainer(model=perturbed_model(), args=args, train_dataset=rows)
+    trainer.train()
+    return [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "grad_norm" in h]
+
+
+def test_trainer_gradient_accumulation_equals_one_batch(tmp_path):
+    pytest.importorskip("accelerate")
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(8):  # each row ignores a different number of leading labels: micro-batches count unequal tokens
+        ids = torch.randint(1, 512, (16,), generator=g)
+        ids[0] = 0
+        labels = ids.clone()
+        labels[: 2 + (3 * i) % 11] = -100
+        rows.append({"input_ids": ids, "labels": labels})
+    one = trainer_log(4, 1, rows, str(tmp_path / "a"))
+    accumulated = trainer_log(2, 2, rows, str(tmp_path / "b"))
+    assert len(one) == len(accumulated) == 2
+    for (loss_a, norm_a), (loss_b, norm_b) in zip(one, accumulated):
+        assert loss_b == pytest.approx(loss_a, rel=1e-5) and norm_b == pytest.approx(norm_a, rel=1e-5)
+    # and the logged loss is the mean token loss of the first 4 rows, as the model computes it in one pass
+    with torch.no_grad():
+        batch = {k: torch.stack([r[k] for r in rows[:4]]) for k in ("input_ids", "labels")}
+        assert one[0][0] == pytest.approx(perturbed_model()(**batch).loss.item(), rel=1e-5)

@@ -13,6 +13,7 @@ This file is copied into exported remote-code folders: it imports only torch/tra
 import os
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -36,6 +37,7 @@ class CognicaPoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "gpt"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
+    accepts_loss_kwargs = True  # forward honours num_items_in_batch (Trainer's gradient accumulation)
     _no_split_modules = ["Block"]
     _supports_sdpa = True
     _supports_attention_backend = False
@@ -144,10 +146,13 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                 cache: CognicaKVCache | None = None, past_key_values: CognicaKVCache | None = None,
                 use_cache: bool | None = None, labels: torch.LongTensor | None = None,
-                logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+                logits_to_keep: int = 0, num_items_in_batch: int | torch.Tensor | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
         """
         Full-depth logits (B, T, vocab) in fp32. With a cache, input_ids are the new tokens and attention_mask
         covers past + new (as generate() passes it) or just the new tokens. labels are shifted inside, HF-style.
+        num_items_in_batch (the Trainer passes it under gradient accumulation): the loss is the token sum divided
+        by it, so micro-batches add up to the mean over the whole accumulated batch.
         """
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
@@ -158,7 +163,11 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
         if labels is not None:
             shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))
             shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-            loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+            if num_items_in_batch is None:
+                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+            else:
+                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+                loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
     # -----------------------------------------------------------------------------
