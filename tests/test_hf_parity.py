@@ -82,3 +82,26 @@ def test_trainer_gradient_accumulation_equals_one_batch(tmp_path):
     with torch.no_grad():
         batch = {k: torch.stack([r[k] for r in rows[:4]]) for k in ("input_ids", "labels")}
         assert one[0][0] == pytest.approx(perturbed_model()(**batch).loss.item(), rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# gradient checkpointing
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers renames it activation_checkpointing_enable
+def test_gradient_checkpointing_recomputes_blocks_with_equal_gradients():
+    ids, mask = left_padded_batch()
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        model = perturbed_model().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.is_gradient_checkpointing
+        n = [0]
+        model.gpt.transformer.h[1].attn.register_forward_pre_hook(lambda *a, n=n: n.__setitem__(0, n[0] + 1))
+        model(ids, attention_mask=mask, labels=ids).loss.backward()
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+        calls.append(n[0])
+    assert calls == [1, 2]  # checkpointed: the block runs again in the backward pass
+    for k, g in grads[0].items():
+        torch.testing.assert_close(grads[1][k], g, rtol=1e-6, atol=1e-7, msg=k)

@@ -36,7 +36,7 @@ class CognicaPoEPreTrainedModel(PreTrainedModel):
     config_class = CognicaPoEConfig
     base_model_prefix = "gpt"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # the blocks (model.Block) recompute in backward when enabled
     accepts_loss_kwargs = True  # forward honours num_items_in_batch (Trainer's gradient accumulation)
     _no_split_modules = ["Block"]
     _supports_sdpa = True

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .cache import CognicaKVCache
 from .config import CognicaPoEConfig
@@ -148,7 +149,12 @@ class MLP(nn.Module):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
-class Block(nn.Module):
+class Block(GradientCheckpointingLayer):
+    """
+    Pre-norm attention + MLP. A GradientCheckpointingLayer: after gradient_checkpointing_enable(), training forwards
+    keep only the block's input and recompute the rest in the backward pass (inference is unaffected).
+    """
+
     def __init__(self, config: CognicaPoEConfig, layer_idx: int):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx)
