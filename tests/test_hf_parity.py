@@ -3,7 +3,10 @@ checkpointing, embedding resizing, hidden states, inputs_embeds and dynamic quan
 
 import pytest
 import torch
+import torch.nn as nn
 from conftest import perturbed_model
+
+from cognica_poe import CognicaPoEForCausalLM
 
 
 def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,3 +108,76 @@ def test_gradient_checkpointing_recomputes_blocks_with_equal_gradients():
     assert calls == [1, 2]  # checkpointed: the block runs again in the backward pass
     for k, g in grads[0].items():
         torch.testing.assert_close(grads[1][k], g, rtol=1e-6, atol=1e-7, msg=k)
+
+
+# -----------------------------------------------------------------------------
+# resizing the vocabulary: wte, lm_head and value_embeds together, the padding kept, logits follow
+
+
+def vocab_matrices(model: CognicaPoEForCausalLM) -> dict[str, torch.Tensor]:
+    gpt = model.gpt
+    out = {"wte": gpt.transformer.wte.weight, "lm_head": gpt.lm_head.weight}
+    out.update({f"value_embeds.{k}": e.weight for k, e in gpt.value_embeds.items()})
+    return out
+
+
+def test_resize_token_embeddings_grows_every_vocab_matrix(tmp_path):
+    model = perturbed_model()
+    ids = torch.randint(1, 512, (2, 9))
+    ids[:, 0] = 0
+    with torch.no_grad():
+        before = model(ids).logits
+    old = {k: w.clone() for k, w in vocab_matrices(model).items()}
+    emb = model.resize_token_embeddings(600)
+    assert emb is model.get_input_embeddings()
+    assert model.config.vocab_size == 600 and model.config.padded_vocab_size == 640
+    for k, w in vocab_matrices(model).items():
+        assert w.shape[0] == 640, k
+        assert torch.equal(w[:512], old[k][:512]), k  # the old tokens keep their rows
+        assert torch.allclose(w[600], old[k][:512].mean(dim=0)), k  # a new token starts at the mean of the old
+    with torch.no_grad():
+        after = model(ids).logits
+        assert after.shape == (2, 9, 600)
+        torch.testing.assert_close(after[..., :512], before, rtol=1e-6, atol=1e-6)  # old tokens: same predictions
+        new = torch.cat([ids, torch.tensor([[599], [513]])], dim=1)
+        logits = model(new).logits  # the new ids look up rows in every vocab-sized matrix
+    model.save_pretrained(tmp_path / "m")
+    loaded = CognicaPoEForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config.vocab_size == 600
+    with torch.no_grad():
+        assert torch.equal(loaded(new).logits, logits)
+
+
+def test_resize_token_embeddings_shrinks_and_pads():
+    model = perturbed_model()
+    ids = torch.randint(1, 300, (1, 7))
+    with torch.no_grad():
+        before = model(ids).logits
+    model.resize_token_embeddings(300, pad_to_multiple_of=128)
+    assert model.config.vocab_size == 300 and model.config.padded_vocab_size == 384
+    assert all(w.shape[0] == 384 for w in vocab_matrices(model).values())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before[..., :300], rtol=1e-6, atol=1e-6)
+    model.config.eos_token_id = 250
+    with pytest.raises(ValueError, match="eos_token_id 250"):
+        model.resize_token_embeddings(200)
+    with pytest.raises(ValueError, match="new_num_tokens"):
+        model.resize_token_embeddings(0)
+    assert model.config.vocab_size == 300 and model.gpt.lm_head.weight.shape[0] == 384  # refused: nothing changed
+
+
+def test_set_embeddings_must_keep_the_vocab_shape():
+    model = perturbed_model()
+    ids = torch.randint(1, 512, (1, 6))
+    new = nn.Embedding(512, 64)
+    model.set_input_embeddings(new)
+    assert model.get_input_embeddings() is new
+    with torch.no_grad():
+        model(ids)
+    with pytest.raises(ValueError, match="resize_token_embeddings"):
+        model.set_input_embeddings(nn.Embedding(700, 64))
+    with pytest.raises(ValueError, match="resize_token_embeddings"):
+        model.set_output_embeddings(nn.Linear(64, 700, bias=False))
+    head = nn.Linear(64, 512, bias=False)
+    model.set_output_embeddings(head)
+    assert model.get_output_embeddings() is head

@@ -13,6 +13,7 @@ This file is copied into exported remote-code folders: it imports only torch/tra
 import os
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -30,6 +31,15 @@ from .weights import check_shapes, expected_shapes, safetensors_shapes, strip_pr
 
 # transformers 5.x renamed `past_key_values` to `cache`; accept and return whichever this install uses
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def check_vocab_shape(which: str, module: nn.Module, shape: torch.Size) -> None:
+    """wte, lm_head and the value embeddings are all vocab-sized: a replacement keeps the shape."""
+    got = tuple(module.weight.shape) if isinstance(module, (nn.Embedding, nn.Linear)) else None
+    if got != tuple(shape):
+        raise ValueError(f"new {which} embeddings must have weight shape {tuple(shape)} (padded vocab, n_embd), got "
+                         f"{got or type(module).__name__}: lm_head and the value embeddings are vocab-sized too, so "
+                         f"use resize_token_embeddings(n) to change the vocabulary")
 
 
 class CognicaPoEPreTrainedModel(PreTrainedModel):
@@ -91,6 +101,58 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.gpt.lm_head
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        """Replace wte by a module of the same (padded vocab, n_embd) shape (resize_token_embeddings: a new vocab)."""
+        check_vocab_shape("input", value, self.gpt.transformer.wte.weight.shape)
+        self.gpt.transformer.wte = value
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        """Replace lm_head by a module of the same (padded vocab, n_embd) shape."""
+        check_vocab_shape("output", value, self.gpt.lm_head.weight.shape)
+        self.gpt.lm_head = value
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Module:
+        """
+        Change the vocabulary to new_num_tokens tokens. Every vocab-sized matrix changes together (wte, lm_head, the
+        value embeddings and a specialist's stage heads), each padded to config.padded_vocab_size rows
+        (pad_to_multiple_of replaces config.pad_vocab_size_to); config.vocab_size becomes new_num_tokens, and so
+        does the width of the logits. Existing tokens keep their rows; a new token's rows start at the mean of
+        the existing tokens' rows (mean_resizing=False: at zero). Returns the input embedding.
+        """
+        cfg, gpt = self.config, self.gpt
+        vocab = cfg.vocab_size if new_num_tokens is None else new_num_tokens
+        pad_to = cfg.pad_vocab_size_to if pad_to_multiple_of is None else pad_to_multiple_of
+        for name, value in (("new_num_tokens", vocab), ("pad_to_multiple_of", pad_to)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            ids = getattr(cfg, name)
+            for i in ids if isinstance(ids, list) else [ids]:
+                if i is not None and i >= vocab:
+                    raise ValueError(f"{name} {i} would be outside a vocabulary of {vocab} tokens: keep at least "
+                                     f"{i + 1} tokens, or change config.{name} first")
+        old_vocab = cfg.vocab_size
+        padded = -(-vocab // pad_to) * pad_to
+        gpt.unpack_weights()  # packed copies belong to the old matrices
+        matrices = [gpt.transformer.wte, gpt.lm_head, *gpt.value_embeds.values()]
+        if cfg.specialist_ends:
+            matrices += [gpt.lm_head_stage, *gpt.ancestor_heads.values()]
+        with torch.no_grad():
+            for m in matrices:  # rows are tokens in every one: Embedding (V, dim), Linear weight (V, n_embd)
+                w = m.weight
+                keep = min(old_vocab, vocab)
+                fill = w[:old_vocab].float().mean(dim=0) if mean_resizing else torch.zeros(w.size(1))
+                rows = fill.to(w.dtype).to(w.device).expand(padded, -1).clone()
+                rows[:keep] = w[:keep]
+                m.weight = nn.Parameter(rows, requires_grad=w.requires_grad)
+                if isinstance(m, nn.Embedding):
+                    m.num_embeddings = padded
+                else:
+                    m.out_features = padded
+        cfg.vocab_size, cfg.pad_vocab_size_to = vocab, pad_to
+        return gpt.transformer.wte
 
     def pack_weights(self) -> int:
         """CPU inference: prepacked copies of the large matrices (GPT.pack_weights); returns how many."""
