@@ -181,3 +181,65 @@ def test_set_embeddings_must_keep_the_vocab_shape():
     head = nn.Linear(64, 512, bias=False)
     model.set_output_embeddings(head)
     assert model.get_output_embeddings() is head
+
+
+# -----------------------------------------------------------------------------
+# forward's transformers options: none silently ignored
+
+
+def test_output_hidden_states_are_every_layers_stream_and_give_the_exits(tiny_model):
+    ids, mask = left_padded_batch()
+    gpt, cfg = tiny_model.gpt, tiny_model.config
+    with torch.no_grad():
+        out = tiny_model(ids, attention_mask=mask, output_hidden_states=True)
+        hs = out.hidden_states
+        assert len(hs) == cfg.n_layer + 1 and all(h.shape == (2, 12, cfg.n_embd) for h in hs)
+        assert torch.equal(hs[0], gpt.prepare(ids, mask)[0])  # the embedding (after smear)
+        exits = gpt.forward_all_stages(ids, attention_mask=mask)
+        # exit at boundary layer b reads hs[b + 1]; the last exit also subtracts backout (the backout layer's stream)
+        *inner, last = cfg.poe_stage_boundary_layers
+        for k, b in enumerate(inner):
+            assert torch.equal(gpt.exit_logits(hs[b + 1], b), exits[k])
+        served = hs[last + 1] - gpt.backout_lambda * hs[cfg.backout_layer + 1]
+        assert torch.equal(gpt.exit_logits(served, last), exits[-1])
+        assert torch.equal(exits[-1], out.logits)
+        # logits_to_keep narrows the logits only
+        kept = tiny_model(ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1)
+        assert kept.logits.shape[1] == 1 and all(torch.equal(a, b) for a, b in zip(kept.hidden_states, hs))
+        assert tiny_model(ids).hidden_states is None
+
+
+def test_generate_returns_hidden_states(tiny_model):
+    ids, mask = left_padded_batch()
+    out = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                              output_hidden_states=True, return_dict_in_generate=True)
+    assert len(out.hidden_states) == 3
+    assert [h.shape[1] for h in out.hidden_states[0]] == [12] * 5  # prefill: every position
+    full_mask = torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        ref = tiny_model(out.sequences, attention_mask=full_mask, output_hidden_states=True).hidden_states
+    for step in (1, 2):  # a decode step's streams: its one new token, as a no-cache pass computes them
+        for layer, h in enumerate(out.hidden_states[step]):
+            torch.testing.assert_close(h, ref[layer][:, 11 + step:12 + step], rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_embeds_and_attentions_are_refused(tiny_model):
+    ids = torch.randint(1, 512, (1, 5))
+    embeds = tiny_model.get_input_embeddings()(ids)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        tiny_model(inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        tiny_model(ids, inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        tiny_model.generate(inputs_embeds=embeds, max_new_tokens=2)
+    with pytest.raises(ValueError, match="output_attentions"):
+        tiny_model(ids, output_attentions=True)
+
+
+def test_return_dict_false_gives_a_tuple(tiny_model):
+    ids = torch.randint(1, 512, (1, 5))
+    with torch.no_grad():
+        out = tiny_model(ids, labels=ids, return_dict=False)
+        ref = tiny_model(ids, labels=ids)
+    assert type(out) is tuple and len(out) == 2  # loss, logits (None fields are left out, HF-style)
+    assert torch.equal(out[0], ref.loss) and torch.equal(out[1], ref.logits)

@@ -190,7 +190,8 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
         kwargs.pop("position_ids", None)  # positions come from the attention mask
         kwargs.pop("cache_position", None)
         return {"input_ids": input_ids, "attention_mask": attention_mask, _CACHE_FIELD: cache, **{
-            k: v for k, v in kwargs.items() if k in ("use_cache", "logits_to_keep", "labels")}}
+            k: v for k, v in kwargs.items()
+            if k in ("use_cache", "logits_to_keep", "labels", "output_hidden_states", "output_attentions")}}
 
     def _prepare_attention_mask_for_generation(self, inputs_tensor, generation_config, model_kwargs):
         """Never guess a mask from pad ids when the pad token is BOS: every prompt starts with BOS."""
@@ -205,22 +206,42 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
             warn_if_missing_bos(ids, kwargs.get("attention_mask"), self.config.bos_token_id)
         return super().generate(inputs, **kwargs)
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 cache: CognicaKVCache | None = None, past_key_values: CognicaKVCache | None = None,
                 use_cache: bool | None = None, labels: torch.LongTensor | None = None,
                 logits_to_keep: int = 0, num_items_in_batch: int | torch.Tensor | None = None,
-                **kwargs) -> CausalLMOutputWithPast:
+                inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None, return_dict: bool | None = None,
+                **kwargs) -> CausalLMOutputWithPast | tuple:
         """
         Full-depth logits (B, T, vocab) in fp32. With a cache, input_ids are the new tokens and attention_mask
         covers past + new (as generate() passes it) or just the new tokens. labels are shifted inside, HF-style.
         num_items_in_batch (the Trainer passes it under gradient accumulation): the loss is the token sum divided
         by it, so micro-batches add up to the mean over the whole accumulated batch.
+
+        output_hidden_states: hidden_states[0] is the embedding after smear (the x0 every layer blends in) and
+        hidden_states[i + 1] the stream after layer i, full length, for the layers that run (all of them unless
+        config.poe_exit_stage is set). Stage exits read them: the exit at boundary layer b (not the last) is
+        gpt.exit_logits(hidden_states[b + 1], b); the last exit first subtracts backout:
+        hidden_states[-1] - gpt.backout_lambda * hidden_states[config.backout_layer + 1].
         """
+        if inputs_embeds is not None:
+            raise ValueError("inputs_embeds is not supported: this model looks every token up by id (value "
+                             "embeddings, smear), so pass input_ids")
+        if input_ids is None:
+            raise ValueError("input_ids is required")
+        if output_attentions:
+            raise ValueError("output_attentions is not supported: attention runs in fused kernels that return no "
+                             "attention weights")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = self.new_cache(input_ids.size(0), max(input_ids.size(1), self.config.sequence_len))
         keep = 0 if labels is not None else int(logits_to_keep)
-        logits = self.gpt(input_ids, kv_cache=cache, attention_mask=attention_mask, logits_to_keep=keep)
+        streams = [] if output_hidden_states else None
+        logits = self.gpt(input_ids, kv_cache=cache, attention_mask=attention_mask, logits_to_keep=keep,
+                          streams=streams)
         loss = None
         if labels is not None:
             shift_logits = logits[:, :-1].reshape(-1, logits.size(-1))
@@ -230,7 +251,9 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
             else:
                 loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
                 loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+        hidden_states = None if streams is None else tuple(streams)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden_states, **{_CACHE_FIELD: cache})
+        return out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
 
     # -----------------------------------------------------------------------------
     # the PoE stage API
