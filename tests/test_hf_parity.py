@@ -243,3 +243,49 @@ def test_return_dict_false_gives_a_tuple(tiny_model):
         ref = tiny_model(ids, labels=ids)
     assert type(out) is tuple and len(out) == 2  # loss, logits (None fields are left out, HF-style)
     assert torch.equal(out[0], ref.loss) and torch.equal(out[1], ref.logits)
+
+
+# -----------------------------------------------------------------------------
+# dynamic quantization
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_dynamic_quantization_quantizes_every_matrix(tiny_model):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import quantize_dynamic
+
+    ids, mask = left_padded_batch()
+    n = sum(isinstance(m, nn.Linear) for m in tiny_model.modules())
+    assert n == 4 * 6 + 2 + 2  # per layer q, k, v, c_proj, c_fc, c_proj; two ve_gates; lm_head and smear_gate
+    quantized = quantize_dynamic(tiny_model, {nn.Linear}, dtype=torch.qint8)
+    assert sum(isinstance(m, DynamicLinear) for m in quantized.modules()) == n  # nothing skipped
+    assert not any(isinstance(m, nn.Linear) for m in quantized.modules())
+    with torch.no_grad():
+        ref = tiny_model(ids, attention_mask=mask).logits
+        q = quantized(ids, attention_mask=mask).logits
+    assert not torch.equal(q, ref) and (q - ref).abs().max() < 0.5  # int8 weights: close, not equal
+    out = quantized.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, 16)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_packing_leaves_plain_matrices_behind_for_quantization():
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import quantize_dynamic
+
+    from cognica_poe.packed import Linear as PackedLinear
+    from cognica_poe.packed import count_packed, packing_supported
+
+    if not packing_supported(torch.zeros(1)):
+        pytest.skip("this build has no oneDNN packing")
+    model = perturbed_model(n_layer=2, n_embd=256, n_head=2, n_kv_head=1, poe_every=1)
+    n = sum(type(m) is nn.Linear for m in model.modules())
+    assert n == 2 * 6 + 1 + 2  # per layer q, k, v, c_proj, c_fc, c_proj; one ve_gate; lm_head and smear_gate
+    assert model.pack_weights() > 0 and any(isinstance(m, PackedLinear) for m in model.modules())
+    model.unpack_weights()
+    assert count_packed(model) == 0 and sum(type(m) is nn.Linear for m in model.modules()) == n
+    model.pack_weights()
+    model.to(torch.float32)  # .to() drops the packed copies too
+    assert sum(type(m) is nn.Linear for m in model.modules()) == n
+    quantized = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert sum(isinstance(m, DynamicLinear) for m in quantized.modules()) == n

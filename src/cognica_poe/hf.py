@@ -155,7 +155,10 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
         return gpt.transformer.wte
 
     def pack_weights(self) -> int:
-        """CPU inference: prepacked copies of the large matrices (GPT.pack_weights); returns how many."""
+        """
+        CPU inference: prepacked copies of the large matrices (GPT.pack_weights); returns how many. Packed matrices are
+        packed.Linear, which torch.ao's quantize_dynamic (exact types) would skip: quantize an unpacked model.
+        """
         return self.gpt.pack_weights()
 
     def unpack_weights(self) -> None:
@@ -163,7 +166,7 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
 
     def new_cache(self, batch_size: int, max_len: int | None = None, keep_hidden: bool = False) -> CognicaKVCache:
         """An empty KV cache for this model's dtype and device (keep_hidden: also keep stage-boundary streams)."""
-        p = self.gpt.lm_head.weight
+        p = self.gpt.transformer.wte.weight  # not lm_head's: a dynamically quantized lm_head has no float weight
         return CognicaKVCache(self.config, batch_size, max_len, dtype=p.dtype, device=p.device,
                               keep_hidden=keep_hidden)
 

@@ -20,12 +20,13 @@ This file is copied into exported remote-code folders: it imports only torch/tra
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn import Linear  # plain: packed.py turns a matrix into its packed subclass in place, when asked
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .cache import CognicaKVCache
 from .config import CognicaPoEConfig
-from .packed import Linear, PackedWeights, pack_linears, unpack_linears
+from .packed import PackedWeights, pack_linears, unpack_linears
 
 VE_GATE_CHANNELS = 12  # value-embedding gate reads the first 12 channels of the block input
 SMEAR_CHANNELS = 24  # smear gate reads the first 24 channels of the current token's embedding
@@ -91,6 +92,8 @@ class CausalSelfAttention(nn.Module):
 
     def pack_fused(self) -> list[Linear]:
         """Stack and pack c_q, c_k, c_v; returns the Linears the stack now serves (none if it cannot be packed)."""
+        if not all(isinstance(m, Linear) for m in (self.c_q, self.c_k, self.c_v)):
+            return []  # e.g. dynamically quantized: no float weight to pack
         self.packed_qkv = PackedWeights.make(self.c_q.weight, self.c_k.weight, self.c_v.weight)
         return [self.c_q, self.c_k, self.c_v] if self.packed_qkv is not None else []
 
@@ -306,8 +309,8 @@ class GPT(nn.Module):
         return self._rotary[device]
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """Pre-smear normalized token embedding (B, T, C), in the model's compute dtype."""
-        return norm(self.transformer.wte(idx).to(self.lm_head.weight.dtype))
+        """Pre-smear normalized token embedding (B, T, C), in wte's dtype: the model's compute dtype."""
+        return norm(self.transformer.wte(idx))
 
     def smear(self, x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         """
@@ -338,7 +341,7 @@ class GPT(nn.Module):
         q_pos = cache.positions[:, start:end]
         self.check_positions(int(q_pos.max()))
         cos_t, sin_t = self.rotary_tables(q_pos.device)
-        dtype = self.lm_head.weight.dtype
+        dtype = self.transformer.wte.weight.dtype  # the compute dtype (a quantized lm_head has no float weight)
         k_valid = cache.valid[:, :end]
         return StepContext(self.window_sizes, cos_t[q_pos][:, :, None].to(dtype), sin_t[q_pos][:, :, None].to(dtype),
                            end - start, start, cache, q_pos, cache.positions[:, :end], k_valid,
