@@ -122,6 +122,8 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
         the existing tokens' rows (mean_resizing=False: at zero). Returns the input embedding.
         """
         cfg, gpt = self.config, self.gpt
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return gpt.transformer.wte
         vocab = cfg.vocab_size if new_num_tokens is None else new_num_tokens
         pad_to = cfg.pad_vocab_size_to if pad_to_multiple_of is None else pad_to_multiple_of
         for name, value in (("new_num_tokens", vocab), ("pad_to_multiple_of", pad_to)):

@@ -83,7 +83,7 @@ class Linear(nn.Linear):
         return self.packed is not None
 
     def unpack(self) -> None:
-        self.packed = None
+        unpack_linear(self)
 
     def _apply(self, fn, recurse=True):
         unpack_linear(self)  # .to() / .half() / .cuda() give the weight new storage: the copy is stale, free it now
