@@ -20,11 +20,13 @@ This file is copied into exported remote-code folders: it imports only torch/tra
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn import Linear  # plain: packed.py turns a matrix into its packed subclass in place, when asked
 from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .cache import CognicaKVCache
 from .config import CognicaPoEConfig
-from .packed import Linear, PackedWeights, pack_linears, unpack_linears
+from .packed import PackedWeights, pack_linears, unpack_linears
 
 VE_GATE_CHANNELS = 12  # value-embedding gate reads the first 12 channels of the block input
 SMEAR_CHANNELS = 24  # smear gate reads the first 24 channels of the current token's embedding
@@ -90,6 +92,8 @@ class CausalSelfAttention(nn.Module):
 
     def pack_fused(self) -> list[Linear]:
         """Stack and pack c_q, c_k, c_v; returns the Linears the stack now serves (none if it cannot be packed)."""
+        if not all(isinstance(m, Linear) for m in (self.c_q, self.c_k, self.c_v)):
+            return []  # e.g. dynamically quantized: no float weight to pack
         self.packed_qkv = PackedWeights.make(self.c_q.weight, self.c_k.weight, self.c_v.weight)
         return [self.c_q, self.c_k, self.c_v] if self.packed_qkv is not None else []
 
@@ -148,7 +152,12 @@ class MLP(nn.Module):
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
-class Block(nn.Module):
+class Block(GradientCheckpointingLayer):
+    """
+    Pre-norm attention + MLP. A GradientCheckpointingLayer: after gradient_checkpointing_enable(), training forwards
+    keep only the block's input and recompute the rest in the backward pass (inference is unaffected).
+    """
+
     def __init__(self, config: CognicaPoEConfig, layer_idx: int):
         super().__init__()
         self.attn = CausalSelfAttention(config, layer_idx)
@@ -300,8 +309,8 @@ class GPT(nn.Module):
         return self._rotary[device]
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """Pre-smear normalized token embedding (B, T, C), in the model's compute dtype."""
-        return norm(self.transformer.wte(idx).to(self.lm_head.weight.dtype))
+        """Pre-smear normalized token embedding (B, T, C), in wte's dtype: the model's compute dtype."""
+        return norm(self.transformer.wte(idx))
 
     def smear(self, x: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
         """
@@ -332,7 +341,7 @@ class GPT(nn.Module):
         q_pos = cache.positions[:, start:end]
         self.check_positions(int(q_pos.max()))
         cos_t, sin_t = self.rotary_tables(q_pos.device)
-        dtype = self.lm_head.weight.dtype
+        dtype = self.transformer.wte.weight.dtype  # the compute dtype (a quantized lm_head has no float weight)
         k_valid = cache.valid[:, :end]
         return StepContext(self.window_sizes, cos_t[q_pos][:, :, None].to(dtype), sin_t[q_pos][:, :, None].to(dtype),
                            end - start, start, cache, q_pos, cache.positions[:, :end], k_valid,
@@ -423,25 +432,27 @@ class GPT(nn.Module):
         return exits
 
     def hidden_at_exits(self, idx: torch.Tensor, exits: list[int], kv_cache: CognicaKVCache | None = None,
-                        attention_mask: torch.Tensor | None = None,
-                        logits_to_keep: int = 0) -> dict[int, torch.Tensor]:
+                        attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
+                        streams: list[torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         """
         Run layers 0..max(exits) once over new tokens idx (B, T); return {exit layer: stream (B, T', C)} with
         backout applied where it belongs (T' = logits_to_keep last positions, or all). With a cache the tokens
         take the next slots, and attention_mask may cover past + new tokens (as generate() passes it).
+        streams, when a list, receives every full-length stream: x0 (the embedding after smear), then each layer's
+        output, without backout (transformers' hidden_states).
         """
         exits = self.check_exits(exits)
         if kv_cache is not None:
             T = idx.size(1)
             valid = attention_mask[:, -T:] if attention_mask is not None else None
             start, _ = kv_cache.claim(idx, valid)
-            return self.run_slots(kv_cache, start, start + T, 0, max(exits), exits, logits_to_keep)
+            return self.run_slots(kv_cache, start, start + T, 0, max(exits), exits, logits_to_keep, streams=streams)
         x0, step = self.prepare(idx, attention_mask)
-        return self._run_layers(x0, x0, idx, step, 0, max(exits), exits, logits_to_keep, None, None)
+        return self._run_layers(x0, x0, idx, step, 0, max(exits), exits, logits_to_keep, None, None, streams)
 
     def run_slots(self, cache: CognicaKVCache, start: int, end: int, first_layer: int, last_layer: int,
-                  exits: list[int] = (), logits_to_keep: int = 0,
-                  shared: dict | None = None) -> dict[int, torch.Tensor]:
+                  exits: list[int] = (), logits_to_keep: int = 0, shared: dict | None = None,
+                  streams: list[torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         """
         Run layers first_layer..last_layer for the tokens already claimed in cache slots [start, end): the stage
         engine's one primitive. Layer first_layer's input is the stream the cache kept at layer first_layer - 1
@@ -464,17 +475,22 @@ class GPT(nn.Module):
         x_backout = None
         if first_layer > self.config.backout_layer and last_layer >= self.config.trunk_n_layer - 1:
             x_backout = cache.load_hidden(self.config.backout_layer, start, end)
-        return self._run_layers(x, x0, ids, step, first_layer, last_layer, exits, logits_to_keep, x_backout, cache)
+        return self._run_layers(x, x0, ids, step, first_layer, last_layer, exits, logits_to_keep, x_backout, cache,
+                                streams)
 
     def _run_layers(self, x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor, step: StepContext, first: int,
                     last: int, exits: list[int], logits_to_keep: int, x_backout: torch.Tensor | None,
-                    cache: CognicaKVCache | None) -> dict[int, torch.Tensor]:
+                    cache: CognicaKVCache | None, streams: list[torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
         wanted = set(exits)
         keep = cache is not None and cache.keep_hidden
         backout_layer = self.config.backout_layer  # read once: a config attribute costs microseconds (transformers)
         out = {}
+        if streams is not None:
+            streams.append(x)
         for i in range(first, last + 1):
             x = self.run_layer(i, x, x0, idx, step)
+            if streams is not None:
+                streams.append(x)
             if i == backout_layer:
                 x_backout = x
             if keep and (i in cache.hidden_layers):
@@ -492,10 +508,14 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: CognicaKVCache | None = None,
                 attention_mask: torch.Tensor | None = None, loss_reduction: str = "mean",
-                logits_to_keep: int = 0) -> torch.Tensor:
-        """The served exit's fp32 softcapped logits (B, T, vocab), or the CE loss when targets are given."""
+                logits_to_keep: int = 0, streams: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """
+        The served exit's fp32 softcapped logits (B, T, vocab), or the CE loss when targets are given. streams: a
+        list to receive the stream entering layer 0 and after every layer that runs (see hidden_at_exits).
+        """
         last = self.served_layer
-        h = self.hidden_at_exits(idx, [last], kv_cache, attention_mask, 0 if targets is not None else logits_to_keep)
+        h = self.hidden_at_exits(idx, [last], kv_cache, attention_mask, 0 if targets is not None else logits_to_keep,
+                                 streams)
         logits = self.exit_logits(h[last], last)
         if targets is None:
             return logits

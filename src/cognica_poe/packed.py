@@ -8,6 +8,10 @@ measures both). `Linear` is nn.Linear plus that stored copy: `pack()` makes it, 
 inference (autograd off) on CPU in the weight's dtype. bf16 results are bitwise those of F.linear; fp32 ones agree
 to rounding (a different summation order).
 
+Models are built from plain nn.Linear, so tools that match exact module types (torch.ao's quantize_dynamic) see
+every matrix. Packing turns a module into the `Linear` subclass in place (same module, same parameters: what torch's
+parametrizations do), and unpacking or `.to()` turns it back; quantize a model that is not packed.
+
 A packed copy is a second copy of the matrix in memory (`unpack()` frees it). It is tied to the weight it was made
 from: after the weight changes in place (an optimizer step, loading new weights) the copy is stale and never used,
 and `.to()` and its kin drop it; the plain weight serves until `pack()` runs again. Training, saving and every
@@ -70,7 +74,7 @@ class PackedWeights:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that multiplies by a prepacked copy of its weight in CPU inference, once pack() has made one."""
+    """nn.Linear that multiplies by a prepacked copy of its weight in CPU inference (pack_linear makes one)."""
 
     packed: PackedWeights | None = None
 
@@ -79,11 +83,11 @@ class Linear(nn.Linear):
         return self.packed is not None
 
     def unpack(self) -> None:
-        self.packed = None
+        unpack_linear(self)
 
     def _apply(self, fn, recurse=True):
-        self.packed = None  # .to() / .half() / .cuda() give the weight new storage: the copy is stale, free it now
-        return super()._apply(fn, recurse)
+        unpack_linear(self)  # .to() / .half() / .cuda() give the weight new storage: the copy is stale, free it now
+        return nn.Linear._apply(self, fn, recurse)
 
     @property
     def is_packed(self) -> bool:
@@ -94,6 +98,22 @@ class Linear(nn.Linear):
         if self.packed is not None and self.packed.serves(x, self.weight):
             return self.packed(x, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def pack_linear(m: nn.Linear) -> bool:
+    """Give one nn.Linear a packed copy, in place (it becomes a Linear); one that cannot be packed stays plain."""
+    m.__class__ = Linear
+    if m.pack():
+        return True
+    unpack_linear(m)
+    return False
+
+
+def unpack_linear(m: nn.Linear) -> None:
+    """Drop m's packed copy: a Linear becomes a plain nn.Linear again."""
+    if type(m) is Linear:
+        m.__dict__.pop("packed", None)
+        m.__class__ = nn.Linear
 
 
 def pack_linears(module: nn.Module) -> int:
@@ -108,11 +128,11 @@ def pack_linears(module: nn.Module) -> int:
             fused |= {id(lin) for lin in m.pack_fused()}
     n = 0
     for m in module.modules():
-        if isinstance(m, Linear):
+        if type(m) in (nn.Linear, Linear):  # exactly: other nn.Linear subclasses have forwards of their own
             if id(m) in fused:
-                m.unpack()  # served by the stack
+                unpack_linear(m)  # served by the stack
             else:
-                n += m.pack()
+                n += pack_linear(m)
     return n + len(fused)
 
 
@@ -126,6 +146,6 @@ def unpack_linears(module: nn.Module) -> None:
     """Drop every packed copy: plain F.linear everywhere."""
     for m in module.modules():
         if isinstance(m, Linear):
-            m.unpack()
+            unpack_linear(m)
         if hasattr(m, "unpack_fused"):
             m.unpack_fused()
