@@ -370,3 +370,14 @@ def test_stale_temporaries_of_a_killed_writer_are_cleaned(tmp_path, tok):
     loop.save_checkpoint(str(ckpt_root), 1, gpt, loop.MuonAdamW(gpt, 256), {"step": 1})
     assert sorted(os.listdir(ckpt_root)) == ["latest", "step_000001"]
     shutil.rmtree(live_dir)
+
+
+def test_a_kill_between_the_swaps_renames_is_undone_at_the_next_write(tmp_path):
+    """Killed after moving the old folder aside and before renaming the new one in: the old one comes back."""
+    from cognica_poe.atomic import temp_path
+
+    out = export(tmp_path, "hf")
+    old = digest(out)
+    os.rename(out, temp_path(out, pid=_dead_pid(), kind="old"))
+    export(tmp_path, "other")  # any later write in that folder
+    assert digest(out) == old and sorted(os.listdir(tmp_path)) == ["hf", "other"]

@@ -7,9 +7,10 @@ renames the new one in, and only then removes the old one, so no failure or kill
 new one is complete. Everything is created with plain open/mkdir, so permissions follow the umask (tempfile's
 mkstemp/mkdtemp would make them private, and the rename would keep that).
 
-Temporary names are `.<name>.tmp-<host>-<pid>-<random>`: every write removes the temporaries in its folder that a
-process of this host left behind when it was killed (its pid no longer runs), never a live writer's, and never a
-name of any other shape.
+Temporary names are `.<name>.tmp-<host>-<pid>-<random>` (an old folder moved aside: `.old-` instead of `.tmp-`):
+every write cleans up what a killed process of this host (its pid no longer runs) left in its folder: it removes
+its temporaries, and puts back an old folder that a kill between the two renames of a swap left aside. It never
+touches a live writer's names, nor a name of any other shape.
 
 Replacing a folder deletes the old one, so it is refused for what the program did not create: the working
 directory or any folder above it, a source being read or any folder above one, a file, and any non-empty folder
@@ -28,14 +29,14 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 
 HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32]
-TEMP_NAME = re.compile(r"^\..+\.tmp-(?P<host>[A-Za-z0-9]*)-(?P<pid>\d+)-[0-9a-f]{8}$")
+TEMP_NAME = re.compile(r"^\.(?P<dest>.+)\.(?P<kind>tmp|old)-(?P<host>[A-Za-z0-9]*)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
-def temp_path(dest: str, pid: int | None = None) -> str:
-    """A fresh temporary name beside dest, marked with this host and process."""
+def temp_path(dest: str, pid: int | None = None, kind: str = "tmp") -> str:
+    """A fresh temporary name beside dest, marked with this host and process; kind "old": an old dest moved aside."""
     folder, name = os.path.split(os.path.abspath(dest))
     pid = os.getpid() if pid is None else pid
-    return os.path.join(folder, f".{name}.tmp-{HOST}-{pid}-{os.urandom(4).hex()}")
+    return os.path.join(folder, f".{name}.{kind}-{HOST}-{pid}-{os.urandom(4).hex()}")
 
 
 def _alive(pid: int) -> bool:
@@ -51,7 +52,8 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale(folder: str) -> None:
-    """Remove the temporaries a killed writer of this host left in folder (ours by name; their process is gone)."""
+    """Undo what a killed writer of this host left in folder (ours by name; their process is gone): remove its
+    temporaries, and put an old folder moved aside back in place if nothing replaced it."""
     try:
         names = os.listdir(folder)
     except OSError:
@@ -60,8 +62,11 @@ def clean_stale(folder: str) -> None:
         m = TEMP_NAME.match(name)
         if not m or m["host"] != HOST or _alive(int(m["pid"])):
             continue
-        path = os.path.join(folder, name)
-        if os.path.isdir(path) and not os.path.islink(path):
+        path, dest = os.path.join(folder, name), os.path.join(folder, m["dest"])
+        if m["kind"] == "old" and not os.path.lexists(dest):
+            with contextlib.suppress(OSError):
+                os.rename(path, dest)
+        elif os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
         else:
             with contextlib.suppress(OSError):
@@ -167,10 +172,10 @@ def atomic_folder(out_dir: str, overwrite: bool = False, owned: Callable[[str], 
     vanishes otherwise. overwrite: an existing out_dir may be replaced, if check_replaceable allows it.
     """
     out_dir, sources = os.path.abspath(out_dir), tuple(sources)
-    check_replaceable(out_dir, overwrite, owned, sources)
     parent = os.path.dirname(out_dir)
+    clean_stale(parent)  # first: it may put back an old out_dir
+    check_replaceable(out_dir, overwrite, owned, sources)
     os.makedirs(parent, exist_ok=True)
-    clean_stale(parent)
     tmp = temp_path(out_dir)
     os.mkdir(tmp)
     try:
@@ -179,7 +184,7 @@ def atomic_folder(out_dir: str, overwrite: bool = False, owned: Callable[[str], 
         check_replaceable(out_dir, overwrite, owned, sources)  # again: the block may have run for hours
         old = None
         if os.path.lexists(out_dir):
-            old = temp_path(out_dir)
+            old = temp_path(out_dir, kind="old")
             os.rename(out_dir, old)
         try:
             os.rename(tmp, out_dir)
