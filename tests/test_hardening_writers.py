@@ -381,3 +381,25 @@ def test_a_kill_between_the_swaps_renames_is_undone_at_the_next_write(tmp_path):
     os.rename(out, temp_path(out, pid=_dead_pid(), kind="old"))
     export(tmp_path, "other")  # any later write in that folder
     assert digest(out) == old and sorted(os.listdir(tmp_path)) == ["hf", "other"]
+
+
+def test_a_refused_final_write_is_found_before_training(corpus, tok_dir, tok, tmp_path):
+    """sft into the stage folder it trains (the source), train exporting over a folder not ours: refused up front,
+    before a step is trained or a file is written."""
+    from cognica_poe.train.sft import SFTConfig, sft
+
+    run = tmp_path / "run"
+    (run / "hf").mkdir(parents=True)
+    (run / "hf" / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match="did not write"):
+        train(small_cfg(corpus, tok_dir, run, num_steps=1, export=True))
+    assert sorted(os.listdir(run)) == ["hf"] and os.listdir(run / "hf") == ["thesis.tex"]
+    base = export_hf_folder(perturbed_model(vocab_size=len(tok)), tok, str(tmp_path / "base"), dtype="float32")
+    stage = new_stage_folder(base, str(tmp_path / "chat" / "stage"), 1)
+    data = tmp_path / "chat.jsonl"
+    conv = {"messages": [{"role": "user", "content": "Say red."}, {"role": "assistant", "content": "red"}]}
+    data.write_text("\n".join(json.dumps(conv) for _ in range(4)) + "\n")
+    before = digest(tmp_path / "chat")
+    with pytest.raises(ValueError, match="source"):
+        sft(SFTConfig(model=stage, data=str(data), out_dir=str(tmp_path / "chat"), steps=1, batch_size=2))
+    assert digest(tmp_path / "chat") == before

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..atomic import atomic_folder, write_text
+from ..atomic import atomic_folder, check_replaceable, write_text
 from ..config import PRESETS, CognicaPoEConfig
 from ..eval.bpb import stage_bpb
 from ..model import GPT
@@ -466,6 +466,10 @@ def train(cfg: TrainConfig) -> dict:
                          "--nproc_per_node=8 -m cognica_poe.cli train --fsdp ...); this is a single process")
     master = rank == 0
     check_out_dir(cfg)  # on every rank, before any rank writes (the first barrier is in _get_tokenizer)
+    if cfg.export:  # the export at the end may replace only an earlier export: know it now, not after training
+        from ..checkpoint import is_model_folder
+
+        check_replaceable(os.path.join(cfg.out_dir, "hf"), True, is_model_folder, (cfg.data, cfg.tokenizer))
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")

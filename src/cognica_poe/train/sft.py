@@ -26,7 +26,8 @@ import time
 
 import torch
 
-from ..checkpoint import save_stage_folder
+from ..atomic import check_replaceable
+from ..checkpoint import is_model_folder, save_stage_folder
 from ..hf import CognicaPoEForCausalLM
 from ..specialist import DELTA_FILE, add_specialist, parent_reference
 from ..tokenizer import SPECIAL_TOKENS, CognicaPoETokenizer
@@ -140,12 +141,13 @@ def val_loss(model: CognicaPoEForCausalLM, tok: CognicaPoETokenizer, convs: list
 
 def sft(cfg: SFTConfig) -> dict:
     """Train the leaf specialist on conversations; writes checkpoints, metrics.jsonl and a stage folder."""
+    stage_dir = os.path.join(cfg.out_dir, "stage")
+    check_replaceable(stage_dir, True, is_model_folder, (cfg.model, cfg.data))  # the last write, checked first
     torch.manual_seed(cfg.seed)
     tok = CognicaPoETokenizer.from_pretrained(cfg.model)
     loaded = CognicaPoEForCausalLM.from_pretrained(cfg.model)
     is_stage = os.path.isfile(os.path.join(cfg.model, DELTA_FILE))
     model = loaded if is_stage else add_specialist(loaded, cfg.new_layers, seed=cfg.seed)
-    stage_dir = os.path.join(cfg.out_dir, "stage")
     # the parent as the new stage folder names it (a stage's own parent is relative to that stage's folder)
     parent = (parent_reference(model.config.base_model_name_or_path, stage_dir, relative_to=cfg.model) if is_stage
               else parent_reference(cfg.model, stage_dir))
