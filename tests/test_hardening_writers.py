@@ -403,3 +403,12 @@ def test_a_refused_final_write_is_found_before_training(corpus, tok_dir, tok, tm
     with pytest.raises(ValueError, match="source"):
         sft(SFTConfig(model=stage, data=str(data), out_dir=str(tmp_path / "chat"), steps=1, batch_size=2))
     assert digest(tmp_path / "chat") == before
+
+
+def test_save_stage_folder_refuses_a_parent_relative_to_the_working_directory(tmp_path, monkeypatch):
+    base = export(tmp_path, "models/base")
+    spec = add_specialist(CognicaPoEForCausalLM.from_pretrained(base), 1, seed=0)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="relative to the working directory"):
+        save_stage_folder(spec, str(tmp_path / "stages" / "x"), "models/base")
+    assert not os.path.exists(tmp_path / "stages" / "x")

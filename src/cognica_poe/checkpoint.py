@@ -177,6 +177,11 @@ def save_stage_folder(model: CognicaPoEForCausalLM, out_dir: str, base_model_nam
     """
     from safetensors.torch import save_file
 
+    ref = base_model_name_or_path
+    if not os.path.isabs(ref) and not os.path.isdir(os.path.join(out_dir, ref)) and os.path.isdir(ref):
+        raise ValueError(f"the parent {ref!r} is a folder relative to the working directory, which the stage folder "
+                         "cannot rely on; pass it relative to the stage folder or absolute "
+                         "(specialist.parent_reference)")
     dtype = model.gpt.transformer.wte.weight.dtype if dtype is None else parse_dtype(dtype)
     delta = {k: v.detach().to(dtype).contiguous() for k, v in stage_delta(model).items()}
     with model_folder(out_dir, overwrite, (*sources, model.config._name_or_path)) as tmp:

@@ -350,20 +350,21 @@ def latest_checkpoint(ckpt_root: str) -> str | None:
         return os.path.join(ckpt_root, f.read().strip())
 
 
-def load_checkpoint(folder: str, gpt: GPT, optimizer: MuonAdamW | None = None) -> dict:
-    """
-    Copy the weights into gpt's own (aligned) tensors, restore the optimizer; returns state.pt's dict. Under FSDP
-    each rank reads the full tensors and keeps its shard. Every file is read and checked before anything is
-    copied, so a checkpoint that cannot be read leaves gpt as it was.
-    """
-    tensors = load_file(os.path.join(folder, "model.safetensors"))
-    optim_state = torch.load(os.path.join(folder, "optim.pt"), weights_only=True) if optimizer is not None else None
-    state = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
-    own = gpt.state_dict()
+def read_checkpoint(folder: str, with_optimizer: bool = True) -> dict:
+    """A checkpoint's files, all read (so a truncated one fails here, before any of it is used)."""
+    return dict(model=load_file(os.path.join(folder, "model.safetensors")),
+                optim=torch.load(os.path.join(folder, "optim.pt"), weights_only=True) if with_optimizer else None,
+                state=torch.load(os.path.join(folder, "state.pt"), weights_only=True), folder=folder)
+
+
+def apply_checkpoint(ckpt: dict, gpt: GPT, optimizer: MuonAdamW | None = None) -> None:
+    """Copy read_checkpoint's weights into gpt's own (aligned) tensors and restore the optimizer. Under FSDP each
+    rank holds the full tensors and keeps its shard."""
+    tensors, own = ckpt["model"], gpt.state_dict()
     wrong = [k for k, v in own.items() if k not in tensors or tuple(tensors[k].shape) != tuple(v.shape)]
     if wrong:
-        raise ValueError(f"{folder}/model.safetensors does not fit this model: {len(wrong)} tensor(s) missing or "
-                         f"of another shape, e.g. {wrong[:3]}")
+        raise ValueError(f"{ckpt['folder']}/model.safetensors does not fit this model: {len(wrong)} tensor(s) "
+                         f"missing or of another shape, e.g. {wrong[:3]}")
     with torch.no_grad():
         for k, v in own.items():
             src = tensors[k]
@@ -371,14 +372,20 @@ def load_checkpoint(folder: str, gpt: GPT, optimizer: MuonAdamW | None = None) -
                 src = distribute_tensor(src.to(v.device), v.device_mesh, v.placements, src_data_rank=None)
             v.copy_(src)
     if optimizer is not None:
-        optimizer.load_state_dict(optim_state)
-    return state
+        optimizer.load_state_dict(ckpt["optim"])
 
 
-def resume_checkpoint(ckpt_root: str, gpt: GPT, optimizer: MuonAdamW) -> tuple[str, dict]:
+def load_checkpoint(folder: str, gpt: GPT, optimizer: MuonAdamW | None = None) -> dict:
+    """Load a checkpoint into gpt (and the optimizer); returns state.pt's dict."""
+    ckpt = read_checkpoint(folder, optimizer is not None)
+    apply_checkpoint(ckpt, gpt, optimizer)
+    return ckpt["state"]
+
+
+def resume_checkpoint(ckpt_root: str) -> dict:
     """
-    Load the `latest` checkpoint; if it cannot be read (truncated on disk by a crash or a full disk), the newest
-    earlier one still kept, with a warning. Returns (folder, state.pt's dict).
+    Read the `latest` checkpoint; if it cannot be read (truncated on disk by a crash or a full disk), the newest
+    earlier one still kept, with a warning. Returns read_checkpoint's dict.
     """
     latest = latest_checkpoint(ckpt_root)
     newest = int(os.path.basename(latest)[5:]) if latest and STEP_DIR.fullmatch(os.path.basename(latest)) else None
@@ -390,14 +397,14 @@ def resume_checkpoint(ckpt_root: str, gpt: GPT, optimizer: MuonAdamW) -> tuple[s
     unreadable = []
     for folder in candidates:
         try:
-            state = load_checkpoint(folder, gpt, optimizer)
+            ckpt = read_checkpoint(folder)
         except Exception as e:  # safetensors, torch.load and a missing file each raise their own kind
             unreadable.append((folder, f"{type(e).__name__}: {e}".splitlines()[0]))
             continue
         if unreadable:
             warnings.warn(f"{', '.join(f for f, _ in unreadable)} could not be read; resuming from {folder} "
                           f"({'; '.join(why for _, why in unreadable)})", stacklevel=2)
-        return folder, state
+        return ckpt
     raise ValueError(f"--resume: no checkpoint in {ckpt_root} can be read: "
                      + "; ".join(f"{f} ({why})" for f, why in unreadable))
 
@@ -502,9 +509,12 @@ def train(cfg: TrainConfig) -> dict:
         dist.barrier()
     last_ckpt = None
     if cfg.resume:
-        last_ckpt, state = resume_checkpoint(ckpt_root, gpt, optimizer)
+        ckpt = resume_checkpoint(ckpt_root)
+        last_ckpt, state = ckpt["folder"], ckpt["state"]
         if state["model_config"] != overrides:
             raise ValueError(f"the checkpoint's model {state['model_config']} differs from this run's {overrides}")
+        apply_checkpoint(ckpt, gpt, optimizer)
+        del ckpt
         loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
         step, elapsed, smooth = state["step"], state["elapsed"], state["smooth_loss"]
