@@ -3,8 +3,9 @@ Checkpoint formats: our HF folder (safetensors), nanochat's checkpoint folder, a
 
 An HF folder holds config.json (with auto_map), model.safetensors (bf16 by default), generation_config.json,
 the tokenizer files, the remote-code .py files (copied from THIS package: it is the single source of truth)
-and LICENSE/NOTICE. Writing is atomic: everything goes to a temporary folder that is renamed at the end, so
-a failure leaves nothing behind.
+and LICENSE/NOTICE. Writing is atomic (atomic.py): everything goes to a temporary folder that is renamed at the
+end, so a failure leaves nothing behind, and --overwrite replaces only a folder this package wrote (config.json
+with our model_type), never the working directory, a source or a folder above either.
 
 nanochat folders hold model_{step:06d}.pt (a state_dict, keys maybe prefixed `_orig_mod.`, embeddings in
 bf16), meta_{step:06d}.json and tokenizer/ (tokenizer.pkl, token_bytes.pt). The .pt is read with
@@ -18,17 +19,17 @@ import json
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from importlib import resources
 
 import torch
 from transformers import GenerationConfig
 
+from .atomic import atomic_file, atomic_folder, write_json
 from .config import CognicaPoEConfig, preset_config
 from .hf import CognicaPoEForCausalLM
 from .model import GPT
-from .specialist import DELTA_FILE, add_specialist, stage_delta
+from .specialist import DELTA_FILE, add_specialist, parent_reference, stage_delta
 from .tokenizer import SPECIAL_TOKENS, CognicaPoETokenizer, load_legacy_pickle, tokenizer_auto_map
 from .weights import check_shapes, expected_shapes, strip_prefixes
 
@@ -77,7 +78,8 @@ def write_remote_code(folder: str) -> list[str]:
 
 
 def refresh_code(folder: str) -> list[str]:
-    """Replace a released folder's .py files with this package's, and point config.json's auto_map at them."""
+    """Replace a released folder's .py files with this package's, and point config.json's auto_map at them.
+    Each file is replaced atomically; the old .py files this package no longer has go last."""
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{folder} has no config.json: not an HF model folder")
@@ -85,53 +87,45 @@ def refresh_code(folder: str) -> list[str]:
         config = json.load(f)
     if config.get("model_type") != CognicaPoEConfig.model_type:
         raise ValueError(f"{config_path} has model_type {config.get('model_type')!r}, not 'cognica_poe'")
-    for old in glob.glob(os.path.join(folder, "*.py")):
-        os.remove(old)
-    files = write_remote_code(folder)
+    files = remote_code_files()
+    for name in files:
+        with open(os.path.join(PACKAGE_DIR, name), "rb") as src, atomic_file(os.path.join(folder, name), "wb") as dst:
+            shutil.copyfileobj(src, dst)
     config["auto_map"] = auto_map()
-    _write_json_atomic(config_path, config)
+    write_json(config_path, config)
     tok_config = os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(tok_config):
         with open(tok_config) as f:
             tc = json.load(f)
         tc["auto_map"] = {"AutoTokenizer": tokenizer_auto_map()}
-        _write_json_atomic(tok_config, tc)
+        write_json(tok_config, tc)
+    for old in glob.glob(os.path.join(folder, "*.py")):
+        if os.path.basename(old) not in files:
+            os.remove(old)
     return files
-
-
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
 # our HF folder
 
-@contextlib.contextmanager
-def atomic_folder(out_dir: str, overwrite: bool = False) -> Iterator[str]:
-    """Yield a temporary folder beside out_dir that replaces out_dir on success and vanishes on any failure.
-    Every exported folder also gets LICENSE and NOTICE."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists (pass overwrite=True / --overwrite to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+def is_model_folder(folder: str) -> bool:
+    """A folder this package wrote: its config.json names our model_type (the only kind --overwrite replaces)."""
     try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return json.load(f).get("model_type") == CognicaPoEConfig.model_type
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@contextlib.contextmanager
+def model_folder(out_dir: str, overwrite: bool = False, sources: Iterable[str | None] = ()) -> Iterator[str]:
+    """atomic_folder for a model folder (replacing only one of ours, never a source); adds LICENSE and NOTICE."""
+    with atomic_folder(out_dir, overwrite, owned=is_model_folder, sources=sources) as tmp:
         yield tmp
         for name in ("LICENSE", "NOTICE"):
             with resources.files("cognica_poe").joinpath(name).open("rb") as src, \
                     open(os.path.join(tmp, name), "wb") as dst:
                 shutil.copyfileobj(src, dst)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def generation_config_for(config: CognicaPoEConfig) -> GenerationConfig:
@@ -149,10 +143,12 @@ def set_special_ids(config: CognicaPoEConfig, tokenizer: CognicaPoETokenizer) ->
 
 
 def export_hf_folder(model: CognicaPoEForCausalLM, tokenizer: CognicaPoETokenizer | None, out_dir: str,
-                     dtype: str | torch.dtype = "bfloat16", overwrite: bool = False) -> str:
-    """Write a complete, self-contained HF folder (weights in `dtype`) atomically. Returns out_dir."""
+                     dtype: str | torch.dtype = "bfloat16", overwrite: bool = False,
+                     sources: Iterable[str | None] = ()) -> str:
+    """Write a complete, self-contained HF folder (weights in `dtype`) atomically. Returns out_dir. sources: what
+    the model was made from (with the folder it was loaded from), which overwrite never replaces."""
     dtype = parse_dtype(dtype)
-    with atomic_folder(out_dir, overwrite) as tmp:
+    with model_folder(out_dir, overwrite, (*sources, model.config._name_or_path)) as tmp:
         if tokenizer is not None:
             set_special_ids(model.config, tokenizer)
         model.config.auto_map = auto_map()
@@ -171,17 +167,24 @@ def export_hf_folder(model: CognicaPoEForCausalLM, tokenizer: CognicaPoETokenize
 
 def save_stage_folder(model: CognicaPoEForCausalLM, out_dir: str, base_model_name_or_path: str,
                       tokenizer: CognicaPoETokenizer | None = None, dtype: str | torch.dtype | None = None,
-                      overwrite: bool = False) -> str:
+                      overwrite: bool = False, sources: Iterable[str | None] = ()) -> str:
     """
     A specialist's stage folder: config.json (with its parent), delta.safetensors, remote code, tokenizer.
-    dtype defaults to the model's own (the base's): the delta carries the full wte, and any other dtype would
-    round the base's rows, so the loaded base would no longer be bit-identical to its folder.
+    base_model_name_or_path is stored as given: a path relative to out_dir, an absolute path or a repo id
+    (specialist.parent_reference makes one from a path the user typed). dtype defaults to the model's own (the
+    base's): the delta carries the full wte, and any other dtype would round the base's rows, so the loaded base
+    would no longer be bit-identical to its folder. sources: folders overwrite must never replace.
     """
     from safetensors.torch import save_file
 
+    ref = base_model_name_or_path
+    if not os.path.isabs(ref) and not os.path.isdir(os.path.join(out_dir, ref)) and os.path.isdir(ref):
+        raise ValueError(f"the parent {ref!r} is a folder relative to the working directory, which the stage folder "
+                         "cannot rely on; pass it relative to the stage folder or absolute "
+                         "(specialist.parent_reference)")
     dtype = model.gpt.transformer.wte.weight.dtype if dtype is None else parse_dtype(dtype)
     delta = {k: v.detach().to(dtype).contiguous() for k, v in stage_delta(model).items()}
-    with atomic_folder(out_dir, overwrite) as tmp:
+    with model_folder(out_dir, overwrite, (*sources, model.config._name_or_path)) as tmp:
         config = model.config.__class__.from_dict(model.config.to_dict())
         config.base_model_name_or_path = base_model_name_or_path
         config.auto_map = auto_map()
@@ -198,12 +201,14 @@ def save_stage_folder(model: CognicaPoEForCausalLM, out_dir: str, base_model_nam
 
 def new_stage_folder(base: str, out_dir: str, new_layers: int, head_mode: str = "dual", seed: int = 0,
                      dtype: str | None = None, overwrite: bool = False) -> str:
-    """`cognica-poe stage new`: a fresh (identity) specialist on `base`, saved as a stage folder."""
+    """`cognica-poe stage new`: a fresh (identity) specialist on `base`, saved as a stage folder that names `base`
+    relative to itself, so it loads from any working directory."""
     parent = CognicaPoEForCausalLM.from_pretrained(base)
     model = add_specialist(parent, new_layers, head_mode=head_mode, seed=seed)
     tokenizer = CognicaPoETokenizer.from_pretrained(base) if os.path.isfile(
         os.path.join(base, "tokenizer.tiktoken")) else None
-    return save_stage_folder(model, out_dir, base, tokenizer, dtype=dtype, overwrite=overwrite)
+    return save_stage_folder(model, out_dir, parent_reference(base, out_dir), tokenizer, dtype=dtype,
+                             overwrite=overwrite, sources=(base,))
 
 
 def load_model(path_or_preset: str, dtype: str | torch.dtype | None = None, device: str = "cpu",
@@ -311,7 +316,7 @@ def convert_nanochat(folder: str, out_dir: str, dtype: str = "bfloat16", allow_p
                          f"{model.config.vocab_size}: wrong tokenizer for this checkpoint")
     if tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[0]) != model.config.vocab_size - len(SPECIAL_TOKENS):
         raise ValueError("tokenizer's special tokens are not the last 9 ids as nanochat lays them out")
-    return export_hf_folder(model, tokenizer, out_dir, dtype=dtype, overwrite=overwrite)
+    return export_hf_folder(model, tokenizer, out_dir, dtype=dtype, overwrite=overwrite, sources=(folder,))
 
 
 def model_summary(model: GPT) -> dict:

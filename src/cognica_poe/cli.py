@@ -152,14 +152,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    """p99 WAND bounds from a text file, stored in the model folder's config.json."""
+    """p99 WAND bounds from a text file, stored in the model folder's config.json: only that field changes (the
+    folder's dtype and every other field stay), and the file is replaced atomically."""
     import torch
 
+    from .atomic import write_json
     from .checkpoint import load_model
     from .tokenizer import CognicaPoETokenizer
     from .wand import calibrate_wand_bounds
 
-    model = load_model(args.model, dtype="float32")
+    config_path = os.path.join(args.model, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: calibrate needs a model folder (it stores the bounds in "
+                                "its config.json)")
+    model = load_model(args.model, dtype="float32")  # computed in float32; the folder keeps its own dtype
     tok = CognicaPoETokenizer.from_pretrained(args.model)
     with open(args.data, encoding="utf-8") as f:
         docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
@@ -169,10 +175,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         if len(stream) >= args.max_tokens:
             break
     bounds = calibrate_wand_bounds(model, torch.tensor(stream[:args.max_tokens]), seq_len=args.seq_len)
-    model.config.wand_p99_bounds = bounds
-    model.config.to_json_file(f"{args.model}/config.json")
-    print(f"wand_p99_bounds = {bounds} (from {min(len(stream), args.max_tokens):,} tokens), saved to "
-          f"{args.model}/config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    config["wand_p99_bounds"] = bounds
+    write_json(config_path, config)
+    print(f"wand_p99_bounds = {bounds} (from {min(len(stream), args.max_tokens):,} tokens), saved to {config_path}")
 
 
 def cmd_stage_new(args: argparse.Namespace) -> None:

@@ -13,9 +13,9 @@ delta.safetensors: the new layers, lm_head_stage, the full wte (chat special-tok
 resid_lambdas and x0_lambdas. Loading resolves parents recursively down to a base folder, appends each
 ancestor's layers and loads its delta; each ancestor's lm_head_stage is folded into a head used at that
 ancestor's exit and every deeper one (base exits keep the original lm_head); only the leaf keeps a separate
-lm_head_stage. Parents resolve offline: a folder path (relative to the child first), the local HF cache,
-then a user mapping of ids to paths (argument, or the COGNICA_POE_PARENTS environment variable pointing at a
-JSON file).
+lm_head_stage. Parents resolve offline: a folder path (relative to the child folder, or absolute; never
+relative to the working directory, so a stage folder loads the same from anywhere), the local HF cache, then a
+user mapping of ids to paths (argument, or the COGNICA_POE_PARENTS environment variable pointing at a JSON file).
 
 This file is copied into exported remote-code folders: it imports only torch/transformers/safetensors.
 """
@@ -106,19 +106,31 @@ def stage_delta(model) -> dict[str, torch.Tensor]:
     return keep
 
 
-def resolve_parent(name_or_path: str, child_dir: str, parent_map: dict[str, str] | None = None) -> str:
-    """A parent folder for `name_or_path`, without touching the network."""
-    for candidate in (os.path.join(child_dir, name_or_path), name_or_path):
-        if os.path.isdir(candidate):
-            return os.path.realpath(candidate)
-    try:  # a repo id already in the local HF cache
-        from transformers.utils import cached_file
+def parent_reference(parent: str, stage_dir: str, relative_to: str | None = None) -> str:
+    """
+    How a stage folder at stage_dir names `parent` so that it resolves from any working directory: a folder
+    (`parent` read relative to `relative_to`, by default the working directory, as a user types it) becomes a
+    path relative to stage_dir; anything else (a repo id) is kept as it is.
+    """
+    folder = os.path.join(relative_to or os.getcwd(), parent)
+    if not os.path.isdir(folder):
+        return parent
+    return os.path.relpath(os.path.realpath(folder), os.path.realpath(stage_dir))
 
-        found = cached_file(name_or_path, "config.json", local_files_only=True,
-                            _raise_exceptions_for_missing_entries=False)
-        if found:
+
+def resolve_parent(name_or_path: str, child_dir: str, parent_map: dict[str, str] | None = None) -> str:
+    """A parent folder for `name_or_path` (a path relative to child_dir, an absolute path or a repo id), without
+    touching the network."""
+    candidate = os.path.join(child_dir, name_or_path)  # an absolute name_or_path stays itself
+    if os.path.isdir(candidate):
+        return os.path.realpath(candidate)
+    try:  # a repo id already in the local HF cache (the cache only: cached_file would also try the cwd)
+        from transformers.utils.hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name_or_path, "config.json")
+        if isinstance(found, str):
             return os.path.dirname(os.path.realpath(found))
-    except Exception:  # not a valid repo id, or not cached
+    except Exception:  # not a valid repo id
         pass
     mapping = dict(parent_map or {})
     env = os.environ.get("COGNICA_POE_PARENTS")
@@ -128,9 +140,9 @@ def resolve_parent(name_or_path: str, child_dir: str, parent_map: dict[str, str]
     if name_or_path in mapping and os.path.isdir(mapping[name_or_path]):
         return os.path.realpath(mapping[name_or_path])
     raise FileNotFoundError(
-        f"cannot resolve the parent {name_or_path!r} of {child_dir} offline: it is not a folder (relative to the "
-        "stage folder or the working directory), not in the local Hugging Face cache, and not in the parent "
-        "mapping (pass parent_map={id: path} or set COGNICA_POE_PARENTS to a JSON file of that mapping)")
+        f"cannot resolve the parent {name_or_path!r} of {child_dir} offline: it is not a folder (absolute or "
+        "relative to the stage folder), not in the local Hugging Face cache, and not in the parent mapping (pass "
+        "parent_map={id: path} or set COGNICA_POE_PARENTS to a JSON file of that mapping)")
 
 
 def load_stage_folder(path: str, parent_map: dict[str, str] | None = None, dtype: torch.dtype | None = None,

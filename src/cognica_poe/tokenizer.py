@@ -11,9 +11,10 @@ On disk (no pickles):
                             ({name: id}; always len(ranks) + index in the order of SPECIAL_TOKENS)
   token_bytes.safetensors   {"token_bytes": int32 (vocab,)}: raw bytes per id, 0 for specials (bits per byte)
   chat_template.jinja       nanochat's chat protocol (transformers 5 keeps templates in this file)
-  tokenizer.py              this file, so the folder loads with AutoTokenizer(..., trust_remote_code=True)
   tokenizer.json            the same BPE for the `tokenizers` library (PreTrainedTokenizerFast.from_pretrained,
                             serving stacks, transformers.js); written by every save for those readers
+  tokenizer.py, atomic.py   this file and its one sibling import (atomic writes), so the folder loads with
+                            AutoTokenizer(..., trust_remote_code=True)
 
 Token strings (what `tokenize` returns) are the token's bytes through GPT-2's reversible byte-to-unicode map
 (printable ASCII maps to itself, other bytes to printable code points); specials are their own text. Encoding
@@ -25,7 +26,7 @@ specials as ids, message text as text. BOS is NOT added by default (the model ca
 `add_bos_token=True` or `add_bos(ids)` prepend it.
 
 This file is copied into exported remote-code folders: it imports only the standard library, torch,
-transformers, safetensors and tiktoken.
+transformers, safetensors, tiktoken and atomic.py (standard library only).
 """
 
 import base64
@@ -44,6 +45,8 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizer
 from transformers.tokenization_utils_base import AddedToken, PaddingStrategy, TruncationStrategy
 from transformers.utils.chat_template_utils import _CONTROL_TOKEN_END, _CONTROL_TOKEN_START
+
+from .atomic import atomic_file, write_json, write_text
 
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""  # noqa: E501
@@ -234,11 +237,9 @@ def mergeable_ranks_of(encoding: tiktoken.Encoding) -> dict[bytes, int]:
 
 def write_ranks(path: str, mergeable_ranks: dict[bytes, int]) -> None:
     """Write tiktoken's text format: '<base64(bytes)> <rank>' per line, in rank order (atomically)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="ascii", newline="\n") as f:
+    with atomic_file(path, "w", encoding="ascii", newline="\n") as f:
         for token, rank in sorted(mergeable_ranks.items(), key=lambda kv: kv[1]):
             f.write(f"{base64.b64encode(token).decode('ascii')} {rank}\n")
-    os.replace(tmp, path)
 
 
 def read_ranks(path: str) -> dict[bytes, int]:
@@ -683,8 +684,7 @@ class CognicaPoETokenizer(PreTrainedTokenizer):
         prefix = kwargs.get("filename_prefix")
         prefix = f"{prefix}-" if prefix else ""
         fast = os.path.join(save_directory, prefix + FAST_FILE)
-        fast_tokenizer(self.encoding, self.add_bos_token).save(fast + ".tmp")
-        os.replace(fast + ".tmp", fast)
+        write_text(fast, fast_tokenizer(self.encoding, self.add_bos_token).to_str(pretty=True))
         path = os.path.join(save_directory, prefix + "tokenizer_config.json")
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
@@ -693,10 +693,10 @@ class CognicaPoETokenizer(PreTrainedTokenizer):
         # file and must keep matching the specials that a rendered chat template writes
         config.pop("split_special_tokens", None)
         config["auto_map"] = {"AutoTokenizer": tokenizer_auto_map()}
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        code = os.path.join(save_directory, "tokenizer.py")
-        if not (os.path.exists(code) and os.path.samefile(code, __file__)):
-            shutil.copyfile(__file__, code)
+        write_json(path, config)
+        here = os.path.dirname(os.path.abspath(__file__))
+        for name in ("tokenizer.py", "atomic.py"):  # this file and the module it imports
+            code = os.path.join(save_directory, name)
+            if not (os.path.exists(code) and os.path.samefile(code, os.path.join(here, name))):
+                shutil.copyfile(os.path.join(here, name), code)
         return (*files, fast)

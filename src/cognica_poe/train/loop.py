@@ -30,9 +30,13 @@ so any world size (with or without --fsdp) resumes from them. The full model is 
 sharded, so its weights (not its optimizer state) must fit one device.
 
 Checkpoints: <out_dir>/checkpoints/step_NNNNNN/ holds model.safetensors, optim.pt and state.pt (step, loader
-position, RNG states, configs, loop state); it is written to a temporary folder and renamed, then the `latest`
-pointer file is replaced atomically, so a crash or a NaN stop never leaves a half-written or overwritten
-checkpoint. Resume restores everything, so on CPU in fp32 the loss curve is bitwise that of an unbroken run.
+position, RNG states, configs, loop state); it is written to a temporary folder and renamed (atomic.py), then the
+`latest` pointer file is replaced atomically, so a crash or a NaN stop never leaves a half-written or overwritten
+checkpoint. A non-finite loss or gradient stops the run before the optimizer step, and non-finite weights stop it
+before they are saved, so the checkpoint the error names is good. Resume restores everything, so on CPU in fp32 the
+loss curve is bitwise that of an unbroken run; if the latest checkpoint cannot be read (truncated on disk), it
+resumes from the newest earlier one still kept, with a warning. A folder that holds another run (checkpoints/ or
+metrics.jsonl) is only ever continued (--resume), never overwritten or mixed with a new run.
 """
 
 import argparse
@@ -41,10 +45,11 @@ import json
 import math
 import os
 import random
+import re
 import shutil
-import tempfile
 import time
 import typing
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +58,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..atomic import atomic_folder, check_replaceable, write_text
 from ..config import PRESETS, CognicaPoEConfig
 from ..eval.bpb import stage_bpb
 from ..model import GPT
@@ -60,8 +66,9 @@ from .data import Corpus, PackedLoader, iter_tokenizer_texts, token_stream
 from .optim import MuonAdamW
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or inf; the run stopped before touching the optimizer or any checkpoint."""
+class NonFiniteLossError(ValueError):
+    """A loss, gradient or weight became NaN or inf; the run stopped before stepping on it or saving it. A
+    ValueError, so the CLI prints it as one line (a diverged run is a property of its settings and data)."""
 
 
 # -----------------------------------------------------------------------------
@@ -298,17 +305,25 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+CHECKPOINT_FILES = ("model.safetensors", "optim.pt", "state.pt")
+STEP_DIR = re.compile(r"step_(\d{6,})")
+
+
+def _is_checkpoint(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, f)) for f in CHECKPOINT_FILES)
+
+
+def _step_dirs(ckpt_root: str) -> list[str]:
+    """The step_NNNNNN folder names in ckpt_root, oldest first."""
+    names = os.listdir(ckpt_root) if os.path.isdir(ckpt_root) else []
+    return sorted((d for d in names if STEP_DIR.fullmatch(d)), key=lambda d: int(d[5:]))
 
 
 def save_checkpoint(ckpt_root: str, step: int, gpt: GPT, optimizer: MuonAdamW, state: dict, keep: int = 2) -> str:
     """
-    Write step_NNNNNN/ via a temp folder + rename, then flip the `latest` pointer. Returns the folder. Under FSDP
-    every rank calls it (the shards are gathered) and only rank 0 writes.
+    Write step_NNNNNN/ atomically (a re-saved step replaces the old folder only once the new one is whole), then
+    flip the `latest` pointer. Returns the folder. Under FSDP every rank calls it (the shards are gathered) and
+    only rank 0 writes.
     """
     tensors, optim_state = full_model_state(gpt), optimizer.state_dict()
     name = f"step_{step:06d}"
@@ -316,19 +331,12 @@ def save_checkpoint(ckpt_root: str, step: int, gpt: GPT, optimizer: MuonAdamW, s
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return final
     os.makedirs(ckpt_root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=ckpt_root)
-    try:
+    with atomic_folder(final, overwrite=True, owned=_is_checkpoint) as tmp:
         save_file(tensors, os.path.join(tmp, "model.safetensors"))
         torch.save(optim_state, os.path.join(tmp, "optim.pt"))
         torch.save(state, os.path.join(tmp, "state.pt"))
-        if os.path.exists(final):  # re-saving a step (e.g. a resumed run stopping at the same step)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _write_atomic(os.path.join(ckpt_root, "latest"), name + "\n")
-    old = sorted(d for d in os.listdir(ckpt_root) if d.startswith("step_") and d != name)
+    write_text(os.path.join(ckpt_root, "latest"), name + "\n")
+    old = [d for d in _step_dirs(ckpt_root) if d != name]
     for d in old[:max(0, len(old) - (keep - 1))]:
         shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
     return final
@@ -342,21 +350,63 @@ def latest_checkpoint(ckpt_root: str) -> str | None:
         return os.path.join(ckpt_root, f.read().strip())
 
 
-def load_checkpoint(folder: str, gpt: GPT, optimizer: MuonAdamW | None = None) -> dict:
-    """
-    Copy the weights into gpt's own (aligned) tensors, restore the optimizer; returns state.pt's dict. Under FSDP
-    each rank reads the full tensors and keeps its shard.
-    """
-    tensors = load_file(os.path.join(folder, "model.safetensors"))
+def read_checkpoint(folder: str, with_optimizer: bool = True) -> dict:
+    """A checkpoint's files, all read (so a truncated one fails here, before any of it is used)."""
+    return dict(model=load_file(os.path.join(folder, "model.safetensors")),
+                optim=torch.load(os.path.join(folder, "optim.pt"), weights_only=True) if with_optimizer else None,
+                state=torch.load(os.path.join(folder, "state.pt"), weights_only=True), folder=folder)
+
+
+def apply_checkpoint(ckpt: dict, gpt: GPT, optimizer: MuonAdamW | None = None) -> None:
+    """Copy read_checkpoint's weights into gpt's own (aligned) tensors and restore the optimizer. Under FSDP each
+    rank holds the full tensors and keeps its shard."""
+    tensors, own = ckpt["model"], gpt.state_dict()
+    wrong = [k for k, v in own.items() if k not in tensors or tuple(tensors[k].shape) != tuple(v.shape)]
+    if wrong:
+        raise ValueError(f"{ckpt['folder']}/model.safetensors does not fit this model: {len(wrong)} tensor(s) "
+                         f"missing or of another shape, e.g. {wrong[:3]}")
     with torch.no_grad():
-        for k, v in gpt.state_dict().items():
+        for k, v in own.items():
             src = tensors[k]
             if isinstance(v, DTensor):
                 src = distribute_tensor(src.to(v.device), v.device_mesh, v.placements, src_data_rank=None)
             v.copy_(src)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(os.path.join(folder, "optim.pt"), weights_only=True))
-    return torch.load(os.path.join(folder, "state.pt"), weights_only=True)
+        optimizer.load_state_dict(ckpt["optim"])
+
+
+def load_checkpoint(folder: str, gpt: GPT, optimizer: MuonAdamW | None = None) -> dict:
+    """Load a checkpoint into gpt (and the optimizer); returns state.pt's dict."""
+    ckpt = read_checkpoint(folder, optimizer is not None)
+    apply_checkpoint(ckpt, gpt, optimizer)
+    return ckpt["state"]
+
+
+def resume_checkpoint(ckpt_root: str) -> dict:
+    """
+    Read the `latest` checkpoint; if it cannot be read (truncated on disk by a crash or a full disk), the newest
+    earlier one still kept, with a warning. Returns read_checkpoint's dict.
+    """
+    latest = latest_checkpoint(ckpt_root)
+    newest = int(os.path.basename(latest)[5:]) if latest and STEP_DIR.fullmatch(os.path.basename(latest)) else None
+    earlier = [os.path.join(ckpt_root, d) for d in reversed(_step_dirs(ckpt_root))
+               if newest is None or int(d[5:]) < newest]
+    candidates = ([latest] if latest else []) + earlier
+    if not candidates:
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_root}")
+    unreadable = []
+    for folder in candidates:
+        try:
+            ckpt = read_checkpoint(folder)
+        except Exception as e:  # safetensors, torch.load and a missing file each raise their own kind
+            unreadable.append((folder, f"{type(e).__name__}: {e}".splitlines()[0]))
+            continue
+        if unreadable:
+            warnings.warn(f"{', '.join(f for f, _ in unreadable)} could not be read; resuming from {folder} "
+                          f"({'; '.join(why for _, why in unreadable)})", stacklevel=2)
+        return ckpt
+    raise ValueError(f"--resume: no checkpoint in {ckpt_root} can be read: "
+                     + "; ".join(f"{f} ({why})" for f, why in unreadable))
 
 
 # -----------------------------------------------------------------------------
@@ -382,12 +432,29 @@ def _get_tokenizer(cfg: TrainConfig, rank: int, vocab_size: int):
         from ..tokenizer_train import train_bpe
 
         tok = train_bpe(iter_tokenizer_texts(cfg.data), vocab_size)
-        tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=cfg.out_dir)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, folder)
+        with atomic_folder(folder, overwrite=True) as tmp:  # an empty folder may be replaced, nothing else
+            tok.save_pretrained(tmp)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return CognicaPoETokenizer.from_pretrained(folder)
+
+
+def _nonfinite(tensors: list[torch.Tensor], device: torch.device) -> bool:
+    """Whether any tensor holds a NaN or inf, on any rank (FSDP shards are checked where they live)."""
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors if t is not None]
+    bad = (~torch.stack([torch.isfinite(t).all() for t in local]).all()).to(device=device, dtype=torch.float32)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(bad)
+
+
+def check_out_dir(cfg: TrainConfig) -> None:
+    """A folder that holds another run is only continued (--resume), never overwritten or mixed with a new run."""
+    holds_run = os.path.isdir(os.path.join(cfg.out_dir, "checkpoints")) or \
+        os.path.isfile(os.path.join(cfg.out_dir, "metrics.jsonl"))
+    if holds_run and not cfg.resume:
+        raise FileExistsError(f"--out-dir {cfg.out_dir} holds another run (checkpoints/ or metrics.jsonl): pass "
+                              "--resume to continue it, or choose a new --out-dir")
 
 
 def _read_metrics(path: str, upto_step: int) -> list[str]:
@@ -405,6 +472,11 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError("--fsdp shards the model over the processes of a torchrun launch (e.g. torchrun "
                          "--nproc_per_node=8 -m cognica_poe.cli train --fsdp ...); this is a single process")
     master = rank == 0
+    check_out_dir(cfg)  # on every rank, before any rank writes (the first barrier is in _get_tokenizer)
+    if cfg.export:  # the export at the end may replace only an earlier export: know it now, not after training
+        from ..checkpoint import is_model_folder
+
+        check_replaceable(os.path.join(cfg.out_dir, "hf"), True, is_model_folder, (cfg.data, cfg.tokenizer))
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_root = os.path.join(cfg.out_dir, "checkpoints")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
@@ -435,20 +507,19 @@ def train(cfg: TrainConfig) -> dict:
     step, elapsed, smooth = 0, 0.0, 0.0
     if world > 1:  # rank 0 may still be writing the checkpoint to resume from (a previous train() in this group)
         dist.barrier()
-    last_ckpt = latest_checkpoint(ckpt_root) if cfg.resume else None
-    if cfg.resume and last_ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_root}")
-    if last_ckpt is not None:
-        state = load_checkpoint(last_ckpt, gpt, optimizer)
+    last_ckpt = None
+    if cfg.resume:
+        ckpt = resume_checkpoint(ckpt_root)
+        last_ckpt, state = ckpt["folder"], ckpt["state"]
         if state["model_config"] != overrides:
             raise ValueError(f"the checkpoint's model {state['model_config']} differs from this run's {overrides}")
+        apply_checkpoint(ckpt, gpt, optimizer)
+        del ckpt
         loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
         step, elapsed, smooth = state["step"], state["elapsed"], state["smooth_loss"]
     if master:
-        lines = _read_metrics(metrics_path, step) if last_ckpt else []
-        with open(metrics_path, "w") as f:
-            f.writelines(lines)
+        write_text(metrics_path, "".join(_read_metrics(metrics_path, step) if last_ckpt else []))
 
     def log(record: dict) -> None:
         if master:
@@ -476,6 +547,12 @@ def train(cfg: TrainConfig) -> dict:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.num_steps, initial=step, desc=f"train {cfg.poe_mode}", dynamic_ncols=True)
     losses: list[float] = []
+
+    def stop(why: str) -> NonFiniteLossError:
+        if bar is not None:
+            bar.close()
+        return NonFiniteLossError(f"{why}; last good checkpoint: {last_ckpt or 'none saved yet'}")
+
     gpt.train()
     while step < cfg.num_steps:
         t0 = time.perf_counter()
@@ -495,11 +572,11 @@ def train(cfg: TrainConfig) -> dict:
             loss_vec = _allreduced(loss_vec, device)  # a NaN on any rank stops every rank
         bad = [k for k, v in enumerate(loss_vec.tolist()) if not math.isfinite(v)]
         if bad:
-            if bar is not None:
-                bar.close()
             where = f"stage {bad[0]}" if cfg.poe_mode != "none" else "the final exit"
-            raise NonFiniteLossError(f"non-finite loss at step {step + 1} ({where}: {loss_vec.tolist()[bad[0]]}); "
-                                     f"stopped before the optimizer step; last good checkpoint: {last_ckpt}")
+            raise stop(f"non-finite loss at step {step + 1} ({where}: {loss_vec.tolist()[bad[0]]}); stopped before "
+                       "the optimizer step")
+        if _nonfinite([p.grad for p in gpt.parameters()], device):  # e.g. a bf16 overflow under a finite loss
+            raise stop(f"non-finite gradient at step {step + 1}; stopped before the optimizer step")
         if cfg.grad_clip > 0 and cfg.fsdp:
             clip_grad_norm_(list(gpt.parameters()), cfg.grad_clip)
         elif cfg.grad_clip > 0:
@@ -526,6 +603,8 @@ def train(cfg: TrainConfig) -> dict:
                 bar.write(f"step {step}: val bpb per stage " + " ".join(f"{v:.4f}" for v in bpb))
         stopping = cfg.stop_after is not None and step >= cfg.stop_after
         if (cfg.save_every > 0 and step % cfg.save_every == 0) or step == cfg.num_steps or stopping:
+            if _nonfinite(list(gpt.parameters()), device):  # every rank: the check is collective
+                raise stop(f"non-finite weights after step {step}; not saved")
             last_ckpt = save() or last_ckpt
         if stopping:
             break
@@ -544,9 +623,9 @@ def train(cfg: TrainConfig) -> dict:
         if master:
             plain = GPT.from_config(mcfg, device="meta")
             plain.load_state_dict(full, assign=True)
-            hf_dir = export_hf(plain, tok, os.path.join(cfg.out_dir, "hf"), cfg.export_dtype)
+            hf_dir = export_hf(plain, tok, os.path.join(cfg.out_dir, "hf"), cfg.export_dtype, (cfg.data, cfg.tokenizer))
     elif master and cfg.export and step == cfg.num_steps:
-        hf_dir = export_hf(gpt, tok, os.path.join(cfg.out_dir, "hf"), cfg.export_dtype)
+        hf_dir = export_hf(gpt, tok, os.path.join(cfg.out_dir, "hf"), cfg.export_dtype, (cfg.data, cfg.tokenizer))
     debias = 1 - 0.9 ** max(step, 1)
     return dict(step=step, num_steps=cfg.num_steps, poe_mode=cfg.poe_mode, n_stages=mcfg.poe_n_stages,
                 final_losses=losses, smooth_loss=smooth / debias, stage_bpb=bpb, train_time_s=elapsed,
@@ -569,15 +648,16 @@ class _NullContext:
         return False
 
 
-def export_hf(gpt: GPT, tokenizer, out_dir: str, dtype: str = "bfloat16") -> str:
-    """An HF folder (config, weights, tokenizer, remote code) for the trained gpt, via checkpoint.export_hf_folder."""
+def export_hf(gpt: GPT, tokenizer, out_dir: str, dtype: str = "bfloat16", sources: tuple = ()) -> str:
+    """An HF folder (config, weights, tokenizer, remote code) for the trained gpt, via checkpoint.export_hf_folder;
+    it replaces only an earlier export, never one of the sources (the data, the tokenizer folder)."""
     from ..checkpoint import export_hf_folder
     from ..hf import CognicaPoEForCausalLM
 
     with torch.device("meta"):
         model = CognicaPoEForCausalLM(gpt.config)
     model.gpt = gpt
-    return export_hf_folder(model, tokenizer, out_dir, dtype=dtype, overwrite=True)
+    return export_hf_folder(model, tokenizer, out_dir, dtype=dtype, overwrite=True, sources=sources)
 
 
 # -----------------------------------------------------------------------------

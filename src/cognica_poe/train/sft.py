@@ -26,9 +26,10 @@ import time
 
 import torch
 
-from ..checkpoint import save_stage_folder
+from ..atomic import check_replaceable
+from ..checkpoint import is_model_folder, save_stage_folder
 from ..hf import CognicaPoEForCausalLM
-from ..specialist import DELTA_FILE, add_specialist
+from ..specialist import DELTA_FILE, add_specialist, parent_reference
 from ..tokenizer import SPECIAL_TOKENS, CognicaPoETokenizer
 from .loop import NonFiniteLossError, latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -140,12 +141,16 @@ def val_loss(model: CognicaPoEForCausalLM, tok: CognicaPoETokenizer, convs: list
 
 def sft(cfg: SFTConfig) -> dict:
     """Train the leaf specialist on conversations; writes checkpoints, metrics.jsonl and a stage folder."""
+    stage_dir = os.path.join(cfg.out_dir, "stage")
+    check_replaceable(stage_dir, True, is_model_folder, (cfg.model, cfg.data))  # the last write, checked first
     torch.manual_seed(cfg.seed)
     tok = CognicaPoETokenizer.from_pretrained(cfg.model)
     loaded = CognicaPoEForCausalLM.from_pretrained(cfg.model)
     is_stage = os.path.isfile(os.path.join(cfg.model, DELTA_FILE))
     model = loaded if is_stage else add_specialist(loaded, cfg.new_layers, seed=cfg.seed)
-    parent = model.config.base_model_name_or_path if is_stage else os.path.abspath(cfg.model)
+    # the parent as the new stage folder names it (a stage's own parent is relative to that stage's folder)
+    parent = (parent_reference(model.config.base_model_name_or_path, stage_dir, relative_to=cfg.model) if is_stage
+              else parent_reference(cfg.model, stage_dir))
     model.config.head_mode = "dual"
     groups = [{"params": trainable_parameters(model), "weight_decay": cfg.weight_decay}]
     if cfg.train_special_rows:  # no weight decay: the frozen rows must get an update of exactly zero
@@ -189,7 +194,7 @@ def sft(cfg: SFTConfig) -> dict:
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(ckpt_root, step, model.gpt, optimizer, {"step": step}, keep=cfg.keep_checkpoints)
     model.eval()
-    stage_dir = save_stage_folder(model, os.path.join(cfg.out_dir, "stage"), parent, tok, overwrite=True)
+    stage_dir = save_stage_folder(model, stage_dir, parent, tok, overwrite=True, sources=(cfg.model, cfg.data))
     return {"step": step, "train_loss": losses[-1] if losses else None,
             "val_loss": val_loss(model, tok, val_convs, cfg.batch_size), "stage_dir": stage_dir,
             "seconds": time.time() - t0}
