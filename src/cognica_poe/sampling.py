@@ -58,8 +58,8 @@ def check_request(model, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                          f"({MAX_CONTEXT_MULTIPLIER * cfg.sequence_len}), the rotary table's reach")
     if input_ids.size(1) + max_new_tokens > limit:
         raise ValueError(f"prompt ({input_ids.size(1)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                         f"context of {limit} tokens (sequence_len {cfg.sequence_len}; pass max_length= to raise it, "
-                         f"up to {MAX_CONTEXT_MULTIPLIER}x)")
+                         f"context of {limit} tokens (sequence_len {cfg.sequence_len}; pass max_length= (the CLI's "
+                         f"--max-length) to raise it, up to {MAX_CONTEXT_MULTIPLIER}x)")
     device = model.gpt.lm_head.weight.device
     input_ids = input_ids.to(device)
     if attention_mask is not None:
