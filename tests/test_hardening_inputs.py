@@ -230,6 +230,25 @@ def test_missing_and_wrong_kind_of_input_files(folder, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "s")
 
 
+def test_more_bad_inputs_are_one_line_and_write_nothing(folder, tmp_path, capsys):
+    binary = tmp_path / "image.txt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe" * 10)
+    assert_one_line_error(cli(capsys, "train", "--data", binary, "--out-dir", tmp_path / "run", "--num-steps", "1"),
+                          str(binary), "UTF-8")
+    assert not os.path.exists(tmp_path / "run")
+    assert_one_line_error(cli(capsys, "tokenizer", "train", "--out", folder), "--out", "not empty")
+    assert_one_line_error(cli(capsys, "eval", "bpb", folder, "--compose", "0,x"), "--compose", "0:0.5,3:0.5")
+    short = tmp_path / "short.txt"
+    short.write_text("a\n\nb\n")
+    assert_one_line_error(cli(capsys, "eval", "bpb", folder, short), str(short), "--max-tokens", "--seq-len")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("[1, 2]\n")
+    assert_one_line_error(cli(capsys, "sft", folder, chats, "--out-dir", tmp_path / "s"), "line 1",
+                          "not a conversation")
+    assert_one_line_error(cli(capsys, "demo", "--out", short), str(short), "--out")
+    assert not os.path.exists(tmp_path / "s")
+
+
 def test_bad_flag_values_are_one_line(folder, capsys):
     for argv, needle in [(["generate", folder, "x", "--temperature", "-1"], "--temperature"),
                          (["generate", folder, "x", "--top-k", "0"], "--top-k"),

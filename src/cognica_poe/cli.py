@@ -19,8 +19,6 @@ The `cognica-poe` command line.
 `cognica-poe COMMAND --help` lists a command's flags with their defaults; `--threads N` sets torch's CPU threads
 for the commands that compute. Errors from bad input are printed as one clear line and exit with status 2;
 nothing is written.
-
-torch and transformers are imported inside the commands, so `--help` and `--version` answer at once.
 """
 
 import argparse
@@ -36,6 +34,7 @@ from .folders import check_model_folder, is_folder_name
 from .presets import PRESETS
 from .train.config import SFTConfig, TrainConfig
 
+# torch and transformers are imported inside the commands, so `--help` and `--version` answer at once
 DEMO_MARK = ".cognica-poe-demo"  # marks a folder the demo created, which a later demo may replace
 
 
@@ -52,15 +51,20 @@ def need_file(path: str, what: str) -> str:
 
 
 def load_folder(path: str, dtype: str | None = None, pack: bool = False):
-    """(model, tokenizer) of an HF model folder, checked first: the folder, its config.json, and a tokenizer
+    """(model, tokenizer) of an HF model folder, checked before the weights load: its config.json, and a tokenizer
     whose vocabulary is the model's."""
-    from transformers.utils import logging
-
     from .checkpoint import load_model, read_config
 
-    logging.disable_progress_bar()  # errors stay one line; a small model loads in a blink anyway
+    quiet_loading()
     tok = load_tokenizer(path, read_config(path))
     return load_model(path, dtype=dtype, pack=pack), tok
+
+
+def quiet_loading() -> None:
+    """No "Loading weights" bars from transformers: an error after loading stays one line on stderr."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
 
 
 def load_tokenizer(path: str, config):
@@ -91,15 +95,16 @@ def _human_bytes(n: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    if is_folder_name(args.model):
-        check_model_folder(args.model)
+    folder = is_folder_name(args.model)
+    if folder:
+        check_model_folder(args.model)  # before torch loads: a wrong path answers at once
     import torch
 
     from .checkpoint import model_summary, read_config
     from .config import preset_config
     from .model import GPT
 
-    config = read_config(args.model) if is_folder_name(args.model) else preset_config(args.model)
+    config = read_config(args.model) if folder else preset_config(args.model)
     with torch.device("meta"):
         gpt = GPT(config)
     info = model_summary(gpt)
@@ -226,7 +231,7 @@ def cmd_stage_new(args: argparse.Namespace) -> None:
     from .checkpoint import new_stage_folder, read_config
 
     read_config(args.base)
-
+    quiet_loading()
     out = new_stage_folder(args.base, args.out, args.new_layers, head_mode=args.head_mode, seed=args.seed,
                            dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}: {args.new_layers} new layers on {args.base} (identity at start, lm_head_stage zero)")
@@ -239,6 +244,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
     load_tokenizer(args.model, read_config(args.model))
     read_conversations(need_file(args.data, "conversations file"))  # a bad line fails before the model loads
+    quiet_loading()
     print(json.dumps(sft(dataclass_from_args(SFTConfig, args))))
 
 
@@ -288,18 +294,27 @@ def cmd_eval_bpb(args: argparse.Namespace) -> None:
 
     corpus = Corpus(args.data)  # a bad corpus fails before the model loads
     model, tok = load_folder(args.model, dtype=args.dtype)
+    combos, weights = [], []
+    for spec in args.compose or []:  # "0,3" (weights 1) or "0:0.5,3:0.5"
+        items = [item.split(":") for item in spec.split(",")]
+        try:
+            if any(len(it) > 2 for it in items):
+                raise ValueError
+            combos.append([int(it[0]) for it in items])
+            weights.append([float(it[1]) if len(it) == 2 else 1.0 for it in items])
+        except ValueError:
+            raise ValueError(f"--compose {spec!r}: write exits as I or I:WEIGHT, comma-separated, e.g. 0,3 or "
+                             "0:0.5,3:0.5") from None
+    stream = token_stream(corpus, tok, args.split, max_tokens=args.max_tokens)
+    window = (args.seq_len or model.config.sequence_len) + 1
+    if len(stream) <= window:
+        raise ValueError(f"the {args.split} split of {args.data or 'the bundled corpus'} gave {len(stream)} tokens, "
+                         f"fewer than one window of {window}: pass more data, a larger --max-tokens or a smaller "
+                         "--seq-len")
     if args.data is None:
         print(f"cognica-poe eval: note: no DATA given: scoring the {args.split} split of the bundled Tiny Shakespeare, "
               "held out by `cognica-poe train`/`demo` runs on it but possibly seen by a model trained elsewhere; "
               "pass DATA (held-out text of your own) for a clean number", file=sys.stderr)
-    stream = token_stream(corpus, tok, args.split, max_tokens=args.max_tokens)
-    combos, weights = [], []
-    for spec in args.compose or []:  # "0,3" (weights 1) or "0:0.5,3:0.5"
-        items = [item.split(":") for item in spec.split(",")]
-        if any(len(it) > 2 for it in items):
-            raise ValueError(f"--compose {spec!r}: write exits as I or I:WEIGHT, comma-separated")
-        combos.append([int(it[0]) for it in items])
-        weights.append([float(it[1]) if len(it) == 2 else 1.0 for it in items])
     r = evaluate_bpb(model.gpt, stream, tok.token_bytes(), seq_len=args.seq_len, batch_size=args.batch_size,
                      compositions=combos, composition_weights=weights, progress=True)
     r["tokens"] = len(stream)
@@ -495,6 +510,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
     if args.tokenizer is not None and not os.path.isdir(args.tokenizer):
         raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such folder (give a tokenizer folder, or leave "
                                 "it out to train one on the corpus)")
+    check_corpus(args.data)  # a bad corpus fails before the run folder is made
     summary = train(dataclass_from_args(TrainConfig, args))
     if summary["rank"] == 0:
         print(json.dumps({k: summary[k] for k in ("step", "poe_mode", "stage_bpb", "final_losses", "train_time_s",

@@ -81,8 +81,11 @@ def read_conversations(path: str) -> list[list[dict]]:
     for where, record in records:
         try:
             conversations.append(normalize_conversation(record))
-        except (ValueError, AttributeError, TypeError) as e:
+        except ValueError as e:
             raise ValueError(f"{path} {where}: {e}") from None
+        except (AttributeError, TypeError):
+            raise ValueError(f'{path} {where} is not a conversation: write {{"messages": [{{"role": ..., "content": '
+                             '...}, ...]}') from None
     return conversations
 
 
