@@ -294,6 +294,20 @@ def test_cli_module_imports_no_torch_and_help_lists_every_command():
         assert f"cognica-poe {name}" in r.stdout, name
 
 
+def test_package_exports_load_lazily_and_register_the_auto_classes(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import cognica_poe
+
+    cognica_poe.register_auto_classes()  # the README's usage
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(model) is cognica_poe.CognicaPoEForCausalLM
+    assert type(AutoTokenizer.from_pretrained(folder)) is cognica_poe.CognicaPoETokenizer
+    assert cognica_poe.PRESETS["d24"]["n_layer"] == 24 and cognica_poe.preset_config("tiny").n_layer == 4
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        cognica_poe.nope  # noqa: B018
+
+
 def test_version(capsys):
     import cognica_poe
 
@@ -393,6 +407,10 @@ def test_missing_optional_packages_say_which_extra(folder, tmp_path, monkeypatch
     metrics.write_text('{"type": "train", "step": 1, "losses": [1.0]}\n')
     with pytest.warns(UserWarning, match=r"cognica-poe\[plots\]"):
         assert plot_metrics(str(metrics), str(tmp_path / "c.png")) is None
+    from cognica_poe.eval.report import plot_report
+
+    with pytest.raises(ModuleNotFoundError, match=r"cognica-poe\[plots\].*--no-plots"):
+        plot_report({}, str(tmp_path))
     # the report fails before measuring anything, naming the extra and the flag that avoids it
     assert_one_line_error(cli(capsys, "report", folder, "--out", tmp_path / "r"), "cognica-poe[plots]", "--no-plots")
     assert not os.path.exists(tmp_path / "r")

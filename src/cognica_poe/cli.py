@@ -369,7 +369,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     # everything that can be wrong with the inputs fails here, before minutes of measurement
     if not args.no_plots:
-        require("matplotlib", "plots", "the report's plots (or pass --no-plots)")
+        require("matplotlib", "plots", "the report's plots", "pass --no-plots")
     for folder in [args.model] + ([args.baseline] if args.baseline else []):
         read_config(folder)
     check_corpus(args.data)

@@ -8,11 +8,12 @@ import importlib
 from types import ModuleType
 
 
-def require(module: str, extra: str, purpose: str) -> ModuleType:
-    """Import `module`, or raise ModuleNotFoundError naming the extra that provides it."""
+def require(module: str, extra: str, purpose: str, instead: str | None = None) -> ModuleType:
+    """Import `module`, or raise ModuleNotFoundError naming the extra that provides it (and `instead`, another way
+    out, e.g. a flag that skips the feature)."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
         top = module.split(".")[0]
         raise ModuleNotFoundError(f"{purpose} needs {top}, which is not installed: pip install "
-                                  f"'cognica-poe[{extra}]'", name=top) from e
+                                  f"'cognica-poe[{extra}]'" + (f" (or {instead})" if instead else ""), name=top) from e

@@ -388,9 +388,10 @@ def speed_table(r: dict) -> str:
 
 def plot_report(r: dict, out_dir: str) -> list[str]:
     """report_quality.png (per-stage BPB, agreement matrix) and report_speed.png (WAND, speculative)."""
-    from ..train.plot import pyplot
+    from ..extras import require
 
-    plt = pyplot("the report's plots (or pass --no-plots)")
+    require("matplotlib", "plots", "the report's plots", "pass --no-plots").use("Agg")
+    import matplotlib.pyplot as plt
 
     n = r["model"]["n_stages"]
     paths = []
