@@ -569,11 +569,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every flag's help shows its default, except None, whose meaning the help text says."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+class TopHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The top-level help prints the module docstring's command table as written."""
 
 
 def add_command(sub, name: str, help: str) -> argparse.ArgumentParser:
@@ -606,7 +610,7 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="cognica-poe", description=__doc__, formatter_class=HelpFormatter)
+    parser = Parser(prog="cognica-poe", description=__doc__, formatter_class=TopHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cognica-poe {__version__}")
     parser.set_defaults(threads=None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
