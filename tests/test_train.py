@@ -393,7 +393,7 @@ def test_every_stage_bpb_falls_and_bp_baseline_trains(corpus, tok_dir, tmp_path)
 def test_cli_flags(corpus, tok_dir, tmp_path):
     import argparse
 
-    from cognica_poe.train.loop import add_train_args, cmd_train
+    from cognica_poe.cli import add_train_args, cmd_train
 
     p = argparse.ArgumentParser()
     add_train_args(p)

@@ -17,6 +17,7 @@ import contextlib
 import glob
 import json
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Iterable, Iterator
@@ -27,6 +28,7 @@ from transformers import GenerationConfig
 
 from .atomic import atomic_file, atomic_folder, write_json
 from .config import CognicaPoEConfig, preset_config
+from .folders import check_model_folder, is_folder_name
 from .hf import CognicaPoEForCausalLM
 from .model import GPT
 from .specialist import DELTA_FILE, add_specialist, parent_reference, stage_delta
@@ -211,17 +213,35 @@ def new_stage_folder(base: str, out_dir: str, new_layers: int, head_mode: str = 
                              overwrite=overwrite, sources=(base,))
 
 
+def read_config(path: str) -> CognicaPoEConfig:
+    """A model folder's config.json, every problem with the file named in one line."""
+    check_model_folder(path)
+    config_path = os.path.join(path, "config.json")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON ({e}); restore it from the original folder") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object of config fields, not {type(config).__name__}")
+    if config.get("model_type", CognicaPoEConfig.model_type) != CognicaPoEConfig.model_type:
+        raise ValueError(f"{config_path} has model_type {config['model_type']!r}, not 'cognica_poe'")
+    try:
+        return CognicaPoEConfig.from_dict(config)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{config_path}: {e}") from None
+
+
 def load_model(path_or_preset: str, dtype: str | torch.dtype | None = None, device: str = "cpu",
                seed: int = 0, pack: bool = False) -> CognicaPoEForCausalLM:
     """
     An HF folder (ours or a released one), or a preset name (randomly initialised, for shapes and speed), in eval
     mode. pack: also give the large matrices prepacked copies for CPU inference (model.pack_weights()).
     """
-    if os.path.isdir(path_or_preset):
+    if is_folder_name(path_or_preset):
+        read_config(path_or_preset)  # a missing path, a file, a nanochat folder or a bad config.json: one clear line
         kwargs = {} if dtype is None else {"dtype": parse_dtype(dtype)}
         model = CognicaPoEForCausalLM.from_pretrained(path_or_preset, **kwargs).to(device).eval()
-    elif os.path.exists(path_or_preset):
-        raise ValueError(f"{path_or_preset} is a file; expected an HF model folder or a preset name")
     else:
         config = preset_config(path_or_preset)
         torch.manual_seed(seed)
@@ -278,25 +298,66 @@ def load_nanochat_state_dict(model_path: str) -> dict[str, torch.Tensor]:
     return {strip_prefixes(k): v.float() for k, v in sd.items()}
 
 
-def find_nanochat_tokenizer(folder: str, allow_pickle: bool = False) -> CognicaPoETokenizer:
-    """The tokenizer beside a nanochat checkpoint: our safe format if present, else the pickle (opt-in only)."""
-    candidates = [os.path.join(folder, "tokenizer"), folder, os.path.join(os.path.dirname(folder), "tokenizer")]
+def nanochat_tokenizer_places(folder: str) -> list[str]:
+    """Where nanochat keeps the tokenizer of a checkpoint folder: beside it, or in <base_dir>/tokenizer/ two levels
+    above <base_dir>/base_checkpoints/<tag>/ (also the folder itself and one level up)."""
+    folder = os.path.abspath(folder)
+    parent = os.path.dirname(folder)
+    places = [os.path.join(folder, "tokenizer"), folder, os.path.join(parent, "tokenizer"),
+              os.path.join(os.path.dirname(parent), "tokenizer")]
+    return list(dict.fromkeys(places))
+
+
+def find_nanochat_tokenizer(folder: str, allow_pickle: bool = False, tokenizer: str | None = None
+                            ) -> CognicaPoETokenizer:
+    """
+    The tokenizer of a nanochat checkpoint: in `tokenizer` if given, else in nanochat's places; our safe format if
+    present, else the pickle (opt-in only).
+    """
+    if tokenizer is not None and not os.path.isdir(tokenizer):
+        raise FileNotFoundError(f"--tokenizer {tokenizer}: no such folder (give the folder holding "
+                                "tokenizer.tiktoken or nanochat's tokenizer.pkl)")
+    candidates = [tokenizer] if tokenizer is not None else nanochat_tokenizer_places(folder)
     for d in candidates:
         if os.path.isfile(os.path.join(d, "tokenizer.tiktoken")):
             return CognicaPoETokenizer.from_pretrained(d)
     for d in candidates:
         pkl = os.path.join(d, "tokenizer.pkl")
         if os.path.isfile(pkl):
-            return load_legacy_pickle(pkl, allow_pickle=allow_pickle)
-    raise FileNotFoundError(f"no tokenizer (tokenizer.tiktoken or tokenizer.pkl) in {', '.join(candidates)}")
+            try:
+                return load_legacy_pickle(pkl, allow_pickle=allow_pickle)
+            except (EOFError, pickle.UnpicklingError, AttributeError, TypeError, IndexError) as e:
+                raise ValueError(f"{pkl} is not a readable tokenizer pickle ({type(e).__name__}: {e}); pass the "
+                                 "right tokenizer folder with --tokenizer") from None
+    if tokenizer is not None:
+        raise FileNotFoundError(f"--tokenizer {tokenizer} holds neither tokenizer.tiktoken nor tokenizer.pkl")
+    raise FileNotFoundError(f"no tokenizer (tokenizer.tiktoken or tokenizer.pkl) in {', '.join(candidates)}; "
+                            "pass its folder with --tokenizer DIR")
+
+
+def read_nanochat_meta(meta_path: str) -> tuple[CognicaPoEConfig, dict]:
+    """(config, meta) of a nanochat meta_*.json; a bad file or a missing field is named in one line."""
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise ValueError(f"{meta_path} has no model_config object: not a nanochat checkpoint's metadata")
+    missing = [k for k in ("vocab_size", "sequence_len", "n_layer", "n_head", "n_kv_head", "n_embd")
+               if k not in meta["model_config"]]
+    if missing:
+        raise ValueError(f"{meta_path}: model_config lacks {', '.join(missing)} (nanochat writes all of them)")
+    try:
+        return config_from_nanochat_meta(meta), meta
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{meta_path}: {e}") from None
 
 
 def nanochat_to_model(folder: str, step: int | None = None) -> tuple[CognicaPoEForCausalLM, dict]:
     """Build our model (fp32) from a nanochat checkpoint folder; every tensor is checked first."""
     model_path, meta_path, step = find_nanochat_checkpoint(folder, step)
-    with open(meta_path) as f:
-        meta = json.load(f)
-    config = config_from_nanochat_meta(meta)
+    config, meta = read_nanochat_meta(meta_path)
     sd = load_nanochat_state_dict(model_path)
     with torch.device("meta"):
         model = CognicaPoEForCausalLM(config)
@@ -307,16 +368,22 @@ def nanochat_to_model(folder: str, step: int | None = None) -> tuple[CognicaPoEF
 
 
 def convert_nanochat(folder: str, out_dir: str, dtype: str = "bfloat16", allow_pickle: bool = False,
-                     step: int | None = None, overwrite: bool = False) -> str:
-    """nanochat checkpoint folder -> self-contained HF folder. Nothing is written if any check fails."""
+                     step: int | None = None, overwrite: bool = False, tokenizer: str | None = None) -> str:
+    """
+    nanochat checkpoint folder -> self-contained HF folder. Nothing is written if any check fails. tokenizer: the
+    tokenizer's folder (default: where nanochat keeps it, see nanochat_tokenizer_places).
+    """
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"no nanochat checkpoint folder at {folder}")
     model, meta = nanochat_to_model(folder, step)
-    tokenizer = find_nanochat_tokenizer(folder, allow_pickle=allow_pickle)
-    if len(tokenizer) != model.config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} ids but the checkpoint's vocab_size is "
-                         f"{model.config.vocab_size}: wrong tokenizer for this checkpoint")
-    if tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[0]) != model.config.vocab_size - len(SPECIAL_TOKENS):
+    tok = find_nanochat_tokenizer(folder, allow_pickle=allow_pickle, tokenizer=tokenizer)
+    if len(tok) != model.config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} ids but the checkpoint's vocab_size is "
+                         f"{model.config.vocab_size}: wrong tokenizer for this checkpoint (pass the right one with "
+                         "--tokenizer)")
+    if tok.convert_tokens_to_ids(SPECIAL_TOKENS[0]) != model.config.vocab_size - len(SPECIAL_TOKENS):
         raise ValueError("tokenizer's special tokens are not the last 9 ids as nanochat lays them out")
-    return export_hf_folder(model, tokenizer, out_dir, dtype=dtype, overwrite=overwrite, sources=(folder,))
+    return export_hf_folder(model, tok, out_dir, dtype=dtype, overwrite=overwrite, sources=(folder,))
 
 
 def model_summary(model: GPT) -> dict:

@@ -11,28 +11,79 @@ The `cognica-poe` command line.
     cognica-poe stage new BASE --new-layers N --out DIR   a specialist stage on a frozen base
     cognica-poe sft MODEL CONVERSATIONS.jsonl  dual-head SFT of a specialist (base frozen)
     cognica-poe chat MODEL                     interactive chat
+    cognica-poe report MODEL                   capability report: per-stage quality, every mode's speed, plots
     cognica-poe demo                           train the tiny default on the bundled corpus, show every mode
     cognica-poe train [--data PATH] ...        train a PoE model from scratch (flat | hier | none)
     cognica-poe tokenizer train --out DIR      a BPE tokenizer from a corpus
 
-Errors from bad input are printed as one clear line and exit with status 2; nothing is written.
+`cognica-poe COMMAND --help` lists a command's flags with their defaults; `--threads N` sets torch's CPU threads
+for the commands that compute. Errors from bad input are printed as one clear line and exit with status 2;
+nothing is written.
 """
 
 import argparse
+import dataclasses
 import json
 import os
+import shutil
 import sys
+import typing
 
-from .config import PRESETS
-from .train.loop import (
-    add_dataclass_args,
-    add_tokenizer_train_args,
-    add_train_args,
-    cmd_tokenizer_train,
-    cmd_train,
-    dataclass_from_args,
-)
-from .train.sft import SFTConfig
+from . import __version__
+from .folders import check_model_folder, is_folder_name
+from .presets import PRESETS
+from .train.config import SFTConfig, TrainConfig
+
+# torch and transformers are imported inside the commands, so `--help` and `--version` answer at once
+DEMO_MARK = ".cognica-poe-demo"  # marks a folder the demo created, which a later demo may replace
+
+
+# -----------------------------------------------------------------------------
+# input checks shared by the commands (before anything slow runs)
+
+def need_file(path: str, what: str) -> str:
+    """`path` if it is a readable file, else one clear error naming it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path} is not a file")
+    return path
+
+
+def load_folder(path: str, dtype: str | None = None, pack: bool = False):
+    """(model, tokenizer) of an HF model folder, checked before the weights load: its config.json, and a tokenizer
+    whose vocabulary is the model's."""
+    from .checkpoint import load_model, read_config
+
+    quiet_loading()
+    tok = load_tokenizer(path, read_config(path))
+    return load_model(path, dtype=dtype, pack=pack), tok
+
+
+def quiet_loading() -> None:
+    """No "Loading weights" bars from transformers: an error after loading stays one line on stderr."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def load_tokenizer(path: str, config):
+    """The folder's tokenizer, refused when its vocabulary is not the model's (another model's files)."""
+    from .tokenizer import CognicaPoETokenizer
+
+    tok = CognicaPoETokenizer.from_pretrained(path)
+    if len(tok) != config.vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {len(tok)} ids but the model's vocab_size is "
+                         f"{config.vocab_size}; the folder's tokenizer files belong to another model (restore them "
+                         "from the model's own folder)")
+    return tok
+
+
+def check_corpus(data: str | None) -> None:
+    """Read a corpus's file list and count its documents now, so a bad file fails before a model loads."""
+    from .train.data import Corpus
+
+    Corpus(data)
 
 
 def _human_bytes(n: int) -> str:
@@ -44,18 +95,16 @@ def _human_bytes(n: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    import os
-
+    folder = is_folder_name(args.model)
+    if folder:
+        check_model_folder(args.model)  # before torch loads: a wrong path answers at once
     import torch
 
-    from .checkpoint import model_summary
-    from .config import CognicaPoEConfig, preset_config
+    from .checkpoint import model_summary, read_config
+    from .config import preset_config
     from .model import GPT
 
-    if os.path.isdir(args.model):
-        config = CognicaPoEConfig.from_pretrained(args.model)
-    else:
-        config = preset_config(args.model)
+    config = read_config(args.model) if folder else preset_config(args.model)
     with torch.device("meta"):
         gpt = GPT(config)
     info = model_summary(gpt)
@@ -90,17 +139,17 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if not args.src or not args.out:
         raise ValueError("convert needs NANOCHAT_DIR and OUT_DIR (or --refresh-code DIR)")
     out = convert_nanochat(args.src, args.out, dtype=args.dtype, allow_pickle=args.allow_pickle, step=args.step,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, tokenizer=args.tokenizer)
     print(f"wrote {out}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    check_model_folder(args.model)
     import time
 
     import torch
 
-    from .checkpoint import load_model
-    from .tokenizer import CognicaPoETokenizer
+    from .checkpoint import read_config
 
     if args.siblings:  # stage folders that branch from MODEL, on one shared trunk
         from .branches import load_siblings
@@ -108,18 +157,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
         if args.mode not in ("stage", "compose"):
             raise ValueError("--siblings works with --mode stage or --mode compose")
+        tok = load_tokenizer(args.model, read_config(args.model))
+        for folder in args.siblings:
+            read_config(folder)
         model = load_siblings(args.model, args.siblings, dtype=parse_dtype(args.dtype) if args.dtype else None)
         if not args.no_pack:
             model.pack_weights()
         n_exits = model.n_exits
     else:
-        model = load_model(args.model, dtype=args.dtype, pack=not args.no_pack)
+        model, tok = load_folder(args.model, dtype=args.dtype, pack=not args.no_pack)
         n_exits = model.poe_n_stages
-    tok = CognicaPoETokenizer.from_pretrained(args.model)
     ids = torch.tensor([[tok.bos_token_id] + tok(args.prompt, split_special_tokens=True)["input_ids"]])  # all text
     sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0 else 1.0,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                    stop_tokens=args.stop if args.stop is not None else None)
+                    stop_tokens=args.stop if args.stop is not None else None, max_length=args.max_length)
     stream = None
     if args.stream:
         def stream(row, token):
@@ -183,26 +234,35 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def cmd_stage_new(args: argparse.Namespace) -> None:
-    from .checkpoint import new_stage_folder
+    check_model_folder(args.base)
+    from .checkpoint import new_stage_folder, read_config
 
+    read_config(args.base)
+    quiet_loading()
     out = new_stage_folder(args.base, args.out, args.new_layers, head_mode=args.head_mode, seed=args.seed,
                            dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}: {args.new_layers} new layers on {args.base} (identity at start, lm_head_stage zero)")
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
-    from .train.sft import SFTConfig, sft
+    check_model_folder(args.model)
+    from .checkpoint import read_config
+    from .train.sft import read_conversations, sft
 
+    load_tokenizer(args.model, read_config(args.model))
+    read_conversations(need_file(args.data, "conversations file"))  # a bad line fails before the model loads
+    quiet_loading()
     print(json.dumps(sft(dataclass_from_args(SFTConfig, args))))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """An interactive terminal chat: the conversation is rendered with the chat tokens; replies stream."""
-    from .checkpoint import load_model
-    from .tokenizer import CognicaPoETokenizer
-
-    model = load_model(args.model, dtype=args.dtype, pack=not args.no_pack)
-    tok = CognicaPoETokenizer.from_pretrained(args.model)
+    check_model_folder(args.model)
+    model, tok = load_folder(args.model, dtype=args.dtype, pack=not args.no_pack)
+    max_length = args.max_length or model.config.rotary_seq_len
+    if max_length > model.config.rotary_seq_len:
+        raise ValueError(f"--max-length {max_length} exceeds {model.config.rotary_multiplier} x sequence_len "
+                         f"({model.config.rotary_seq_len}), the rotary tables' reach")
     end = tok.convert_tokens_to_ids("<|assistant_end|>")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print(f"chatting with {args.model} ({model.poe_n_stages} stages); empty line or Ctrl-D to quit",
@@ -228,29 +288,41 @@ def cmd_chat(args: argparse.Namespace) -> None:
         model.generate_stage([ids], stage=model.poe_n_stages - 1, max_new_tokens=args.max_new_tokens,
                              do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-6),
                              top_k=args.top_k, seed=args.seed, stop_tokens=[end, tok.bos_token_id], streamer=stream,
-                             max_length=model.config.rotary_seq_len)
+                             max_length=max_length)
         print()
         messages.append({"role": "assistant", "content": tok.decode(reply)})
 
 
 def cmd_eval_bpb(args: argparse.Namespace) -> None:
-    from .checkpoint import load_model
+    check_model_folder(args.model)
     from .eval.bpb import evaluate_bpb
-    from .tokenizer import CognicaPoETokenizer
-    from .train import Corpus, token_stream
+    from .train.data import Corpus, token_stream
 
-    model = load_model(args.model, dtype=args.dtype)
-    tok = CognicaPoETokenizer.from_pretrained(args.model)
-    stream = token_stream(Corpus(args.data), tok, args.split, max_tokens=args.max_tokens)
+    corpus = Corpus(args.data)  # a bad corpus fails before the model loads
+    model, tok = load_folder(args.model, dtype=args.dtype)
     combos, weights = [], []
     for spec in args.compose or []:  # "0,3" (weights 1) or "0:0.5,3:0.5"
         items = [item.split(":") for item in spec.split(",")]
-        if any(len(it) > 2 for it in items):
-            raise ValueError(f"--compose {spec!r}: write exits as I or I:WEIGHT, comma-separated")
-        combos.append([int(it[0]) for it in items])
-        weights.append([float(it[1]) if len(it) == 2 else 1.0 for it in items])
+        try:
+            if any(len(it) > 2 for it in items):
+                raise ValueError
+            combos.append([int(it[0]) for it in items])
+            weights.append([float(it[1]) if len(it) == 2 else 1.0 for it in items])
+        except ValueError:
+            raise ValueError(f"--compose {spec!r}: write exits as I or I:WEIGHT, comma-separated, e.g. 0,3 or "
+                             "0:0.5,3:0.5") from None
+    stream = token_stream(corpus, tok, args.split, max_tokens=args.max_tokens)
+    window = (args.seq_len or model.config.sequence_len) + 1
+    if len(stream) <= window:
+        raise ValueError(f"the {args.split} split of {args.data or 'the bundled corpus'} gave {len(stream)} tokens, "
+                         f"fewer than one window of {window}: pass more data, a larger --max-tokens or a smaller "
+                         "--seq-len")
+    if args.data is None:
+        print(f"cognica-poe eval: note: no DATA given: scoring the {args.split} split of the bundled Tiny Shakespeare, "
+              "held out by `cognica-poe train`/`demo` runs on it but possibly seen by a model trained elsewhere; "
+              "pass DATA (held-out text of your own) for a clean number", file=sys.stderr)
     r = evaluate_bpb(model.gpt, stream, tok.token_bytes(), seq_len=args.seq_len, batch_size=args.batch_size,
-                     compositions=combos, composition_weights=weights)
+                     compositions=combos, composition_weights=weights, progress=True)
     r["tokens"] = len(stream)
     if args.json:
         print(json.dumps(r))
@@ -263,12 +335,13 @@ def cmd_eval_bpb(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_core(args: argparse.Namespace) -> None:
-    from .checkpoint import load_model
+    check_model_folder(args.model)
     from .eval.core import evaluate_core
-    from .tokenizer import CognicaPoETokenizer
 
-    model = load_model(args.model, dtype=args.dtype)
-    tok = CognicaPoETokenizer.from_pretrained(args.model)
+    if not os.path.isfile(os.path.join(args.tasks, "core.yaml")):
+        raise FileNotFoundError(f"{args.tasks} has no core.yaml: give nanochat's eval_bundle folder (core.yaml, "
+                                "eval_meta_data.csv, eval_data/)")
+    model, tok = load_folder(args.model, dtype=args.dtype)
     r = evaluate_core(model, tok, args.tasks, max_per_task=args.max_per_task)
     if args.json:
         print(json.dumps(r))
@@ -295,20 +368,28 @@ def print_report(r: dict, files: dict[str, str]) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .checkpoint import load_model
+    check_model_folder(args.model)
+    from .checkpoint import read_config
     from .eval.report import build_report, write_report
-    from .tokenizer import CognicaPoETokenizer
+    from .extras import require
 
-    model = load_model(args.model, dtype=args.dtype, pack=not args.no_pack)
-    tok = CognicaPoETokenizer.from_pretrained(args.model)
+    # everything that can be wrong with the inputs fails here, before minutes of measurement
+    if not args.no_plots:
+        require("matplotlib", "plots", "the report's plots", "pass --no-plots")
+    for folder in [args.model] + ([args.baseline] if args.baseline else []):
+        read_config(folder)
+    check_corpus(args.data)
     prompts = None
     if args.prompts:
-        with open(args.prompts, encoding="utf-8") as f:
-            prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+        with open(need_file(args.prompts, "--prompts file"), encoding="utf-8") as f:
+            try:
+                prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+            except UnicodeDecodeError as e:
+                raise ValueError(f"--prompts file {args.prompts} is not UTF-8 text ({e.reason})") from None
+    model, tok = load_folder(args.model, dtype=args.dtype, pack=not args.no_pack)
     baseline = base_tok = None
     if args.baseline:
-        baseline = load_model(args.baseline, dtype=args.dtype, pack=not args.no_pack)
-        base_tok = CognicaPoETokenizer.from_pretrained(args.baseline)
+        baseline, base_tok = load_folder(args.baseline, dtype=args.dtype, pack=not args.no_pack)
     name = os.path.basename(os.path.normpath(args.model))
     r = build_report(model, tok, args.data, prompts, baseline, base_tok, report_settings(args), name=name,
                      progress=lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -325,15 +406,22 @@ def cmd_demo(args: argparse.Namespace) -> None:
     Train the tiny default PoE model on the bundled corpus, load it back through transformers, measure its
     capability report, show every mode.
     """
-    import tempfile
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from . import register_auto_classes
     from .eval.report import build_report, write_report
-    from .train import TrainConfig, train
+    from .extras import require
+    from .train.loop import train
 
-    out = args.out or tempfile.mkdtemp(prefix="cognica-poe-demo-")
+    try:
+        require("matplotlib", "plots", "the demo's report plots")
+        plots = True
+    except ModuleNotFoundError as e:
+        print(f"note: {e}; the report is written without plots", flush=True)
+        plots = False
+    out = prepare_demo_folder(args.out)
+    register_auto_classes()  # the demo loads its export back through AutoModelForCausalLM
     print(f"training the default PoE model (4 stages of 1 layer) on bundled Tiny Shakespeare for {args.steps} "
           f"steps -> {out}", flush=True)
     summary = train(TrainConfig(out_dir=out, num_steps=args.steps, eval_every=max(args.steps // 4, 1),
@@ -351,7 +439,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print("capability report (held-out Tiny Shakespeare):", flush=True)
     report = build_report(model, tok, None, settings=report_settings(args), name="cognica-poe demo",
                           progress=lambda msg: print(f"  {msg}", flush=True))
-    print_report(report, write_report(report, os.path.join(out, "report")))
+    print_report(report, write_report(report, os.path.join(out, "report"), plots=plots))
     ids = torch.tensor([[tok.bos_token_id] + tok("ROMEO:\n")["input_ids"]])
     n = args.sample_tokens
     samples = {f"stage {s} (prefix pruning)": model.generate_stage(ids, stage=s, max_new_tokens=n, stop_tokens=[])
@@ -374,6 +462,139 @@ def cmd_demo(args: argparse.Namespace) -> None:
         print(f"--- {name}\n{tok.decode(seq[0, ids.size(1):])!r}")
 
 
+def prepare_demo_folder(out: str) -> str:
+    """
+    The demo's run folder, ready to write: made and marked as the demo's; an earlier demo's (marked) folder is
+    replaced, an empty one used, and any other existing path refused: the demo deletes only what a demo made.
+    """
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise FileExistsError(f"{out} is a file: pass --out DIR, a folder for the demo's run")
+        entries = os.listdir(out)
+        if entries and DEMO_MARK not in entries:
+            raise FileExistsError(f"{out} exists and is not an earlier demo's run folder: pass --out DIR (a new "
+                                  "folder), or remove it")
+        if entries:
+            shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, DEMO_MARK), "w") as f:
+        f.write("written by `cognica-poe demo`: a later demo may replace this folder\n")
+    return out
+
+
+# -----------------------------------------------------------------------------
+# `cognica-poe train`, `cognica-poe tokenizer train` (the training code is imported inside the commands)
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, choices: dict | None = None) -> None:
+    """One argument per field of a config dataclass, its help text from the field's metadata: fields without a
+    default are positional, the others flags (--num-steps, ...; booleans as --x/--no-x) with the defaults."""
+    for f in dataclasses.fields(cls):
+        kinds = [t for t in (typing.get_args(f.type) or (f.type,)) if t is not type(None)]  # int | None -> int
+        help_text = f.metadata["help"]
+        if f.default is dataclasses.MISSING:
+            parser.add_argument(f.name, type=kinds[0], help=help_text)
+        elif kinds[0] is bool:
+            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                                default=f.default, help=help_text)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=kinds[0], default=f.default,
+                                choices=(choices or {}).get(f.name), help=help_text)
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (--num-steps, --poe-mode, --resume, ...), defaults from TrainConfig."""
+    add_dataclass_args(parser, TrainConfig, choices={"poe_mode": ("flat", "hier", "none")})
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    from .train.loop import train
+
+    if args.tokenizer is not None and not os.path.isdir(args.tokenizer):
+        raise FileNotFoundError(f"--tokenizer {args.tokenizer}: no such folder (give a tokenizer folder, or leave "
+                                "it out to train one on the corpus)")
+    check_corpus(args.data)  # a bad corpus fails before the run folder is made
+    summary = train(dataclass_from_args(TrainConfig, args))
+    if summary["rank"] == 0:
+        print(json.dumps({k: summary[k] for k in ("step", "poe_mode", "stage_bpb", "final_losses", "train_time_s",
+                                                  "tok_per_s", "checkpoint", "hf_dir")}))
+    return summary
+
+
+def add_tokenizer_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=None, help="corpus (file or folder); default: the bundled tinyshakespeare")
+    parser.add_argument("--vocab-size", type=positive_int, default=2048, help="ids of the tokenizer, the 9 "
+                                                                              "special tokens included")
+    parser.add_argument("--max-chars", type=positive_int, default=None,
+                        help="stop reading the corpus after this many characters (default: all of it)")
+    parser.add_argument("--out", required=True, help="output tokenizer folder (new, or empty)")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from .tokenizer_train import train_bpe
+    from .train.data import iter_tokenizer_texts
+
+    if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+        raise FileExistsError(f"--out {args.out} exists and is not empty: pass a new folder")
+    tok = train_bpe(iter_tokenizer_texts(args.data, args.max_chars), args.vocab_size)
+    tok.save_pretrained(args.out)
+    print(f"tokenizer: {len(tok):,} ids (BOS = {tok.bos_token_id}) -> {args.out}")
+
+
+# -----------------------------------------------------------------------------
+# the parser
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr (exit status 2), like every other input error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's help shows its default, except None, whose meaning the help text says."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class TopHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The top-level help prints the module docstring's command table as written."""
+
+
+def add_command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for torch (torch.set_num_threads; default: torch's own choice)")
+
+
 def exit_arg(text: str) -> int | str:
     """An exit on the command line: an index (0-based, negative from the end) or a sibling's name."""
     return int(text) if text.lstrip("-").isdigit() else text
@@ -386,27 +607,32 @@ def add_pack_arg(p: argparse.ArgumentParser) -> None:
 
 def add_report_args(p: argparse.ArgumentParser) -> None:
     add_pack_arg(p)
-    p.add_argument("--runs", type=int, default=3, help="timed runs per speed figure (the median is reported)")
-    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt in the speed runs")
-    p.add_argument("--n-prompts", type=int, default=4)
-    p.add_argument("--eval-tokens", type=int, default=65_536, help="held-out tokens for the quality pass")
+    add_threads_arg(p)
+    p.add_argument("--runs", type=positive_int, default=3, help="timed runs per speed figure (the median is reported)")
+    p.add_argument("--new-tokens", type=positive_int, default=32, help="greedy tokens per prompt in the speed runs")
+    p.add_argument("--n-prompts", type=positive_int, default=4, help="prompts in the speed runs")
+    p.add_argument("--eval-tokens", type=positive_int, default=65_536, help="held-out tokens for the quality pass")
     p.add_argument("--draft-stages", type=int, nargs="+", default=[0], help="speculative drafter exits")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cognica-poe", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="cognica-poe", description=__doc__, formatter_class=TopHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"cognica-poe {__version__}")
+    parser.set_defaults(threads=None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("info", help="parameters, stages, boundaries and memory of a model folder or preset")
+    p = add_command(sub, "info", "parameters, stages, boundaries and memory of a model folder or preset")
     p.add_argument("model", help=f"an HF folder or a preset: {', '.join(PRESETS)}")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("convert", help="nanochat checkpoint folder -> HF folder")
-    p.add_argument("src", nargs="?", help="nanochat checkpoint folder (model_*.pt, meta_*.json, tokenizer/)")
+    p = add_command(sub, "convert", "nanochat checkpoint folder -> HF folder")
+    p.add_argument("src", nargs="?", help="nanochat checkpoint folder (model_*.pt, meta_*.json)")
     p.add_argument("out", nargs="?", help="output HF folder (must not exist unless --overwrite)")
-    p.add_argument("--dtype", default="bfloat16", help="weights dtype in model.safetensors (default bfloat16)")
+    p.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="the tokenizer's folder (tokenizer.tiktoken or tokenizer.pkl; default: where nanochat keeps "
+                        "it: SRC/tokenizer, SRC, or <base_dir>/tokenizer two levels above SRC)")
+    p.add_argument("--dtype", default="bfloat16", help="weights dtype in model.safetensors")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow reading a legacy tokenizer.pkl (unpickling runs code: only for files you trust)")
@@ -414,122 +640,151 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh-code", metavar="DIR", help="replace DIR's remote-code .py files with this package's")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("generate", help="generate text from a model folder with any inference mode")
-    p.add_argument("model")
+    p = add_command(sub, "generate", "generate text from a model folder with any inference mode")
+    p.add_argument("model", help="an HF model folder")
     p.add_argument("prompt", help="text; BOS is prepended")
-    p.add_argument("--mode", choices=["full", "stage", "wand", "speculative", "compose"], default="full")
+    p.add_argument("--mode", choices=["full", "stage", "wand", "speculative", "compose"], default="full",
+                   help="full depth, one stage's exit (prefix pruning), WAND adaptive depth, self-speculative "
+                        "decoding, or a Log-OP composition of exits")
     p.add_argument("--stage", type=exit_arg, default=0, help="stage mode: the exit to decode from (0-based)")
-    p.add_argument("--safety", type=float, default=1.0, help="wand: safety factor on the bounds")
-    p.add_argument("--p99-bounds", type=float, nargs="+", default=None, help="wand: bounds (default: config/card)")
+    p.add_argument("--safety", type=non_negative_float, default=1.0, help="wand: safety factor on the bounds")
+    p.add_argument("--p99-bounds", type=float, nargs="+", default=None,
+                   help="wand: bounds (default: the config's calibrated ones, else the card's)")
     p.add_argument("--draft-stage", type=int, default=0, help="speculative: the drafting exit")
-    p.add_argument("--k-draft", type=int, default=3, help="speculative: drafts per iteration")
-    p.add_argument("--stages", type=exit_arg, nargs="+", default=None, help="compose: the exits to combine")
+    p.add_argument("--k-draft", type=positive_int, default=3, help="speculative: drafts per iteration")
+    p.add_argument("--stages", type=exit_arg, nargs="+", default=None,
+                   help="compose: the exits to combine (default: all)")
     p.add_argument("--siblings", nargs="+", default=None,
                    help="stage folders branching from MODEL, loaded on one shared trunk (modes stage and compose); "
                         "exits: MODEL's, then one per sibling, also named by folder name")
-    p.add_argument("--stage-weights", type=float, nargs="+", default=None, help="compose: their weights")
+    p.add_argument("--stage-weights", type=float, nargs="+", default=None,
+                   help="compose: the exits' weights (default: 1 each)")
     p.add_argument("--stop", type=int, nargs="*", default=None, help="stop token ids (default: the config's eos)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate at most")
+    p.add_argument("--max-length", type=positive_int, default=None,
+                   help="context limit, prompt + new tokens (default: the model's sequence_len; at most 10x it)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=positive_int, default=None, help="sample from the k likeliest tokens (default: all)")
+    p.add_argument("--top-p", type=probability, default=None,
+                   help="sample from the smallest set of tokens holding this probability (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
     add_pack_arg(p)
+    add_threads_arg(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("stage", help="specialist stages: `stage new BASE --new-layers N --out DIR`")
-    stage_sub = p.add_subparsers(dest="stage_command", required=True)
-    q = stage_sub.add_parser("new", help="append N new layers and a zero lm_head_stage to a frozen base")
+    p = add_command(sub, "stage", "specialist stages: `stage new BASE --new-layers N --out DIR`")
+    stage_sub = p.add_subparsers(dest="stage_command", required=True, metavar="COMMAND")
+    q = add_command(stage_sub, "new", "append N new layers and a zero lm_head_stage to a frozen base")
     q.add_argument("base", help="the parent: an HF model folder or another stage folder")
-    q.add_argument("--new-layers", type=int, required=True)
-    q.add_argument("--out", required=True)
-    q.add_argument("--head-mode", choices=["dual", "base", "spec"], default="dual")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--new-layers", type=positive_int, required=True, help="layers of the new stage")
+    q.add_argument("--out", required=True, help="the stage folder to write (must not exist unless --overwrite)")
+    q.add_argument("--head-mode", choices=["dual", "base", "spec"], default="dual",
+                   help="the new exit's head: lm_head + lm_head_stage, the base's lm_head, or lm_head_stage alone")
+    q.add_argument("--seed", type=int, default=0, help="seed of the new layers' init")
     q.add_argument("--dtype", default=None, help="delta dtype (default: the base's, which keeps its wte rows exact)")
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_threads_arg(q)
     q.set_defaults(func=cmd_stage_new)
 
-    p = sub.add_parser("sft", help="dual-head SFT of a specialist stage on conversations (the base stays frozen); "
-                       "MODEL is a base folder (new layers are appended) or a stage folder, DATA a JSONL of "
-                       "{messages: [...]} or ShareGPT {conversations: [...]}")
+    p = add_command(sub, "sft", "dual-head SFT of a specialist stage on conversations (the base stays frozen); "
+                    "MODEL is a base folder (new layers are appended) or a stage folder, DATA a JSONL of "
+                    "{messages: [...]} or ShareGPT {conversations: [...]}")
     add_dataclass_args(p, SFTConfig)
+    add_threads_arg(p)
     p.set_defaults(func=cmd_sft)
 
-    p = sub.add_parser("chat", help="chat with a model in the terminal (replies stream)")
-    p.add_argument("model")
-    p.add_argument("--system", default=None, help="a system message")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (nanochat's chat default is 0.6)")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default=None)
+    p = add_command(sub, "chat", "chat with a model in the terminal (replies stream)")
+    p.add_argument("model", help="an HF model or stage folder")
+    p.add_argument("--system", default=None, help="a system message (default: none)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens per reply at most")
+    p.add_argument("--max-length", type=positive_int, default=None,
+                   help="context limit of the whole conversation (default: 10x the model's sequence_len)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.6,
+                   help="0 = greedy (nanochat's chat default is 0.6)")
+    p.add_argument("--top-k", type=positive_int, default=50, help="sample from the k likeliest tokens")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
     add_pack_arg(p)
+    add_threads_arg(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("eval", help="evaluation: `eval core MODEL TASKS_DIR`")
-    eval_sub = p.add_subparsers(dest="eval_command", required=True)
-    q = eval_sub.add_parser("bpb", help="bits per byte of every exit and of Log-OP compositions")
-    q.add_argument("model")
-    q.add_argument("data", nargs="?", default=None, help="text / JSONL / parquet file or folder (default: bundled)")
-    q.add_argument("--split", choices=["val", "train"], default="val")
-    q.add_argument("--max-tokens", type=int, default=262_144)
-    q.add_argument("--seq-len", type=int, default=None)
-    q.add_argument("--batch-size", type=int, default=8)
+    p = add_command(sub, "eval", "evaluation: `eval bpb MODEL [DATA]`, `eval core MODEL TASKS_DIR`")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True, metavar="COMMAND")
+    q = add_command(eval_sub, "bpb", "bits per byte of every exit and of Log-OP compositions")
+    q.add_argument("model", help="an HF model folder")
+    q.add_argument("data", nargs="?", default=None,
+                   help="held-out text / JSONL / parquet file or folder (default: the bundled Tiny Shakespeare, "
+                        "with a note: held out only by models trained on it here)")
+    q.add_argument("--split", choices=["val", "train"], default="val", help="which split of DATA to score")
+    q.add_argument("--max-tokens", type=positive_int, default=262_144, help="tokens to score at most")
+    q.add_argument("--seq-len", type=positive_int, default=None, help="window length (default: the model's "
+                                                                      "sequence_len)")
+    q.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
     q.add_argument("--compose", nargs="*", default=None, metavar="I,J,...",
-                   help="Log-OP exit subsets, e.g. 0,3 0,1,2,3; weights as I:W, e.g. 0:0.5,3:0.5 (default 1)")
-    q.add_argument("--dtype", default=None)
-    q.add_argument("--json", action="store_true")
+                   help="Log-OP exit subsets, e.g. 0,3 0,1,2,3; weights as I:W, e.g. 0:0.5,3:0.5 (default weight "
+                        "1; default: no compositions)")
+    q.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    add_threads_arg(q)
     q.set_defaults(func=cmd_eval_bpb)
 
-    q = eval_sub.add_parser("core", help="CORE-style tasks (nanochat's eval_bundle layout) scored at every exit")
-    q.add_argument("model")
+    q = add_command(eval_sub, "core", "CORE-style tasks (nanochat's eval_bundle layout) scored at every exit")
+    q.add_argument("model", help="an HF model folder")
     q.add_argument("tasks", help="a folder with core.yaml, eval_meta_data.csv and eval_data/")
     q.add_argument("--max-per-task", type=int, default=-1, help="items per task (-1: all)")
-    q.add_argument("--dtype", default=None)
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    add_threads_arg(q)
     q.set_defaults(func=cmd_eval_core)
 
-    p = sub.add_parser("calibrate", help="compute WAND p99 bounds on a text file and store them in config.json")
+    p = add_command(sub, "calibrate", "compute WAND p99 bounds on a text file and store them in config.json")
     p.add_argument("model", help="an HF model folder (its config.json is updated)")
     p.add_argument("data", help="a UTF-8 text file (documents separated by blank lines)")
-    p.add_argument("--max-tokens", type=int, default=65536)
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's sequence_len)")
+    p.add_argument("--max-tokens", type=positive_int, default=65536, help="calibration tokens at most")
+    p.add_argument("--seq-len", type=positive_int, default=None,
+                   help="window length (default: the model's sequence_len)")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("demo", help="train the tiny default on the bundled corpus and show every mode")
-    p.add_argument("--out", default=None, help="the run folder (default: a temp folder)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (about a second each on 2 CPU cores)")
-    p.add_argument("--sample-tokens", type=int, default=48, help="tokens of each mode's sample")
-    p.add_argument("--seed", type=int, default=0)
+    p = add_command(sub, "demo", "train the tiny default on the bundled corpus and show every mode")
+    p.add_argument("--out", default=os.path.join("runs", "demo"),
+                   help="the run folder (an earlier demo's run folder is replaced; any other existing one refused)")
+    p.add_argument("--steps", type=positive_int, default=300,
+                   help="training steps (about a second each on 2 CPU cores)")
+    p.add_argument("--sample-tokens", type=positive_int, default=48, help="tokens of each mode's sample")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the data order")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_report_args(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("report", help="the capability report of a checkpoint: per-stage quality, every mode's "
-                                      "speed, report.json + PNG plots")
+    p = add_command(sub, "report", "the capability report of a checkpoint: per-stage quality, every mode's speed, "
+                                   "report.json + PNG plots")
     p.add_argument("model", help="an HF folder (our export or a converted checkpoint)")
     p.add_argument("--data", default=None, help="held-out text source: its validation split is used (a .txt, "
                                                 "a .jsonl / .parquet with a `text` field, a folder; default: the "
                                                 "bundled corpus)")
     p.add_argument("--prompts", default=None, help="prompt file, one prompt per line (\\n for newlines); "
                                                    "default: the starts of held-out documents")
-    p.add_argument("--baseline", default=None, help="a backprop model folder: adds the PoE-vs-BP BPB gap")
+    p.add_argument("--baseline", default=None, help="a backprop model folder: adds the PoE-vs-BP BPB gap "
+                                                    "(default: none)")
     p.add_argument("--out", default=None, help="output folder (default: ./reports/<model folder name>)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: the folder's)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (they need matplotlib)")
     p.add_argument("--json", action="store_true", help="print report.json to stdout")
     add_report_args(p)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("train", help="train a PoE model from scratch (torchrun for several processes)")
+    p = add_command(sub, "train", "train a PoE model from scratch (torchrun for several processes)")
     add_train_args(p)
+    add_threads_arg(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("tokenizer", help="`tokenizer train`: a BPE tokenizer from a corpus")
-    tok_sub = p.add_subparsers(dest="tokenizer_command", required=True)
-    q = tok_sub.add_parser("train", help="train a BPE tokenizer (nanochat's split regex and specials)")
+    p = add_command(sub, "tokenizer", "`tokenizer train`: a BPE tokenizer from a corpus")
+    tok_sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
+    q = add_command(tok_sub, "train", "train a BPE tokenizer (nanochat's split regex and specials)")
     add_tokenizer_train_args(q)
     q.set_defaults(func=cmd_tokenizer_train)
     return parser
@@ -538,9 +793,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
         args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"cognica-poe {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, ModuleNotFoundError) as e:  # bad input, a missing file or package: one line
+        print(f"cognica-poe {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 

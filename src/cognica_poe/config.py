@@ -15,10 +15,20 @@ import math
 
 from transformers import PretrainedConfig
 
+from .presets import PRESETS
+
 POE_MODES = ("flat", "hier", "none")
+# a config.json must say what model it describes; every other field has the documented default below
+REQUIRED_FIELDS = ("vocab_size", "sequence_len", "n_layer", "n_head", "n_embd", "poe_every")
 
 
 class CognicaPoEConfig(PretrainedConfig):
+    """
+    A config.json (or dict) must give REQUIRED_FIELDS; n_kv_head defaults to n_head (plain multi-head
+    attention) and every other field to the constructor's default. The constructor itself keeps defaults for
+    all fields, because transformers builds `CognicaPoEConfig()` internally (to diff a config against defaults).
+    """
+
     model_type = "cognica_poe"
     # transformers' generic code (caches, generation, device maps) asks for these standard names
     attribute_map = {
@@ -73,7 +83,8 @@ class CognicaPoEConfig(PretrainedConfig):
         self.poe_mode = poe_mode
         self.poe_every = poe_every
         self.poe_alpha = poe_alpha
-        self.wand_p99_bounds = list(wand_p99_bounds) if wand_p99_bounds is not None else None
+        # a string is not a list of bounds (list("1,2") would be characters): validate_shape refuses it
+        self.wand_p99_bounds = list(wand_p99_bounds) if isinstance(wand_p99_bounds, list | tuple) else wand_p99_bounds
         # layers of the original base model (window layout, value embeddings and backout follow the base;
         # specialist stages append layers after it). None means "this model is its own base".
         self.base_n_layer = base_n_layer
@@ -93,15 +104,39 @@ class CognicaPoEConfig(PretrainedConfig):
         )
         self.validate_shape()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "CognicaPoEConfig":
+        """Every load of a config.json comes here: a missing required field is an error naming it, not a default."""
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"a config must be a JSON object of fields, got {type(config_dict).__name__}")
+        given = {**config_dict, **kwargs}
+        missing = [name for name in REQUIRED_FIELDS if name not in given]
+        if missing:
+            raise ValueError(f"config.json lacks the required field {missing[0]} (required: "
+                             f"{', '.join(REQUIRED_FIELDS)}); write it into the file")
+        if "n_kv_head" not in given:
+            config_dict = {**config_dict, "n_kv_head": given["n_head"]}
+        return super().from_dict(config_dict, **kwargs)
+
     # -----------------------------------------------------------------------------
     # validation
 
     def validate_shape(self) -> None:
         """Raise a ValueError naming the offending field when the numbers cannot describe a model."""
-        for name in ("vocab_size", "sequence_len", "n_layer", "n_head", "n_kv_head", "n_embd", "poe_every"):
+        for name in ("vocab_size", "sequence_len", "n_layer", "n_head", "n_kv_head", "n_embd", "poe_every",
+                     "rotary_multiplier", "pad_vocab_size_to"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("rope_theta", "softcap", "qk_scale", "poe_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        bounds = self.wand_p99_bounds
+        if bounds is not None and not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds):
+            raise ValueError(f"wand_p99_bounds must be a list of numbers, got {bounds!r}")
+        if not isinstance(self.window_pattern, str):
+            raise ValueError(f"window_pattern must be a non-empty string of S and L, got {self.window_pattern!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head != 0:
@@ -199,32 +234,7 @@ class CognicaPoEConfig(PretrainedConfig):
 
 
 # -----------------------------------------------------------------------------
-# presets: nanochat sizing (n_embd = 64 * depth rounded to head_dim 128, n_kv_head = n_head) plus CPU sizes
-
-def _nanochat_preset(depth: int, poe_every: int) -> dict:
-    n_embd = math.ceil(depth * 64 / 128) * 128
-    return dict(n_layer=depth, n_embd=n_embd, n_head=n_embd // 128, n_kv_head=n_embd // 128,
-                sequence_len=2048, vocab_size=32768, window_pattern="SSSL", poe_every=poe_every)
-
-
-PRESETS: dict[str, dict] = {
-    # CPU sizes for tests and demos
-    "tiny": dict(n_layer=4, n_embd=64, n_head=4, n_kv_head=2, sequence_len=256, vocab_size=512,
-                 window_pattern="SSSL", poe_every=1),
-    # the default training run (`cognica-poe train` / `demo`): 4 one-layer stages, minutes on 2 CPU cores
-    "demo": dict(n_layer=4, n_embd=128, n_head=4, n_kv_head=4, sequence_len=256, vocab_size=2048,
-                 window_pattern="SSSL", poe_every=1),
-    "small": dict(n_layer=8, n_embd=256, n_head=4, n_kv_head=4, sequence_len=256, vocab_size=4096,
-                  window_pattern="SSSL", poe_every=2),
-    # nanochat depths
-    "d6": dict(n_layer=6, n_embd=384, n_head=3, n_kv_head=3, sequence_len=2048, vocab_size=32768,
-               window_pattern="SSSL", poe_every=2),
-    "d12": _nanochat_preset(12, 3),
-    "d20": _nanochat_preset(20, 5),
-    # the released Cognica-PoE-v1.0-1.3B-base: 1,384,122,122 parameters, stages end at [5, 11, 17, 23]
-    "d24": _nanochat_preset(24, 6),
-}
-
+# presets (presets.py)
 
 def preset_config(name: str, **overrides) -> CognicaPoEConfig:
     """A config from a preset name, with keyword overrides."""

@@ -208,8 +208,8 @@ def check_request(model, input_ids, attention_mask, params: SamplingParams) -> t
                          f"({cfg.rotary_seq_len}), the rotary table's reach")
     if input_ids.size(1) + params.max_new_tokens > limit:
         raise ValueError(f"prompt ({input_ids.size(1)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                         f"context of {limit} tokens (sequence_len {cfg.sequence_len}; pass max_length= to raise it, "
-                         f"up to {cfg.rotary_multiplier}x)")
+                         f"context of {limit} tokens (sequence_len {cfg.sequence_len}; pass max_length= (the CLI's "
+                         f"--max-length) to raise it, up to {cfg.rotary_multiplier}x)")
     device = model.gpt.lm_head.weight.device
     input_ids = input_ids.to(device)
     if attention_mask is not None:

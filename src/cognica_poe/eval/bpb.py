@@ -27,7 +27,7 @@ def windows(stream: torch.Tensor, seq_len: int) -> list[tuple[torch.Tensor, torc
 def evaluate_bpb(gpt: GPT, stream: torch.Tensor, token_bytes: torch.Tensor, seq_len: int | None = None,
                  batch_size: int = 8, stage_boundaries: list[int] | None = None,
                  compositions: list[list[int]] | None = None,
-                 composition_weights: list[list[float] | None] | None = None) -> dict:
+                 composition_weights: list[list[float] | None] | None = None, progress: bool = False) -> dict:
     """
     BPB of each exit (default: every stage boundary) and of Log-OP compositions of exits (lists of indices into
     the exits; weights 1, the product of experts, unless composition_weights gives a list for that composition,
@@ -36,8 +36,10 @@ def evaluate_bpb(gpt: GPT, stream: torch.Tensor, token_bytes: torch.Tensor, seq_
     Returns {"stages": [...], "compositions": {"0+3": ...}} and, from the same pass and the same counted
     targets: "agreement" (exits x exits: how often two exits' top-1 tokens agree), "top1_accuracy" (per exit,
     then per composition) and "margin" (mean top-1 minus top-2 log-probability, per exit and per composition:
-    how much sharper a product of exits is than one exit).
+    how much sharper a product of exits is than one exit). progress: a progress bar on stderr.
     """
+    from tqdm.auto import tqdm
+
     from ..compose import log_op
 
     seq_len = seq_len or gpt.config.sequence_len
@@ -65,7 +67,7 @@ def evaluate_bpb(gpt: GPT, stream: torch.Tensor, token_bytes: torch.Tensor, seq_
     correct = torch.zeros(n_scores, dtype=torch.float64, device=device)
     agree = torch.zeros(n_exits, n_exits, dtype=torch.float64, device=device)
     total_bytes = n_counted = 0
-    for i in range(0, len(pairs), batch_size):
+    for i in tqdm(range(0, len(pairs), batch_size), desc="bpb", unit="batch", disable=not progress):
         x = torch.stack([p[0] for p in pairs[i:i + batch_size]]).to(device)
         y = torch.stack([p[1] for p in pairs[i:i + batch_size]]).to(device)
         nb = token_bytes[y]  # (B, T)

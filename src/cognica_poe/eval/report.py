@@ -117,17 +117,23 @@ def greedy_agreement(model, sequences: list[torch.Tensor], new_tokens: int) -> f
 @torch.no_grad()
 def measure_modes(model, prompts: list[list[int]], bounds: list[float], new_tokens: int = 32, runs: int = 3,
                   safeties: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0), ks: tuple[int, ...] = (1, 2, 3, 4, 5, 6),
-                  draft_stages: tuple[int, ...] = (0,)) -> dict:
+                  draft_stages: tuple[int, ...] = (0,), progress: bool = False) -> dict:
     """
     Tokens/s of every mode over the prompts (batch 1, greedy, exactly new_tokens each) and each mode's speedup
     over full-depth cached greedy, measured side by side. Speculative rows also give the cost model's ideal
     tokens_per_iteration / (K c + v), c and v being the measured per-token costs of drafting and verifying in
     units of one full decode step (prefill excluded, so it is compared with the decode-only speedup).
+    progress: a bar on stderr, one step per measurement.
     """
+    from tqdm.auto import tqdm
+
     from ..speculative import run_speculative
     from ..wand import run_wand
 
     last = model.poe_n_stages - 1
+    # full depth, prefill, every other stage, Log-OP, each WAND safety, each speculative (drafter, K)
+    bar = tqdm(total=3 + last + len(safeties) + len(draft_stages) * len(ks), desc="speed", unit="run",
+               disable=not progress)
     kw = dict(max_new_tokens=new_tokens, stop_tokens=[])
     n_tokens = new_tokens * len(prompts)
     tensors = [torch.tensor([p]) for p in prompts]
@@ -139,21 +145,25 @@ def measure_modes(model, prompts: list[list[int]], bounds: list[float], new_toke
     # the prompts' prefill alone (one cached forward each), to compare decode time with the cost model
     t_prefill = median_time(over_prompts(lambda ids: model.gpt(ids, kv_cache=model.new_cache(1, ids.size(1)),
                                                                logits_to_keep=1)), runs)
+    bar.update(2)
     res = {"tokens_per_run": n_tokens, "new_tokens": new_tokens, "prompts": len(prompts), "runs": runs,
            "full_tok_s": n_tokens / t_full, "stage_tok_s": [], "stage_speedup": []}
     for s in range(last + 1):
         t = t_full if s == last else median_time(over_prompts(lambda ids, s=s: model.generate_stage(ids, stage=s,
                                                                                                     **kw)), runs)
+        bar.update(int(s != last))
         res["stage_tok_s"].append(n_tokens / t)
         res["stage_speedup"].append(t_full / t)
     t = median_time(over_prompts(lambda ids: model.generate_parallel_composition(ids, stages=list(range(last + 1)),
                                                                                   **kw)), runs)
     res["compose_all_tok_s"], res["compose_all_speedup"] = n_tokens / t, t_full / t
+    bar.update(1)
 
     res["wand"] = []
     for safety in safeties:
         t, outs = median_run(lambda safety=safety: [run_wand(model, ids, safety=safety, p99_bounds=bounds, **kw)
                                                     for ids in tensors], runs)
+        bar.update(1)
         used = torch.tensor([s for r in outs for s in r.stages_used[0]])
         hist = torch.bincount(used, minlength=last + 1).tolist()
         layers = sum(h * (model.poe_stage_boundary_layers[s] + 1) for s, h in enumerate(hist))
@@ -170,6 +180,7 @@ def measure_modes(model, prompts: list[list[int]], bounds: list[float], new_toke
             # see the same machine state
             t, stats = median_run(lambda k=k, d=draft_stage: [run_speculative(model, ids, draft_stage=d, k_draft=k,
                                                                               **kw) for ids in tensors], runs)
+            bar.update(1)
             accepted = sum(r.accepted for r in stats)
             iters = sum(r.iterations for r in stats)
             tokens_per_iter = 1 + accepted / iters
@@ -189,6 +200,7 @@ def measure_modes(model, prompts: list[list[int]], bounds: list[float], new_toke
                 "tok_s": n_tokens / t, "speedup": t_full / t, "decode_speedup": decode_speedup,
                 "cost_model_speedup": ideal, "ratio_to_cost_model": decode_speedup / ideal, "lossless": lossless,
                 "divergence_margins": [m for m in margins if m is not None]})
+    bar.close()
     return res
 
 
@@ -214,6 +226,7 @@ def build_report(model, tokenizer, data: str | None = None, prompts: list[str] |
     Measure everything the capability table needs on `model` (a CognicaPoEForCausalLM in eval mode). `data` is
     the held-out text source (its validation split), `prompts` optional prompt strings (default: the starts of
     held-out documents), `baseline` an optional backprop model (its own tokenizer) scored on the same documents.
+    With a `progress` callback (for messages), the quality pass and the speed runs also show bars on stderr.
     """
     from ..eval.bpb import evaluate_bpb
     from ..packed import count_packed
@@ -242,7 +255,7 @@ def build_report(model, tokenizer, data: str | None = None, prompts: list[str] |
     stream = documents_stream(docs, tokenizer, st.eval_tokens)
     seq_len = min(seq_len, len(stream) - 2)
     quality = evaluate_bpb(gpt, stream, tokenizer.token_bytes(), seq_len=seq_len, batch_size=st.batch_size,
-                           compositions=compositions, composition_weights=weights)
+                           compositions=compositions, composition_weights=weights, progress=progress is not None)
 
     bounds, bounds_source, speed_docs = model.config.wand_p99_bounds, "config", docs
     if bounds is None:
@@ -258,7 +271,7 @@ def build_report(model, tokenizer, data: str | None = None, prompts: list[str] |
                       for d in speed_docs[:st.n_prompts]]
     say(f"speed: every mode on {len(prompt_ids)} prompts x {st.new_tokens} new tokens, median of {st.runs} runs")
     speed = measure_modes(model, prompt_ids, bounds, st.new_tokens, st.runs, tuple(st.safeties), tuple(st.ks),
-                          tuple(st.draft_stages))
+                          tuple(st.draft_stages), progress=progress is not None)
 
     report = {
         "model": {"name": name, "parameters": gpt.num_params(), "n_layer": model.config.n_layer,
@@ -375,9 +388,9 @@ def speed_table(r: dict) -> str:
 
 def plot_report(r: dict, out_dir: str) -> list[str]:
     """report_quality.png (per-stage BPB, agreement matrix) and report_speed.png (WAND, speculative)."""
-    import matplotlib
+    from ..extras import require
 
-    matplotlib.use("Agg")
+    require("matplotlib", "plots", "the report's plots", "pass --no-plots").use("Agg")
     import matplotlib.pyplot as plt
 
     n = r["model"]["n_stages"]

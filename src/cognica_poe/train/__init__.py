@@ -1,12 +1,27 @@
 """
 Training from scratch: streamed packed data (data.py), nanochat's optimizer recipe on torch's Muon + AdamW
-(optim.py), stage-wise flat-PoE backward, the loop, checkpoints and the CLI (loop.py), BPB plots (plot.py).
+(optim.py), the run configurations (config.py), stage-wise flat-PoE backward, the loop and checkpoints
+(loop.py), BPB plots (plot.py).
+
+The names below are imported on first use (PEP 562): the command line reads config.py to build its flags
+without importing torch.
 """
 
-from .data import Corpus, PackedLoader, token_stream
-from .loop import NonFiniteLossError, TrainConfig, backward_step, flat_stagewise_backward, joint_stage_losses, train
-from .optim import MuonAdamW, lr_multiplier, muon_momentum, muon_weight_decay
+import importlib
 
-__all__ = ["Corpus", "PackedLoader", "token_stream", "TrainConfig", "train", "backward_step",
-           "flat_stagewise_backward", "joint_stage_losses", "NonFiniteLossError", "MuonAdamW", "lr_multiplier",
-           "muon_momentum", "muon_weight_decay"]
+# public name -> the module that defines it
+_EXPORTS = {
+    "Corpus": "data", "PackedLoader": "data", "token_stream": "data", "TrainConfig": "config", "SFTConfig": "config",
+    "train": "loop", "backward_step": "loop", "flat_stagewise_backward": "loop", "joint_stage_losses": "loop",
+    "NonFiniteLossError": "loop", "MuonAdamW": "optim", "lr_multiplier": "optim", "muon_momentum": "optim",
+    "muon_weight_decay": "optim",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cognica_poe.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

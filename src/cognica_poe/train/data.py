@@ -28,6 +28,8 @@ from importlib import resources
 
 import torch
 
+from ..extras import require
+
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 VAL_FRACTION = 20  # single file: the last len(docs) // 20 documents are validation
 
@@ -44,29 +46,60 @@ def _text_docs(path: str, chunk_chars: int = 1 << 20) -> Iterator[str]:
     """Pieces of `path` between "\\n\\n", stripped, empty ones dropped (same as reading it whole and splitting)."""
     buf = ""
     with open(path, encoding="utf-8") as f:
-        while chunk := f.read(chunk_chars):
-            parts = (buf + chunk).split("\n\n")
-            buf = parts.pop()
-            for p in parts:
-                if p := p.strip():
-                    yield p
+        try:
+            while chunk := f.read(chunk_chars):
+                parts = (buf + chunk).split("\n\n")
+                buf = parts.pop()
+                for p in parts:
+                    if p := p.strip():
+                        yield p
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e) from None
     if buf := buf.strip():
         yield buf
 
 
+def _not_utf8(path: str, e: UnicodeDecodeError) -> ValueError:
+    return ValueError(f"{path} is not UTF-8 text ({e.reason}): a corpus is UTF-8 text, or .jsonl / .parquet with a "
+                      "`text` field")
+
+
 def _jsonl_docs(path: str) -> Iterator[str]:
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)["text"]
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n} is not valid JSON ({e.msg}): a .jsonl corpus holds one "
+                                     '{"text": ...} object per line') from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f'{path} line {n} has no "text" string: a .jsonl corpus holds one '
+                                     '{"text": ...} object per line')
+                yield record["text"]
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e) from None
+
+
+def _parquet_file(path: str):
+    """pyarrow's ParquetFile of `path`, checked to have a `text` column."""
+    pq = require("pyarrow.parquet", "parquet", f"reading {path}")
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable parquet file ({e})") from None
+    if "text" not in pf.schema_arrow.names:
+        raise ValueError(f"{path} has no `text` column (columns: {', '.join(pf.schema_arrow.names)}): a parquet "
+                         "corpus keeps its documents in a string column named text")
+    return pf
 
 
 def file_docs(path: str, skip: int = 0) -> Iterator[str]:
     """The documents of one file, after skipping the first `skip` (parquet skips whole row groups unread)."""
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
+        pf = _parquet_file(path)
         for g in range(pf.num_row_groups):  # one row group in memory at a time
             n = pf.metadata.row_group(g).num_rows
             if skip >= n:
@@ -83,9 +116,7 @@ def file_docs(path: str, skip: int = 0) -> Iterator[str]:
 
 def count_docs(path: str) -> int:
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(path).metadata.num_rows
+        return _parquet_file(path).metadata.num_rows
     return sum(1 for _ in file_docs(path))
 
 

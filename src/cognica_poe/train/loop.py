@@ -1,5 +1,5 @@
 """
-Training from scratch: PoE stage losses (flat / hier / none), the step loop, checkpoints, resume, the CLI.
+Training from scratch: PoE stage losses (flat / hier / none), the step loop, checkpoints, resume.
 
 Why flat PoE is trained stage by stage: in flat mode the residual stream entering each stage is detached, so no
 gradient crosses a stage boundary except through x0 (embedding + smear, NOT detached: wte, smear and lm_head
@@ -39,7 +39,6 @@ resumes from the newest earlier one still kept, with a warning. A folder that ho
 metrics.jsonl) is only ever continued (--resume), never overwritten or mixed with a new run.
 """
 
-import argparse
 import dataclasses
 import json
 import math
@@ -48,9 +47,7 @@ import random
 import re
 import shutil
 import time
-import typing
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -59,9 +56,10 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..atomic import atomic_folder, check_replaceable, write_text
-from ..config import PRESETS, CognicaPoEConfig
+from ..config import CognicaPoEConfig
 from ..eval.bpb import stage_bpb
 from ..model import GPT
+from .config import TrainConfig
 from .data import Corpus, PackedLoader, iter_tokenizer_texts, token_stream
 from .optim import MuonAdamW
 
@@ -147,75 +145,6 @@ def backward_step(gpt: GPT, idx: torch.Tensor, targets: torch.Tensor, mode: str,
         (loss * grad_scale).backward()
         return [float(loss.detach())]
     raise ValueError(f"poe_mode must be flat, hier or none, got {mode!r}")
-
-
-# -----------------------------------------------------------------------------
-# configuration
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; saved in every checkpoint. None model fields come from the preset."""
-    # model
-    preset: str = "demo"  # a config.PRESETS name
-    n_layer: int | None = None
-    n_embd: int | None = None
-    n_head: int | None = None
-    n_kv_head: int | None = None
-    sequence_len: int | None = None
-    window_pattern: str | None = None
-    poe_mode: str = "flat"
-    poe_every: int | None = None
-    poe_alpha: float = 0.0
-    # data and tokenizer
-    data: str | None = None  # text file, .jsonl, .parquet or a folder of them; None = bundled tinyshakespeare
-    tokenizer: str | None = None  # tokenizer folder; None = train one on the corpus (vocab_size ids)
-    vocab_size: int | None = None
-    shuffle_block: int = 1024
-    # batch and horizon
-    device_batch_size: int = 16
-    total_batch_size: int = -1  # tokens per optimizer step; -1 = device_batch_size * sequence_len * world
-    num_steps: int = 300
-    # optimizer
-    matrix_lr: float = 0.02
-    embedding_lr: float = 0.3
-    unembedding_lr: float = 0.008
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.28
-    # lr factor for the batch size: None = nanochat's sqrt(total_batch_size / 2^19) (0.088 at the demo's 4096
-    # tokens); the default 0.3 is what the poe-d8-classics reference run used at this batch size
-    batch_lr_scale: float | None = 0.3
-    warmup_steps: int = 40
-    warmdown_ratio: float = 0.65
-    final_lr_frac: float = 0.05
-    grad_clip: float = 0.0  # 0 = off
-    # eval, logging, checkpoints
-    eval_every: int = 100
-    eval_tokens: int = 40 * 257
-    eval_batch_size: int = 8
-    out_dir: str = "runs/train"
-    save_every: int = -1  # -1 = only at the end (and at stop_after)
-    keep_checkpoints: int = 2
-    resume: bool = False
-    stop_after: int | None = None  # save and stop once this many steps are done (an interruption on purpose)
-    export: bool = True  # write an HF folder to <out_dir>/hf at the end
-    export_dtype: str = "bfloat16"
-    progress: bool = True
-    # system
-    seed: int = 42
-    device: str = "auto"
-    compile: bool = False
-    fsdp: bool = False
-
-    def model_overrides(self) -> dict:
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; known presets: {', '.join(PRESETS)}")
-        base = dict(PRESETS[self.preset])
-        for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "sequence_len", "window_pattern", "poe_every",
-                     "vocab_size"):
-            if getattr(self, name) is not None:
-                base[name] = getattr(self, name)
-        base["poe_mode"], base["poe_alpha"] = self.poe_mode, self.poe_alpha
-        return base
 
 
 # -----------------------------------------------------------------------------
@@ -658,54 +587,3 @@ def export_hf(gpt: GPT, tokenizer, out_dir: str, dtype: str = "bfloat16", source
         model = CognicaPoEForCausalLM(gpt.config)
     model.gpt = gpt
     return export_hf_folder(model, tokenizer, out_dir, dtype=dtype, overwrite=True, sources=sources)
-
-
-# -----------------------------------------------------------------------------
-# CLI: `cognica-poe train` and `cognica-poe tokenizer train`
-
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, choices: dict | None = None) -> None:
-    """One argument per field of a config dataclass: fields without a default are positional, the others
-    flags (--num-steps, ...; booleans as --x/--no-x) with the dataclass's defaults."""
-    for f in dataclasses.fields(cls):
-        kinds = [t for t in (typing.get_args(f.type) or (f.type,)) if t is not type(None)]  # int | None -> int
-        if f.default is dataclasses.MISSING:
-            parser.add_argument(f.name, type=kinds[0])
-        elif kinds[0] is bool:
-            parser.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
-                                default=f.default)
-        else:
-            parser.add_argument("--" + f.name.replace("_", "-"), type=kinds[0], default=f.default,
-                                choices=(choices or {}).get(f.name))
-
-
-def dataclass_from_args(cls: type, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-
-
-def add_train_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (--num-steps, --poe-mode, --resume, ...), defaults from TrainConfig."""
-    add_dataclass_args(parser, TrainConfig, choices={"poe_mode": ("flat", "hier", "none")})
-
-
-def cmd_train(args: argparse.Namespace) -> dict:
-    cfg = dataclass_from_args(TrainConfig, args)
-    summary = train(cfg)
-    if summary["rank"] == 0:
-        print(json.dumps({k: summary[k] for k in ("step", "poe_mode", "stage_bpb", "final_losses", "train_time_s",
-                                                  "tok_per_s", "checkpoint", "hf_dir")}))
-    return summary
-
-
-def add_tokenizer_train_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=None, help="corpus (file or folder); default: the bundled tinyshakespeare")
-    parser.add_argument("--vocab-size", type=int, default=2048)
-    parser.add_argument("--max-chars", type=int, default=None, help="stop reading the corpus after this many chars")
-    parser.add_argument("--out", required=True, help="output tokenizer folder")
-
-
-def cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    from ..tokenizer_train import train_bpe
-
-    tok = train_bpe(iter_tokenizer_texts(args.data, args.max_chars), args.vocab_size)
-    tok.save_pretrained(args.out)
-    print(f"tokenizer: {len(tok):,} ids (BOS = {tok.bos_token_id}) -> {args.out}")

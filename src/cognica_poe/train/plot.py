@@ -1,14 +1,20 @@
 """
 Per-stage curves of a run, from its metrics.jsonl: validation BPB of every exit, and the train loss of every
-stage, against the step. Uses matplotlib's Agg backend (files only, no display needed).
+stage, against the step. Uses matplotlib's Agg backend (files only, no display needed); matplotlib is optional
+(the `plots` extra): without it a run skips its plot with a warning rather than failing at the end.
 """
 
 import json
+import warnings
 
-import matplotlib
+from ..extras import require
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+
+def pyplot(purpose: str):
+    """matplotlib.pyplot on the Agg backend, or ModuleNotFoundError naming the `plots` extra."""
+    matplotlib = require("matplotlib", "plots", purpose)
+    matplotlib.use("Agg")
+    return require("matplotlib.pyplot", "plots", purpose)
 
 
 def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
@@ -22,8 +28,14 @@ def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def plot_metrics(metrics_path: str, out_png: str, title: str | None = None) -> str:
-    """Draw per-stage val BPB (left) and per-stage train loss (right) to out_png; returns out_png."""
+def plot_metrics(metrics_path: str, out_png: str, title: str | None = None) -> str | None:
+    """Draw per-stage val BPB (left) and per-stage train loss (right) to out_png; returns out_png (None, with a
+    warning, when matplotlib is not installed)."""
+    try:
+        plt = pyplot("plotting a run's curves")
+    except ModuleNotFoundError as e:
+        warnings.warn(f"{e}; {out_png} is not drawn", UserWarning, stacklevel=2)
+        return None
     train, evals = read_metrics(metrics_path)
     fig, (ax_bpb, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     if evals:

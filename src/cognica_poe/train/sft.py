@@ -17,7 +17,6 @@ Data: JSONL, one conversation per line, as {"messages": [{"role", "content"}, ..
 messages. The last `val_fraction` of conversations is held out.
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from ..checkpoint import is_model_folder, save_stage_folder
 from ..hf import CognicaPoEForCausalLM
 from ..specialist import DELTA_FILE, add_specialist, parent_reference
 from ..tokenizer import SPECIAL_TOKENS, CognicaPoETokenizer
+from .config import SFTConfig
 from .loop import NonFiniteLossError, latest_checkpoint, load_checkpoint, save_checkpoint
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
@@ -58,10 +58,36 @@ def normalize_conversation(record) -> list[dict]:
 
 
 def read_conversations(path: str) -> list[list[dict]]:
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".json"):
-            return [normalize_conversation(r) for r in json.load(f)]
-        return [normalize_conversation(json.loads(line)) for line in f if line.strip()]
+    """The conversations of a JSONL file (or a .json list); a bad one is named by its line (or its index)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".json"):
+                loaded = json.load(f)
+                if not isinstance(loaded, list):
+                    raise ValueError(f"{path} must hold a JSON list of conversations")
+                records = [(f"conversation {i}", r) for i, r in enumerate(loaded, 1)]
+            else:
+                records = []
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            records.append((f"line {n}", json.loads(line)))
+                        except json.JSONDecodeError as e:
+                            raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason})") from None
+    conversations = []
+    for where, record in records:
+        try:
+            conversations.append(normalize_conversation(record))
+        except ValueError as e:
+            raise ValueError(f"{path} {where}: {e}") from None
+        except (AttributeError, TypeError):
+            raise ValueError(f'{path} {where} is not a conversation: write {{"messages": [{{"role": ..., "content": '
+                             '...}, ...]}') from None
+    return conversations
 
 
 def sft_batch(tok: CognicaPoETokenizer, conversations: list[list[dict]], seq_len: int
@@ -107,25 +133,6 @@ def train_wte_rows(model: CognicaPoEForCausalLM, rows: list[int]) -> torch.nn.Pa
     wte.requires_grad_(True)
     wte.register_hook(lambda grad: grad * mask)
     return wte
-
-
-@dataclasses.dataclass
-class SFTConfig:
-    model: str  # a base HF folder (a new specialist is created) or a stage folder (its leaf trains further)
-    data: str  # conversations (JSONL / JSON)
-    out_dir: str = "runs/sft"
-    new_layers: int = 2
-    steps: int = 100
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    val_fraction: float = 0.1
-    eval_every: int = 25
-    save_every: int = 50
-    keep_checkpoints: int = 100
-    seed: int = 0
-    resume: bool = False
-    train_special_rows: bool = False  # also train the wte rows of the chat special tokens (not BOS)
 
 
 @torch.no_grad()
