@@ -135,6 +135,7 @@ def test_cli_prompts_are_text(tok, tmp_path, monkeypatch):
     folder = str(tmp_path / "model")
     tok.save_pretrained(folder)
     model = perturbed_model(vocab_size=len(tok), bos_token_id=tok.bos_token_id, pad_token_id=tok.bos_token_id)
+    model.config.save_pretrained(folder)  # the CLI checks the folder's config (and its vocabulary) before loading
     monkeypatch.setattr("cognica_poe.checkpoint.load_model", lambda *a, **k: model)
     seen, generate = [], model.generate_stage
 
