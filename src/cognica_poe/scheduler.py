@@ -100,7 +100,7 @@ class Event:
     tokens: list[int]
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
     finish: str | None = None  # "stop" | "length" | "timeout" | "cancelled" | "error"
-    stats: dict | None = None
+    stats: dict | None = None  # the row's statistics so far
 
 
 class Request:
@@ -111,11 +111,15 @@ class Request:
         self.prompts, self.n, self.decoding, self.poe, self.emit = prompts, n, decoding, poe, emit
         self.deadline = time.monotonic() + timeout if timeout else None
         self.cancelled = False
-        self.submitted = time.monotonic()
+        self.stopped: set[int] = set()  # rows ended by their reader (a stop string was found)
 
     def cancel(self) -> None:
-        """Stop generating (a client left, or a stop string was found): the rows are freed next iteration."""
+        """Stop generating every row (the client left): the rows are freed next iteration."""
         self.cancelled = True
+
+    def stop_row(self, index: int) -> None:
+        """Stop one row (its text reached a stop string): freed next iteration."""
+        self.stopped.add(index)
 
     @property
     def rows(self) -> int:
@@ -384,7 +388,7 @@ class Engine:
         """Cancelled or timed-out requests' rows finish now (the next _retire frees their places)."""
         rows = [r for p in self.prefilling for r in p.rows] + [r for g in self.groups.values() for r in g.rows]
         for row in rows:
-            why = self._ended(row.request, now)
+            why = self._ended(row.request, now) or ("stop" if row.index in row.request.stopped else None)
             if why and row.finish is None:
                 self._finish_rows([row], why)
                 self.freed_rows += 1
@@ -572,8 +576,7 @@ class Engine:
                 row.finish = "length"
                 break
         row.pending = tokens[-1] if row.finish is None else None
-        row.request.emit(Event(row.index, out, out_lp if d.logprobs is not None else None, row.finish,
-                               row.stats() if row.finish else None))
+        row.request.emit(Event(row.index, out, out_lp if d.logprobs is not None else None, row.finish, row.stats()))
 
     # -----------------------------------------------------------------------------
     # the modes' steps
