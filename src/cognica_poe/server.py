@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, PoeOptions, TokenizeRequest
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .scheduler import Decoding, Engine, Event, QueueFull, RequestError
 from .scheduler import Request as EngineRequest
 
@@ -63,7 +63,7 @@ def param_of(loc: tuple) -> str | None:
     loc = [x for x in loc if x != "body"]
     if not loc or not isinstance(loc[0], str):
         return None
-    if loc[0] == "poe" and len(loc) > 1 and loc[1] in PoeOptions.model_fields:
+    if loc[0] == "poe" and len(loc) > 1 and isinstance(loc[1], str):  # a poe field, known or not
         return f"poe.{loc[1]}"
     return loc[0]
 
@@ -347,7 +347,15 @@ def completion_logprobs(tok, choice: Choice, start: int, offset: int) -> dict:
         offsets.append(pos)
         pos += len(t)
     return {"tokens": texts, "token_logprobs": [e[0] for e in entries],
-            "top_logprobs": [{tok.decode([i]): lp for i, lp in e[1]} for e in entries], "text_offset": offsets}
+            "top_logprobs": [top_dict(tok, e[1]) for e in entries], "text_offset": offsets}
+
+
+def top_dict(tok, alternatives: list[tuple[int, float]]) -> dict[str, float]:
+    """Completions' {token text: logprob}; tokens with the same text (byte fragments) keep the likeliest."""
+    out: dict[str, float] = {}
+    for i, lp in alternatives:
+        out.setdefault(tok.decode([i]), lp)
+    return out
 
 
 def chat_logprobs(tok, choice: Choice, start: int) -> dict:
@@ -487,6 +495,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         echoes = [tokenizer.decode(p[1:] if p[:1] == [tokenizer.bos_token_id] else p) for p in prompts]
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         sent_lp = [0] * len(gen.choices)
+        echoed: set[int] = set()
 
         def head(choices, usage=None):
             out = {"id": rid, "object": "text_completion", "created": created, "model": body.model,
@@ -500,7 +509,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                 return []
             if c == "usage":
                 return [head([], gen.usage()) | {"poe": gen.poe()}] if include_usage else []
-            text = (echoes[c.index // body.n] if body.echo and c.sent == 0 else "") + c.delta()
+            text = c.delta()
+            if body.echo and c.index not in echoed:
+                text = echoes[c.index // body.n] + text
+                echoed.add(c.index)
             lp = None
             if body.logprobs is not None:
                 lp = completion_logprobs(tokenizer, c, sent_lp[c.index], 0)
