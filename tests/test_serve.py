@@ -401,6 +401,10 @@ def test_batching_never_changes_greedy_tokens(model, tok):
     engine = Engine(model, max_batch=8, prefill_chunk=8)
     engine.room = 8  # small caches: repacks happen mid-flight too
     jobs = [(PROMPTS[i % 4] * (1 + i % 3), MODES[i % len(MODES)], 10 + 3 * (i % 5)) for i in range(12)]
+    with open(CORPUS, encoding="utf-8") as f:
+        long = f.read()[:400]  # past the 128-token sliding window: repacked rows keep their rotary positions
+    assert 140 < len(tok.encode(long)) < 200
+    jobs += [(long, MODES[0], 40), (long[100:], MODES[3], 40), (long[50:], MODES[4], 40)]
     with running(engine, tok) as url:
         c = client(url)
 
