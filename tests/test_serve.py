@@ -137,8 +137,8 @@ def test_completion_every_mode_equals_library(server, model, tok, poe):
     if poe["mode"] == "speculative":
         assert 0 <= stats["accepted"] <= stats["drafted"] and stats["acceptance"] == round(
             stats["accepted"] / stats["drafted"], 4)
-    if poe["mode"] == "stage":
-        assert stats["layers_per_token"] == 2  # stage 1 of the tiny model ends at layer 1
+    if poe["mode"] in ("stage", "full", "compose"):  # stage 1 of the tiny model ends at layer 1
+        assert stats["layers_per_token"] == {"stage": 2, "full": 4, "compose": 4}[poe["mode"]]
 
 
 @pytest.mark.parametrize("poe", [MODES[0], MODES[3], MODES[4]], ids=["full", "wand", "speculative"])
@@ -207,6 +207,13 @@ def test_n_seed_and_logprobs(server):
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens and all(len(x.top_logprobs) == 2 for x in content)
     assert all(abs(x.logprob - x.top_logprobs[0].logprob) < 1e-5 for x in content)
+
+
+def test_ignore_eos_generates_max_tokens(server, tok):
+    c = client(server)
+    r = c.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=60, temperature=0, logprobs=0,
+                             extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 60 and r.choices[0].finish_reason == "length"
 
 
 def test_stop_strings_trim_and_stop(server):

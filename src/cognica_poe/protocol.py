@@ -47,6 +47,7 @@ class SamplingRequest(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model predicts (benchmarks)
     poe: PoeOptions | None = None
 
     @field_validator("stop")

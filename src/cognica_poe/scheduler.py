@@ -139,6 +139,7 @@ class Row:
         self.exit_counts: dict[int, int] = {}  # wand: exit stage histogram
         self.accepted = self.drafted = 0  # speculative
         self.layer_runs = 0  # layers run on this row's behalf, summed over its tokens
+        self.decided = 0  # tokens chosen, a final stop token included
 
     @property
     def do_sample(self) -> bool:
@@ -150,8 +151,8 @@ class Row:
 
     def stats(self) -> dict:
         poe = self.request.poe
-        n = max(len(self.tokens), 1)
-        out = {"mode": poe.mode, "layers_per_token": round(self.layer_runs / n, 3)}
+        out = {"mode": poe.mode, "layers_per_token": round(self.layer_runs / max(self.decided, 1), 3),
+               "layer_runs": self.layer_runs, "tokens_decided": self.decided}
         if poe.mode == "wand":
             out["exit_stages"] = {str(k): v for k, v in sorted(self.exit_counts.items())}
         if poe.mode == "speculative":
@@ -566,6 +567,7 @@ class Engine:
         d = row.request.decoding
         out, out_lp = [], []
         for t, lp in zip(tokens, logprobs):
+            row.decided += 1
             if t in d.stop_ids:
                 row.finish = "stop"
                 break

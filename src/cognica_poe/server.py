@@ -233,11 +233,9 @@ class Generation:
         """The response's `poe` object: the mode's statistics summed over the choices."""
         stats = [c.stats for c in self.choices if c.stats]
         out = {"mode": self.mode}
-        tokens = sum(len(c.tokens) for c in self.choices)
         if stats:
-            runs = sum(s["layers_per_token"] * max(len(c.tokens), 1) for s, c in
-                       zip(stats, [c for c in self.choices if c.stats]))
-            out["layers_per_token"] = round(runs / max(tokens, 1), 3)
+            decided = sum(s["tokens_decided"] for s in stats)
+            out["layers_per_token"] = round(sum(s["layer_runs"] for s in stats) / max(decided, 1), 3)
             if "exits" in stats[0]:
                 out["exits"] = stats[0]["exits"]
             if self.mode == "wand":
@@ -323,6 +321,7 @@ class Server:
         temperature = 1.0 if req.temperature is None else req.temperature
         top_k = req.top_k if req.top_k is not None and req.top_k > 0 else None
         top_p = req.top_p if req.top_p is not None and req.top_p < 1 else None
+        stop_ids = set() if req.ignore_eos else stop_ids
         return Decoding(max_tokens, temperature, top_p, top_k, req.seed, tuple(sorted(stop_ids)),
                         req.presence_penalty, req.frequency_penalty, logprobs)
 
@@ -644,6 +643,7 @@ def serve(model_path: str, siblings: list[str] | None = None, host: str = "127.0
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them
     except OSError as e:
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     print(f"cognica-poe serve: {', '.join(app.state.server.models)} on http://{host}:{sock.getsockname()[1]}/v1",
