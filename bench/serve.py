@@ -142,7 +142,7 @@ def main() -> None:
     from inference import D8
 
     folder = args.model
-    name = folder
+    name = None if folder is None else os.path.basename(os.path.normpath(folder))
     if folder is None:
         from cognica_poe.checkpoint import convert_nanochat
 
