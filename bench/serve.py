@@ -1,0 +1,185 @@
+"""
+Serving benchmark: `cognica-poe serve` under a bounded load on loopback, driven by the official openai client.
+
+The server runs as its own process (`cognica-poe serve`, 127.0.0.1, a free port) on the trained reference model
+(../shared/models/poe-d8-classics, converted here) or any --model folder. For each mode (full, speculative) and each
+concurrency (1, 4, 16), C client threads send streaming greedy completions (the starts of the bundled corpus's
+last documents as prompts; ignore_eos, so each generates --max-tokens) until --requests have been sent or
+--time-limit seconds have passed; every level stops by itself. Reported per level: throughput (generated
+tokens / wall seconds), TTFT and inter-token latency p50 / p99 (client side), errors (the server's queue bound is
+above the concurrency, so there must be none). batching_gain = throughput at the highest
+concurrency / at 1.
+
+Not run: the same load against `transformers serve` (it cannot load this architecture without a custom shim and
+does not batch custom-generate models); the JSON says so.
+
+The last line printed is one JSON document; it is also saved under bench/results/.
+
+    python bench/serve.py                                  # d8, full + speculative at 1, 4, 16
+    python bench/serve.py --requests 16 --max-tokens 16    # quicker
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def start_server(folder: str, args) -> tuple[subprocess.Popen, str]:
+    """`cognica-poe serve` on 127.0.0.1 and a free port; returns (process, base URL) once /health answers."""
+    cmd = [sys.executable, "-m", "cognica_poe.cli", "serve", folder, "--host", "127.0.0.1", "--port", "0",
+           "--max-batch", str(max(args.concurrency)), "--max-queue", str(4 * max(args.concurrency))]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    url = None
+    while url is None:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode}")
+        m = re.search(r"on (http://127\.0\.0\.1:\d+)/v1", line)
+        url = m.group(1) if m else None
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("the server did not start within 300 s")
+    threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep draining its stderr
+    try:
+        urllib.request.urlopen(url + "/health", timeout=60).read()
+    except Exception:
+        proc.kill()
+        raise
+    return proc, url
+
+
+def run_level(url: str, prompts: list[str], mode: dict, concurrency: int, args) -> dict:
+    """C threads, each sending streaming completions until the request count or the time limit is reached."""
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=args.time_limit + 60)
+    lock = threading.Lock()
+    sent = [0]
+    ttft, itl, tokens, errors = [], [], [0], []
+    t0 = time.monotonic()
+
+    def worker():
+        while True:
+            with lock:
+                if sent[0] >= args.requests or time.monotonic() - t0 > args.time_limit:
+                    return
+                i = sent[0]
+                sent[0] += 1
+            start = time.monotonic()
+            first = last = None
+            try:
+                stream = client.completions.create(model=args.model_id, prompt=prompts[i % len(prompts)],
+                                                   max_tokens=args.max_tokens, temperature=0, stream=True,
+                                                   stream_options={"include_usage": True},
+                                                   extra_body={"poe": mode, "ignore_eos": True})
+                n = 0
+                for chunk in stream:
+                    now = time.monotonic()
+                    if chunk.choices and chunk.choices[0].text:
+                        first = first or now
+                        last = now
+                    if chunk.usage is not None:
+                        n = chunk.usage.completion_tokens
+            except Exception as e:  # counted, never fatal: the figure is "zero errors"
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+                continue
+            with lock:
+                tokens[0] += n
+                if first is not None:
+                    ttft.append(first - start)
+                    if n > 1:
+                        itl.append((last - first) / (n - 1))
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t0
+    r = lambda x: None if x is None else round(x, 4)
+    return {"mode": mode["mode"], "concurrency": concurrency, "requests": sent[0], "errors": len(errors),
+            "error_samples": errors[:3], "tokens": tokens[0], "seconds": round(wall, 3),
+            "tokens_per_s": round(tokens[0] / wall, 2), "ttft_p50_s": r(percentile(ttft, 0.5)),
+            "ttft_p99_s": r(percentile(ttft, 0.99)), "itl_p50_s": r(percentile(itl, 0.5)),
+            "itl_p99_s": r(percentile(itl, 0.99))}
+
+
+def main() -> None:
+    from cognica_poe.eval.report import machine
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="an HF folder (default: the converted d8 reference model)")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests", type=int, default=32, help="requests per level")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--time-limit", type=float, default=120.0, help="seconds per level before no new request starts")
+    p.add_argument("--out", default=None, help="result JSON (default: bench/results/serve-cpu-DATE.json)")
+    args = p.parse_args()
+
+    from inference import D8
+
+    folder = args.model
+    name = None if folder is None else os.path.basename(os.path.normpath(folder))
+    if folder is None:
+        from cognica_poe.checkpoint import convert_nanochat
+
+        folder = convert_nanochat(D8, os.path.join(tempfile.mkdtemp(prefix="bench-serve-"), "poe-d8-classics"),
+                                  dtype="float32", allow_pickle=True)
+        name = "poe-d8-classics (8 layers, 256 wide, 4 exits)"
+    args.model_id = os.path.basename(os.path.normpath(folder))
+    corpus = os.path.join(HERE, "..", "src", "cognica_poe", "data", "tinyshakespeare.txt")
+    with open(corpus, encoding="utf-8") as f:  # the starts of the bundled corpus's last documents
+        prompts = [d.strip()[:100] for d in f.read().split("\n\n") if len(d.strip()) > 100][-64:]
+    proc, url = start_server(folder, args)
+    levels = []
+    try:
+        for mode in ({"mode": "full"}, {"mode": "speculative", "draft_stage": 0, "k_draft": 3}):
+            run_level(url, prompts, mode, 1, argparse.Namespace(**{**vars(args), "requests": 2}))  # warm-up
+            for c in args.concurrency:
+                levels.append(run_level(url, prompts, mode, c, args))
+                print(json.dumps(levels[-1]), file=sys.stderr, flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    gain = {}
+    for mode in ("full", "speculative"):
+        rows = {lv["concurrency"]: lv["tokens_per_s"] for lv in levels if lv["mode"] == mode}
+        lo, hi = min(rows), max(rows)
+        gain[mode] = round(rows[hi] / rows[lo], 2) if rows[lo] else None
+    result = {"bench": "serve", "model": name, "server": "cognica-poe serve (127.0.0.1, max-batch "
+              f"{max(args.concurrency)})", "max_tokens": args.max_tokens, "requests_per_level": args.requests,
+              "levels": levels, "batching_gain": gain, "errors": sum(lv["errors"] for lv in levels),
+              "transformers_serve": "not run: it cannot load this architecture without a custom shim",
+              "machine": machine(), "date": datetime.date.today().isoformat()}
+    out = args.out or os.path.join(HERE, "results", f"serve-cpu-{result['date']}.json")
+    with open(out + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(out + ".tmp", out)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
