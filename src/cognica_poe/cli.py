@@ -94,7 +94,25 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def mlx_backend():
+    """cognica_poe.mlx's commands (`--backend mlx`), or a clear error when MLX is not installed."""
+    try:
+        from .mlx import cli
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "mlx":
+            raise
+        raise ValueError(f"--backend mlx: {e}") from None
+    return cli
+
+
+def add_backend_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["torch", "mlx"], default="torch",
+                   help="mlx: decode on MLX (Apple silicon; pip install 'cognica-poe[mlx]')")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
+    if args.backend == "mlx":
+        return mlx_backend().generate(args)
     import time
 
     import torch
@@ -191,6 +209,8 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """An interactive terminal chat: the conversation is rendered with the chat tokens; replies stream."""
+    if args.backend == "mlx":
+        return mlx_backend().chat(args)
     from .checkpoint import load_model
     from .tokenizer import CognicaPoETokenizer
 
@@ -428,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
+    add_backend_arg(p)
     add_pack_arg(p)
     p.set_defaults(func=cmd_generate)
 
@@ -458,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default=None)
     add_pack_arg(p)
+    add_backend_arg(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("eval", help="evaluation: `eval core MODEL TASKS_DIR`")

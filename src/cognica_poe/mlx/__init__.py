@@ -17,5 +17,7 @@ except ModuleNotFoundError as e:
 
 from .load import convert, load, quantize
 from .model import Cache, Model, ModelArgs
+from .modes import generate_parallel_composition, generate_speculative, generate_stage, generate_wand
 
-__all__ = ["Cache", "Model", "ModelArgs", "convert", "load", "quantize"]
+__all__ = ["Cache", "Model", "ModelArgs", "convert", "generate_parallel_composition", "generate_speculative",
+           "generate_stage", "generate_wand", "load", "quantize"]
