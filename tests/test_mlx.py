@@ -280,6 +280,13 @@ def test_converted_folder_loads_here_and_in_mlx_lm(folder, pair, prompt, tmp_pat
     assert [int(t) for t, _ in generate_step(mx.array(prompt), model, max_tokens=24)] == ref[len(prompt):]
     text = mlx_lm.generate(model, tokenizer, prompt=prompt, max_tokens=8)
     assert isinstance(text, str) and text
+    # mlx_lm's prompt-cache helpers: trim the cache back and continue from there
+    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+    cache = make_prompt_cache(model)
+    model(mx.array([prompt]), cache=cache)
+    assert trim_prompt_cache(cache, 5) == 5 and cache[0].offset == len(prompt) - 5
+    assert max_diff(model(mx.array([prompt[-5:]]), cache=cache)[:, -1], model(mx.array([prompt]))[:, -1]) <= 1e-5
     # quantized: the folder says so, and both loaders rebuild the same quantized model
     q_dir = pm.convert(folder, str(tmp_path / "mlx-q8"), bits=8, group_size=32)
     with open(os.path.join(q_dir, "config.json")) as f:

@@ -148,10 +148,25 @@ class Cache:
         self.n_slots = min(self.n_slots, n)
         self.lengths = [min(length, n) for length in self.lengths]
 
+    # mlx_lm's cache interface: what its generate loops and prompt-cache helpers call
+
     @property
     def state(self) -> list[mx.array]:
         """The arrays to evaluate (mlx_lm evaluates `cache.state` after each prompt chunk)."""
         return [a for a in self.keys + self.values + list(self.hidden.values()) if a is not None] + [self.tokens]
+
+    @property
+    def offset(self) -> int:
+        return self.n_slots
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Drop the last n slots; returns how many were dropped."""
+        n = min(n, self.n_slots)
+        self.crop(self.n_slots - n)
+        return n
 
 
 # -----------------------------------------------------------------------------
