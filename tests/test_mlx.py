@@ -318,6 +318,18 @@ def test_cli_backend_mlx_prints_what_torch_prints(folder, capsys):
         assert outputs["mlx", mode] == outputs["torch", mode] and outputs["mlx", mode].strip()
 
 
+def test_cli_chat_backend_mlx_replies_as_torch_does(folder, capsys, monkeypatch):
+    outputs = {}
+    for backend in ("torch", "mlx"):
+        answers = iter(["hello", "who are you?", ""])
+        monkeypatch.setattr("builtins.input", lambda prompt="", answers=answers: next(answers))
+        argv = ["chat", folder, "--max-new-tokens", "6", "--temperature", "0", "--no-pack", "--backend", backend]
+        assert cli_main(argv) == 0
+        outputs[backend] = capsys.readouterr().out
+    assert outputs["mlx"].count("assistant> ") == 2 and outputs["mlx"] == outputs["torch"]
+    assert all(len(line) > len("assistant> ") for line in outputs["mlx"].splitlines() if "assistant> " in line)
+
+
 def test_cli_backend_mlx_without_mlx_is_one_clear_line(folder, capsys, monkeypatch):
     for name in [m for m in sys.modules if m == "cognica_poe.mlx" or m.startswith("cognica_poe.mlx.")]:
         monkeypatch.delitem(sys.modules, name)
