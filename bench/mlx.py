@@ -121,7 +121,8 @@ def main() -> None:
               f"tok/s): stage 0 is {r['stage0_speedup']}x faster")
     print(f"MLX / PyTorch speed at full depth: {result['mlx_over_torch_full']}x, at stage 0: "
           f"{result['mlx_over_torch_stage0']}x ({chip})")
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{device}-{chip}".lower()).strip("-")[:60]
+    kind = "gpu" if mx.default_device().type == mx.gpu else "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{kind}-{chip}".lower()).strip("-")[:60]
     path = args.out
     if path is None:  # a new file per run: an earlier result is never overwritten
         stem, n = os.path.join(HERE, "results", f"mlx-{slug}-{time.strftime('%Y-%m-%d')}"), 1
