@@ -298,6 +298,9 @@ def test_converted_folder_loads_here_and_in_mlx_lm(folder, pair, prompt, tmp_pat
     assert max_diff(ours(ids), theirs(ids)) == 0.0
     with pytest.raises(FileExistsError):
         pm.convert(folder, q_dir)
+    with pytest.raises(ValueError, match="already quantized"):
+        pm.convert(q_dir, str(tmp_path / "twice"), bits=4)
+    assert not os.path.exists(tmp_path / "twice")
 
 
 # -----------------------------------------------------------------------------

@@ -165,6 +165,9 @@ def convert(path: str, out_dir: str, dtype: str | None = None, bits: int | None 
     """
     model, config, chain = load_folder(path, dtype, parent_map)
     if bits is not None:
+        if "quantization" in config:
+            raise ValueError(f"{path} is already quantized ({config['quantization']}): convert the unquantized "
+                             "folder it came from")
         quantize(model, bits, group_size)
     config = {k: v for k, v in config.items() if k not in ("auto_map", "architectures", "base_model_name_or_path")}
     config[LAYOUT_KEY] = asdict(model.config)
