@@ -143,7 +143,25 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def mlx_backend():
+    """cognica_poe.mlx's commands (`--backend mlx`), or a clear error when MLX is not installed."""
+    try:
+        from .mlx import cli
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "mlx":
+            raise
+        raise ValueError(f"--backend mlx: {e}") from None
+    return cli
+
+
+def add_backend_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=["torch", "mlx"], default="torch",
+                   help="mlx: decode on MLX (Apple silicon; pip install 'cognica-poe[mlx]')")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
+    if args.backend == "mlx":
+        return mlx_backend().generate(args)
     check_model_folder(args.model)
     import time
 
@@ -257,6 +275,8 @@ def cmd_sft(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     """An interactive terminal chat: the conversation is rendered with the chat tokens; replies stream."""
+    if args.backend == "mlx":
+        return mlx_backend().chat(args)
     check_model_folder(args.model)
     model, tok = load_folder(args.model, dtype=args.dtype, pack=not args.no_pack)
     max_length = args.max_length or model.config.rotary_seq_len
@@ -670,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample from the smallest set of tokens holding this probability (default: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
+    add_backend_arg(p)
     add_pack_arg(p)
     add_threads_arg(p)
     p.set_defaults(func=cmd_generate)
@@ -708,6 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
     add_pack_arg(p)
     add_threads_arg(p)
+    add_backend_arg(p)
     p.set_defaults(func=cmd_chat)
 
     p = add_command(sub, "eval", "evaluation: `eval bpb MODEL [DATA]`, `eval core MODEL TASKS_DIR`")
