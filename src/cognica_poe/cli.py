@@ -11,6 +11,7 @@ The `cognica-poe` command line.
     cognica-poe stage new BASE --new-layers N --out DIR   a specialist stage on a frozen base
     cognica-poe sft MODEL CONVERSATIONS.jsonl  dual-head SFT of a specialist (base frozen)
     cognica-poe chat MODEL                     interactive chat
+    cognica-poe serve MODEL [--siblings ...]   OpenAI-compatible server (127.0.0.1:8000), every PoE mode per request
     cognica-poe report MODEL                   capability report: per-stage quality, every mode's speed, plots
     cognica-poe demo                           train the tiny default on the bundled corpus, show every mode
     cognica-poe train [--data PATH] ...        train a PoE model from scratch (flat | hier | none)
@@ -817,24 +818,25 @@ def build_parser() -> argparse.ArgumentParser:
               args.max_batch, args.max_queue, args.prefill_chunk, args.request_timeout, args.max_model_len,
               args.served_model_name)
 
-    p = sub.add_parser("serve", help="an OpenAI-compatible server (/v1/completions, /v1/chat/completions, ...) "
-                                     "with per-request PoE modes and continuous batching")
+    p = add_command(sub, "serve", "an OpenAI-compatible server (/v1/completions, /v1/chat/completions, ...) with "
+                                  "per-request PoE modes and continuous batching")
     p.add_argument("model", help="an HF model folder")
     p.add_argument("--siblings", nargs="+", default=None, help="stage folders branching from MODEL: served as "
                                                                "extra model ids on one shared trunk")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback: this machine only)")
+    p.add_argument("--port", type=positive_int, default=8000, help="TCP port to listen on")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: "
                                                    "$COGNICA_POE_API_KEY, else no key)")
-    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (requests x n)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a place; beyond it, 429")
-    p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens prefilled per iteration")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="rows decoded together (requests x n)")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="requests waiting for a place; beyond it, 429")
+    p.add_argument("--prefill-chunk", type=positive_int, default=64, help="prompt tokens prefilled per iteration")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take in all")
-    p.add_argument("--max-model-len", type=int, default=None, help="prompt + completion limit (default: "
-                                                                   "sequence_len)")
+    p.add_argument("--max-model-len", type=positive_int, default=None, help="prompt + completion limit (default: "
+                                                                            "sequence_len)")
     p.add_argument("--served-model-name", default=None, help="the base's model id (default: the folder name)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
     add_pack_arg(p)
+    add_threads_arg(p)
     p.set_defaults(func=cmd_serve)
     return parser
 

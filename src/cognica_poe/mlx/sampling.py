@@ -13,7 +13,7 @@ from collections.abc import Callable
 import mlx.core as mx
 import numpy as np
 
-from ..sampling import MAX_CONTEXT_MULTIPLIER, TokenSink
+from ..sampling import TokenSink
 from .model import Cache, Model
 
 
@@ -32,13 +32,12 @@ def check_request(model: Model, input_ids, max_new_tokens: int, max_length: int 
     if int(ids.max()) >= cfg.vocab_size or int(ids.min()) < 0:
         raise ValueError(f"token ids must be in 0..{cfg.vocab_size - 1}")
     limit = max_length if max_length is not None else cfg.sequence_len
-    if limit > MAX_CONTEXT_MULTIPLIER * cfg.sequence_len:
-        raise ValueError(f"max_length {limit} exceeds {MAX_CONTEXT_MULTIPLIER} x sequence_len "
-                         f"({MAX_CONTEXT_MULTIPLIER * cfg.sequence_len}), the rotary table's reach")
+    if limit > cfg.rotary_seq_len:
+        raise ValueError(f"max_length {limit} exceeds the rotary table's reach ({cfg.rotary_seq_len} positions)")
     if ids.size + max_new_tokens > limit:
         raise ValueError(f"prompt ({ids.size} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
-                         f"{limit} tokens (sequence_len {cfg.sequence_len}; pass max_length= to raise it, up to "
-                         f"{MAX_CONTEXT_MULTIPLIER}x)")
+                         f"{limit} tokens (sequence_len {cfg.sequence_len}; pass max_length= (the CLI's "
+                         f"--max-length) to raise it, up to {cfg.rotary_seq_len})")
     if cfg.bos_token_id is not None and int(ids[0]) != cfg.bos_token_id:
         warnings.warn(f"prompt does not start with the BOS token (id {cfg.bos_token_id}); the model was trained on "
                       "BOS-prefixed documents and degrades without it: prepend tokenizer.bos_token_id",
