@@ -426,8 +426,8 @@ def test_speculative_verify_logits_equal_uncached(d8_model, monkeypatch):
     checked = []
     original = gpt.run_slots
 
-    def spy(cache, start, end, first, last, exits=(), logits_to_keep=0, shared=None):
-        out = original(cache, start, end, first, last, exits, logits_to_keep, shared)
+    def spy(cache, start, end, first, last, exits=(), logits_to_keep=0, shared=None, **kwargs):
+        out = original(cache, start, end, first, last, exits, logits_to_keep, shared, **kwargs)
         if first > 0:
             with torch.no_grad():
                 ref = gpt(cache.token_ids[:, :end])[:, start:end]
