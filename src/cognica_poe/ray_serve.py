@@ -15,6 +15,7 @@ Every response carries an `X-Replica-Id` header naming the replica that answered
 """
 
 import os
+import signal
 import sys
 import time
 
@@ -84,7 +85,13 @@ def serve_ray(model: str, siblings: list[str] | None = None, host: str = "127.0.
         print(f"cognica-poe serve: warning: listening on {host} without --api-key: anyone who can reach this "
               "machine can use the model", file=sys.stderr)
     app = build_app(model, siblings, api_key, replicas=replicas, threads=threads, **kw)
+
     ray.init(include_dashboard=False)
+
+    def stop(signum, frame):  # SIGTERM (systemd, docker stop) ends like Ctrl-C: the deployment is taken down
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # after ray.init, which installs a handler of its own that aborts
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name="cognica-poe", route_prefix="/")
