@@ -4,6 +4,7 @@ greedy request's output through them equals the single-process server's and the 
 """
 
 import socket
+import sys
 import time
 
 import pytest
@@ -102,8 +103,13 @@ def test_build_app_bad_arguments(tmp_path, folder):
     assert "got 1000000" in str(e.value)
 
 
-def test_cli_serve_ray_bad_arguments(capsys, tmp_path):
+def test_cli_serve_ray_bad_arguments(capsys, tmp_path, folder, monkeypatch):
     assert cli_main(["serve", str(tmp_path / "missing"), "--ray", "--replicas", "2"]) == 2
     assert "cognica-poe serve: error:" in capsys.readouterr().err
     assert cli_main(["serve", str(tmp_path), "--replicas", "2"]) == 2  # --replicas without --ray
     assert "--replicas" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed: one line naming the extra
+    monkeypatch.delitem(sys.modules, "cognica_poe.ray_serve")
+    assert cli_main(["serve", folder, "--ray"]) == 2
+    err = capsys.readouterr().err
+    assert "--ray needs Ray Serve" in err and "cognica-poe[ray]" in err and "Traceback" not in err

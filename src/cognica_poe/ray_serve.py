@@ -19,6 +19,10 @@ import signal
 import sys
 import time
 
+import ray
+from ray import serve
+
+from .config import CognicaPoEConfig
 from .server import LOOPBACK, build, check_max_model_len, check_serve_args, create_app
 
 REPLICA_HEADER = "X-Replica-Id"
@@ -33,10 +37,6 @@ def build_app(model: str, siblings: list[str] | None = None, api_key: str | None
     The app is built inside each replica (a builder function, not a pickled app), so every replica loads its own
     model and engine; the driver only checks the arguments and the folder, so a bad one fails here, not in Ray.
     """
-    from ray import serve
-
-    from .config import CognicaPoEConfig
-
     if replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {replicas}")
     if threads < 1:
@@ -75,9 +75,6 @@ def serve_ray(model: str, siblings: list[str] | None = None, host: str = "127.0.
     ray.init joins the cluster named by $RAY_ADDRESS or started on this machine by `ray start`, else starts a local
     instance without Ray's dashboard. The HTTP endpoint binds to `host` (loopback unless told otherwise).
     """
-    import ray
-    from ray import serve
-
     if not 0 <= port <= 65535:
         raise ValueError(f"--port {port} is not a TCP port (0..65535)")
     api_key = api_key or os.environ.get("COGNICA_POE_API_KEY") or None
