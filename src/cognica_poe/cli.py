@@ -812,6 +812,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_tokenizer_train)
 
     def cmd_serve(args: argparse.Namespace) -> None:  # imported lazily: the web stack loads only for `serve`
+        if args.replicas is not None and not args.ray:
+            raise ValueError("--replicas needs --ray (one process serves one replica)")
+        if args.ray:
+            try:
+                from .ray_serve import serve_ray
+            except ImportError as e:
+                raise ValueError(f"--ray needs Ray Serve ({e}): pip install 'cognica-poe[ray]'") from None
+            serve_ray(args.model, args.siblings, args.host, args.port, args.api_key, args.replicas or 1,
+                      args.threads or 1, dtype=args.dtype, pack=not args.no_pack, max_batch=args.max_batch,
+                      max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                      request_timeout=args.request_timeout, max_model_len=args.max_model_len,
+                      served_model_name=args.served_model_name)
+            return
         from .server import serve
 
         serve(args.model, args.siblings, args.host, args.port, args.api_key, args.dtype, not args.no_pack,
@@ -835,6 +848,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                             "sequence_len)")
     p.add_argument("--served-model-name", default=None, help="the base's model id (default: the folder name)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
+    p.add_argument("--ray", action="store_true", help="serve N replicas on Ray Serve (the cluster of $RAY_ADDRESS or "
+                                                      "`ray start`, else a local instance; --threads CPUs each)")
+    p.add_argument("--replicas", type=positive_int, default=None, help="replicas behind the endpoint (with --ray; "
+                                                                       "default 1)")
     add_pack_arg(p)
     add_threads_arg(p)
     p.set_defaults(func=cmd_serve)

@@ -623,6 +623,11 @@ def check_serve_args(host: str, port: int, max_batch: int, max_queue: int, prefi
         raise ValueError(f"--request-timeout must be > 0 seconds, got {request_timeout}")
 
 
+def check_max_model_len(config, max_model_len: int | None) -> None:
+    if max_model_len is not None and not 1 <= max_model_len <= config.rotary_seq_len:
+        raise ValueError(f"--max-model-len must be in 1..{config.rotary_seq_len}, got {max_model_len}")
+
+
 def serve(model_path: str, siblings: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, dtype: str | None = None, pack: bool = True, max_batch: int = 16,
           max_queue: int = 64, prefill_chunk: int = 64, request_timeout: float | None = 600.0,
@@ -636,8 +641,7 @@ def serve(model_path: str, siblings: list[str] | None = None, host: str = "127.0
         print(f"cognica-poe serve: warning: listening on {host} without --api-key: anyone who can reach this "
               "machine can use the model", file=sys.stderr)
     engine, tok, name = build(model_path, siblings, dtype, pack, max_batch, max_queue, prefill_chunk)
-    if max_model_len is not None and not 1 <= max_model_len <= engine.config.rotary_seq_len:
-        raise ValueError(f"--max-model-len must be in 1..{engine.config.rotary_seq_len}, got {max_model_len}")
+    check_max_model_len(engine.config, max_model_len)
     app = create_app(engine, tok, served_model_name or name, api_key, max_model_len, request_timeout)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
