@@ -55,6 +55,7 @@ class OracleGPT:
         self.vocab, self.triggers, self.prefer = vocab, triggers, prefer
         self.config = SimpleNamespace(sequence_len=256)
         self.lm_head = SimpleNamespace(weight=torch.zeros(1))
+        self.device = torch.device("cpu")
 
     def forward_all_stages(self, batch, boundaries):
         out = []

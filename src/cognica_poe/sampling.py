@@ -5,7 +5,7 @@ processors, token choice, stop tokens, streaming and the output tensor.
 Token choice follows transformers' order: logits processors (repetition penalty, no-repeat n-grams, the
 caller's own LogitsProcessors), then, when sampling, temperature, top-k, top-p (nucleus) and min-p on the
 processed scores; greedy is argmax. A seeded `torch.Generator` makes sampling reproducible. Each mode
-(stage.py, compose.py, wand.py, speculative.py) supplies only how it computes the next-token scores; `decode`
+(prefix.py, compose.py, wand.py, speculative.py) supplies only how it computes the next-token scores; `decode`
 runs the one-token-per-step loop for the modes that emit one token per row per step.
 
 Processors see each row's own tokens so far (its prompt without the left padding, then what it generated), so a
