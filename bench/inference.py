@@ -70,7 +70,7 @@ def trained_part(dtype: str, new_tokens: int, runs: int) -> dict:
 
     model, tok = load_trained(dtype)
     docs = heldout_docs()
-    bounds = calibrate_wand_bounds(model, documents_stream(docs[: len(docs) // 2], tok, 40_000), seq_len=256)
+    bounds = calibrate_wand_bounds(model.gpt, documents_stream(docs[: len(docs) // 2], tok, 40_000), seq_len=256)
     prompts = [[tok.bos_token_id] + tok.encoding.encode_ordinary(d)[:24] for d in docs[len(docs) // 2:][:4]]
     res = {"model": "poe-d8-classics (8 layers, 256 wide, 4 exits)", "dtype": dtype, "calibrated_p99_bounds": bounds,
            "packed_matrices": count_packed(model)}
@@ -123,7 +123,7 @@ def scale_part(preset: str, dtype_name: str, new_tokens: int, runs: int, long_pr
     model.eval()
     n_packed = model.pack_weights()
     # every packed copy: each Linear's own and each attention's q|k|v stack
-    stashed = [(m, name, getattr(m, name)) for m in model.modules() for name in ("packed", "packed_qkv")
+    stashed = [(m, name, getattr(m, name)) for m in model.modules() for name in ("packed", "packed_stack")
                if getattr(m, name, None) is not None]
 
     def packing(on: bool) -> None:

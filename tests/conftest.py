@@ -68,3 +68,10 @@ def d8_model(tmp_path_factory):
     d8 = shared_path("models", "poe-d8-classics")
     out = convert_nanochat(d8, str(tmp_path_factory.mktemp("d8") / "hf"), dtype="float32", allow_pickle=True)
     return load_model(out), CognicaPoETokenizer.from_pretrained(out)
+
+
+def specialize(parent: CognicaPoEForCausalLM, *args, **kwargs) -> CognicaPoEForCausalLM:
+    """specialist.add_specialist (which works on the core GPT) for a transformers model."""
+    from cognica_poe.specialist import add_specialist
+
+    return CognicaPoEForCausalLM.from_gpt(add_specialist(parent.gpt, *args, **kwargs))

@@ -4,13 +4,12 @@ import shutil
 
 import pytest
 import torch
-from conftest import perturbed_model
+from conftest import perturbed_model, specialize
 from test_specialist import train_like
 
 from cognica_poe import CognicaPoEForCausalLM, load_siblings
-from cognica_poe.branches import branch_cache
 from cognica_poe.checkpoint import export_hf_folder, save_stage_folder
-from cognica_poe.specialist import add_specialist, load_stage_folder
+from cognica_poe.hf import load_folder
 
 BRANCHES = (("math", 2, "dual"), ("code", 3, "spec"), ("tool", 1, "base"))  # name, new layers, head_mode
 
@@ -19,7 +18,7 @@ def make_siblings(parent, parent_ref: str, root, seed: int = 0) -> dict[str, str
     """Stage folders of three 'trained' sibling specialists of `parent` (saved in fp32: the trunk stays bit-equal)."""
     folders = {}
     for k, (name, layers, mode) in enumerate(BRANCHES):
-        spec = train_like(add_specialist(parent, layers, head_mode=mode, seed=seed + k), seed + 10 + k)
+        spec = train_like(specialize(parent, layers, head_mode=mode, seed=seed + k), seed + 10 + k)
         folders[name] = save_stage_folder(spec, str(root / name), parent_ref, dtype="float32")
     return folders
 
@@ -60,7 +59,7 @@ def test_exits_equal_base_and_each_specialist_alone(family):
         for a, b in zip(got[:4], base.gpt.forward_all_stages(ids)):
             assert (a - b).abs().max() < 1e-5
         for i, folder in enumerate(folders.values()):
-            want = load_stage_folder(folder).gpt.forward_all_stages(ids)[-1]
+            want = load_folder(folder).gpt.forward_all_stages(ids)[-1]
             assert (got[4 + i] - want).abs().max() < 1e-5
             assert (got[4 + i] - got[3]).abs().max() > 1e-3  # each branch really is a different exit
     # any subset, by index or name, in the order asked; left padding gives each row's logits alone
@@ -91,19 +90,19 @@ def test_base_tensors_are_shared_not_copied(family):
 def test_chained_base(tmp_path):
     """The base may itself be a specialist (base -> A); siblings of A fold A's stage head once, shared."""
     base_dir = export_hf_folder(perturbed_model(seed=3), None, str(tmp_path / "base"), dtype="float32")
-    a = train_like(add_specialist(CognicaPoEForCausalLM.from_pretrained(base_dir), 2, seed=0), 5)
+    a = train_like(specialize(CognicaPoEForCausalLM.from_pretrained(base_dir), 2, seed=0), 5)
     a_dir = save_stage_folder(a, str(tmp_path / "A"), base_dir, dtype="float32")
-    folders = make_siblings(load_stage_folder(a_dir), a_dir, tmp_path, seed=20)
+    folders = make_siblings(load_folder(a_dir), a_dir, tmp_path, seed=20)
     sib = load_siblings(a_dir, list(folders.values()))
     assert sib.n_base_exits == 5 and sib.names == list(folders)
     assert sib.branches[0].gpt.ancestor_heads is sib.branches[2].gpt.ancestor_heads
     ids, _, _ = prompt_batch(2, [25])
     got = sib.forward_exits(ids)
     with torch.no_grad():
-        for a_exit, b in zip(got[:5], load_stage_folder(a_dir).gpt.forward_all_stages(ids)):
+        for a_exit, b in zip(got[:5], load_folder(a_dir).gpt.forward_all_stages(ids)):
             assert (a_exit - b).abs().max() < 1e-5
         for i, folder in enumerate(folders.values()):
-            assert (got[5 + i] - load_stage_folder(folder).gpt.forward_all_stages(ids)[-1]).abs().max() < 1e-5
+            assert (got[5 + i] - load_folder(folder).gpt.forward_all_stages(ids)[-1]).abs().max() < 1e-5
 
 
 # -----------------------------------------------------------------------------
@@ -125,7 +124,7 @@ def reference_composition(parts, weights, row: torch.Tensor, n: int) -> torch.Te
 def test_composition_equals_uncached_log_op_of_separate_models(family):
     base_dir, folders, sib = family
     base = CognicaPoEForCausalLM.from_pretrained(base_dir).eval()
-    alone = {name: load_stage_folder(folder) for name, folder in folders.items()}
+    alone = {name: load_folder(folder) for name, folder in folders.items()}
     cases = [([3, "math", "code"], [0.5, 1.0, 2.0], [(base, 3), (alone["math"], -1), (alone["code"], -1)]),
              (["math", "tool"], None, [(alone["math"], -1), (alone["tool"], -1)]),
              ([1, "code"], [1.0, 0.7], [(base, 1), (alone["code"], -1)])]
@@ -144,7 +143,7 @@ def test_composition_equals_uncached_log_op_of_separate_models(family):
 def test_stage_mode_from_one_branch_equals_that_specialist(family):
     _, folders, sib = family
     ids, mask, _ = prompt_batch(5, [6, 10])
-    alone = load_stage_folder(folders["code"])
+    alone = load_folder(folders["code"])
     want = alone.generate_stage(ids, stage=alone.poe_n_stages - 1, max_new_tokens=15, stop_tokens=[],
                                 attention_mask=mask)
     assert torch.equal(sib.generate_stage(ids, "code", max_new_tokens=15, stop_tokens=[], attention_mask=mask), want)
@@ -167,7 +166,7 @@ def test_trunk_runs_once_per_position(family):
     assert all(positions[m] == 12 for m in trunk_blocks + own_blocks), positions.values()
     # a branch's cache stores only its own layers; the trunk's layers are the trunk cache's objects
     cache = sib.base.new_cache(1, 16)
-    view = branch_cache(cache, sib.branches[1].config)
+    view = cache.extended(sib.branches[1].config)
     assert all(view.layers[i] is cache.layers[i] for i in range(4)) and len(view.layers) == 7
     assert view.token_ids is cache.token_ids and view.hidden is cache.hidden
 
@@ -203,24 +202,24 @@ def test_clear_errors(family, tmp_path):
     base = CognicaPoEForCausalLM.from_pretrained(base_dir).eval()
     # a sibling of another base
     other_dir = export_hf_folder(perturbed_model(seed=2), None, str(tmp_path / "other"), dtype="float32")
-    stray = save_stage_folder(add_specialist(CognicaPoEForCausalLM.from_pretrained(other_dir), 2, seed=0),
+    stray = save_stage_folder(specialize(CognicaPoEForCausalLM.from_pretrained(other_dir), 2, seed=0),
                               str(tmp_path / "stray"), other_dir, dtype="float32")
     with pytest.raises(ValueError, match="not a specialist of this base.*tensor"):
         load_siblings(base, [folders["math"], stray])
     # a specialist of a specialist (its parent is the math stage, not this base)
-    grandchild = save_stage_folder(add_specialist(load_stage_folder(folders["math"]), 1, seed=0),
+    grandchild = save_stage_folder(specialize(load_folder(folders["math"]), 1, seed=0),
                                    str(tmp_path / "grand"), folders["math"], dtype="float32")
     with pytest.raises(ValueError, match="not a specialist of this base.*n_layer"):
         load_siblings(base, [grandchild])
     with pytest.raises(ValueError, match="not a stage folder"):
         load_siblings(base, [base_dir])
     # a delta whose embedding is not the trunk's (bf16 of an fp32 base)
-    rounded = save_stage_folder(add_specialist(base, 1, seed=0), str(tmp_path / "bf16"), base_dir, dtype="bfloat16")
+    rounded = save_stage_folder(specialize(base, 1, seed=0), str(tmp_path / "bf16"), base_dir, dtype="bfloat16")
     with pytest.raises(ValueError, match="wte.weight differs"):
         load_siblings(base, [rounded])
     # the same base in another folder is still this base
     copy_dir = shutil.copytree(base_dir, str(tmp_path / "copy"))
-    on_copy = save_stage_folder(add_specialist(base, 1, seed=0), str(tmp_path / "on_copy"), copy_dir, dtype="float32")
+    on_copy = save_stage_folder(specialize(base, 1, seed=0), str(tmp_path / "on_copy"), copy_dir, dtype="float32")
     assert load_siblings(base, [folders["math"], on_copy]).n_exits == 6
     with pytest.raises(ValueError, match="distinct"):
         load_siblings(base, [folders["math"], folders["math"]])

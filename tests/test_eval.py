@@ -55,6 +55,7 @@ class OracleGPT:
         self.vocab, self.triggers, self.prefer = vocab, triggers, prefer
         self.config = SimpleNamespace(sequence_len=256)
         self.lm_head = SimpleNamespace(weight=torch.zeros(1))
+        self.device = torch.device("cpu")
 
     def forward_all_stages(self, batch, boundaries):
         out = []
@@ -235,10 +236,9 @@ def test_report_rejects_a_single_exit_model(tmp_path):
 def test_report_on_a_specialist_with_prompts_and_jsonl(tok, tmp_path):
     """A specialist's exits (base exits + its own) go through the whole report; prompts and JSONL data are read."""
     from cognica_poe.eval.report import ReportSettings, build_report, write_report
-    from cognica_poe.specialist import add_specialist
-    from tests.conftest import perturbed_model
+    from tests.conftest import perturbed_model, specialize
 
-    model = add_specialist(perturbed_model(vocab_size=len(tok)), 1, seed=0).eval()
+    model = specialize(perturbed_model(vocab_size=len(tok)), 1, seed=0).eval()
     with torch.no_grad():
         model.gpt.lm_head_stage.weight.normal_(0, 0.02)
     data = tmp_path / "held.jsonl"

@@ -181,7 +181,7 @@ def test_speculative_batch_cache_is_sized_by_use_and_compacts(tiny_model, monkey
     monkeypatch.setattr(CognicaKVCache, "compact", lambda self: calls.append(self.n_slots) or original(self))
     ids, mask = left_pad([[0, 11, 12, 13, 14, 15], [0, 21, 22], [0, 31, 32, 33]])
     n, k = 40, 3
-    res = run_speculative(tiny_model, ids, attention_mask=mask, max_new_tokens=n, draft_stage=1, k_draft=k,
+    res = run_speculative(tiny_model.gpt, ids, attention_mask=mask, max_new_tokens=n, draft_stage=1, k_draft=k,
                           stop_tokens=[])
     assert res.cache.max_len == ids.size(1) + n + k + 1
     assert calls, "holes from rejected drafts should have needed a compaction"

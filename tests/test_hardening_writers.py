@@ -12,14 +12,14 @@ import sys
 
 import pytest
 import torch
-from conftest import perturbed_model
+from conftest import perturbed_model, specialize
 from safetensors.torch import load_file
 
 from cognica_poe import CognicaPoEForCausalLM
 from cognica_poe.checkpoint import export_hf_folder, load_model, new_stage_folder, save_stage_folder
 from cognica_poe.cli import main as cli_main
+from cognica_poe.hf import load_folder
 from cognica_poe.model import GPT
-from cognica_poe.specialist import add_specialist, load_stage_folder
 from cognica_poe.tokenizer_train import train_bpe
 from cognica_poe.train import data as tdata
 from cognica_poe.train import loop
@@ -161,16 +161,16 @@ def test_stage_new_parent_resolves_from_any_working_directory(tmp_path, monkeypa
     for name in ("chat", "cli"):
         cfg = json.load(open(tmp_path / "stages" / name / "config.json"))
         assert cfg["base_model_name_or_path"] in ("../../models/base", str(tmp_path / "models" / "base"))
-        assert load_stage_folder(str(tmp_path / "stages" / name)).config.n_layer == 5
+        assert load_folder(str(tmp_path / "stages" / name)).config.n_layer == 5
 
 
 def test_loading_never_resolves_a_parent_against_the_working_directory(tmp_path, monkeypatch):
     base = export(tmp_path, "cwd/base")
-    spec = add_specialist(CognicaPoEForCausalLM.from_pretrained(base), 1, seed=0)
+    spec = specialize(CognicaPoEForCausalLM.from_pretrained(base), 1, seed=0)
     stage = save_stage_folder(spec, str(tmp_path / "stages" / "s"), "base")  # "base" beside the stage: absent
     monkeypatch.chdir(tmp_path / "cwd")  # ... but present in the working directory
     with pytest.raises(FileNotFoundError, match="cannot resolve the parent 'base'"):
-        load_stage_folder(stage)
+        load_folder(stage)
 
 
 def test_sft_of_a_stage_folder_keeps_a_resolvable_parent(tmp_path, tok, monkeypatch):
@@ -186,7 +186,7 @@ def test_sft_of_a_stage_folder_keeps_a_resolvable_parent(tmp_path, tok, monkeypa
     summary = sft(SFTConfig(model=stage, data=str(data), out_dir=str(tmp_path / "runs" / "sft"), steps=1,
                             batch_size=2, eval_every=1, save_every=1))
     monkeypatch.chdir(tmp_path / "runs")
-    model = load_stage_folder(summary["stage_dir"])
+    model = load_folder(summary["stage_dir"])
     assert model.config.n_layer == 5
     assert torch.equal(model.gpt.lm_head.weight, CognicaPoEForCausalLM.from_pretrained(base).gpt.lm_head.weight)
 
@@ -407,7 +407,7 @@ def test_a_refused_final_write_is_found_before_training(corpus, tok_dir, tok, tm
 
 def test_save_stage_folder_refuses_a_parent_relative_to_the_working_directory(tmp_path, monkeypatch):
     base = export(tmp_path, "models/base")
-    spec = add_specialist(CognicaPoEForCausalLM.from_pretrained(base), 1, seed=0)
+    spec = specialize(CognicaPoEForCausalLM.from_pretrained(base), 1, seed=0)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="relative to the working directory"):
         save_stage_folder(spec, str(tmp_path / "stages" / "x"), "models/base")

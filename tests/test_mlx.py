@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import bundled_text, perturbed_model
+from conftest import bundled_text, perturbed_model, specialize
 
 mx = pytest.importorskip("mlx.core", reason="MLX is not installed here: pip install 'cognica-poe[mlx]' "
                                             "(mlx[cpu] on Linux)")
@@ -19,7 +19,6 @@ from cognica_poe.checkpoint import export_hf_folder, save_stage_folder  # noqa: 
 from cognica_poe.cli import main as cli_main  # noqa: E402
 from cognica_poe.mlx.bpb import exit_bpb  # noqa: E402
 from cognica_poe.mlx.model import Block  # noqa: E402
-from cognica_poe.specialist import add_specialist  # noqa: E402
 from cognica_poe.tokenizer import CognicaPoETokenizer  # noqa: E402
 from cognica_poe.tokenizer_train import train_bpe  # noqa: E402
 
@@ -216,12 +215,12 @@ def test_bad_requests_are_clear_errors(pair, prompt, tmp_path):
 def test_specialist_stage_folders_match_torch(folder, tmp_path):
     """A base, a child stage (dual) and a grandchild (spec): ancestor heads folded as the PyTorch cascade folds."""
     base = CognicaPoEForCausalLM.from_pretrained(folder).eval()
-    child = add_specialist(base, 1, head_mode="dual", seed=1)
+    child = specialize(base, 1, head_mode="dual", seed=1)
     with torch.no_grad():
         for p in child.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     child_dir = save_stage_folder(child, str(tmp_path / "child"), folder)
-    grand = add_specialist(CognicaPoEForCausalLM.from_pretrained(child_dir).eval(), 2, head_mode="spec", seed=2)
+    grand = specialize(CognicaPoEForCausalLM.from_pretrained(child_dir).eval(), 2, head_mode="spec", seed=2)
     with torch.no_grad():
         for p in grand.parameters():
             p.add_(torch.randn_like(p) * 0.02)

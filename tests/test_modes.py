@@ -125,7 +125,7 @@ def test_wand_cached_logits_and_catch_up_are_exact(long_model, monkeypatch):
     seen = []  # the exit logits the rule looked at, in order: stages 0..exit for each generated token
     original = wand_module.top2_margin
     monkeypatch.setattr(wand_module, "top2_margin", lambda logits: (seen.append(logits), original(logits))[1])
-    res = run_wand(long_model, ids, max_new_tokens=200, safety=0.03, p99_bounds=[1, 1, 1], stop_tokens=[],
+    res = run_wand(long_model.gpt, ids, max_new_tokens=200, safety=0.03, p99_bounds=[1, 1, 1], stop_tokens=[],
                    complete_cache=True)
     monkeypatch.undo()
     used = res.stages_used[0]
@@ -152,7 +152,7 @@ def test_wand_cached_logits_and_catch_up_are_exact(long_model, monkeypatch):
 def test_wand_exited_token_runs_no_deeper_block_until_catch_up(long_model):
     ids = torch.tensor([[0, 3, 4, 5]])
     counter = BlockCounter(long_model)
-    res = run_wand(long_model, ids, max_new_tokens=60, safety=0.03, p99_bounds=[1, 1, 1], stop_tokens=[])
+    res = run_wand(long_model.gpt, ids, max_new_tokens=60, safety=0.03, p99_bounds=[1, 1, 1], stop_tokens=[])
     counter.close()
     used = res.stages_used[0]
     calls = counter.calls[4:]  # after the prompt's full-depth prefill (4 layers, one call each)
@@ -190,7 +190,7 @@ def test_wand_calibration(d8_model):
     model, tok = d8_model
     text = "It was in July, 1805, and the speaker was the well-known Anna Pavlovna. " * 8
     stream = torch.tensor(prompts(tok, [text])[0])
-    bounds = calibrate_wand_bounds(model, stream, seq_len=64, batch_size=4)
+    bounds = calibrate_wand_bounds(model.gpt, stream, seq_len=64, batch_size=4)
     assert len(bounds) == 3 and all(0 < b < 30 for b in bounds)
 
 
@@ -228,7 +228,7 @@ def test_speculative_reuses_draft_work(tiny_model):
     k = 3
     ids = torch.tensor([[0, 9, 8], [0, 7, 6]])
     counter = BlockCounter(tiny_model)
-    res = run_speculative(tiny_model, ids, max_new_tokens=12, draft_stage=1, k_draft=k, stop_tokens=[])
+    res = run_speculative(tiny_model.gpt, ids, max_new_tokens=12, draft_stage=1, k_draft=k, stop_tokens=[])
     counter.close()
     calls = counter.calls[4:]  # after the prompt
     ks = []
@@ -245,14 +245,14 @@ def test_speculative_reuses_draft_work(tiny_model):
     assert len(ks) == res.iterations and sum(ks) == res.draft_steps
     assert all(x == k for x in ks[:-1]) and 1 <= ks[-1] <= k
     # a budget smaller than k + 1: only the drafts that can still be used (the prefill gave 1 of the 5 tokens)
-    short = run_speculative(tiny_model, ids, max_new_tokens=5, draft_stage=1, k_draft=6, stop_tokens=[])
+    short = run_speculative(tiny_model.gpt, ids, max_new_tokens=5, draft_stage=1, k_draft=6, stop_tokens=[])
     assert short.draft_steps <= 3 * short.iterations and short.sequences.size(1) == 3 + 5
 
 
 def test_speculative_cache_equals_fresh_prefill_per_row(d8_model):
     model, tok = d8_model
     ids, mask = left_pad(prompts(tok, ["Prince Andrew", "ROMEO: what", "The French"]), tok.pad_token_id)
-    res = run_speculative(model, ids, attention_mask=mask, max_new_tokens=30, k_draft=3, stop_tokens=[])
+    res = run_speculative(model.gpt, ids, attention_mask=mask, max_new_tokens=30, k_draft=3, stop_tokens=[])
     cache = res.cache
     n = cache.n_slots
     assert cache.layer_len == [n] * 8
@@ -290,7 +290,7 @@ def speculative_joint_test(model, monkeypatch=None, broken=False) -> float:
             B, k = drafts.shape
             return torch.full((B,), k), torch.multinomial(p[:, k], 1, generator=generator)[:, 0]
         monkeypatch.setattr(speculative_module, "speculative_accept", accept_all)
-    res = run_speculative(model, prompt, max_new_tokens=2, draft_stage=0, k_draft=2, do_sample=True,
+    res = run_speculative(model.gpt, prompt, max_new_tokens=2, draft_stage=0, k_draft=2, do_sample=True,
                           temperature=1.0, seed=1234, stop_tokens=[])
     pairs = res.sequences[:, 4:6]
     counts = torch.bincount(pairs[:, 0] * V + pairs[:, 1], minlength=V * V).double()
@@ -435,7 +435,7 @@ def test_speculative_verify_logits_equal_uncached(d8_model, monkeypatch):
         return out
 
     monkeypatch.setattr(gpt, "run_slots", spy)
-    run_speculative(model, torch.tensor(prompts(tok, ["Prince Andrew looked"])), max_new_tokens=30, k_draft=4,
+    run_speculative(model.gpt, torch.tensor(prompts(tok, ["Prince Andrew looked"])), max_new_tokens=30, k_draft=4,
                     stop_tokens=[])
     assert len(checked) >= 5 and max(checked) < 1e-5
 

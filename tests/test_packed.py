@@ -60,15 +60,15 @@ def test_packed_bf16_is_bitwise_the_plain_model():
 
 @needs_bf16_packing
 def test_sibling_specialists_pack_their_shared_trunk_once(tmp_path):
+    from conftest import specialize
     from test_specialist import train_like
 
     from cognica_poe import load_siblings
     from cognica_poe.checkpoint import export_hf_folder, save_stage_folder
-    from cognica_poe.specialist import add_specialist
 
     base_dir = export_hf_folder(wide_model(torch.float32), None, str(tmp_path / "base"), dtype="bfloat16")
     base = CognicaPoEForCausalLM.from_pretrained(base_dir).eval()
-    folders = [save_stage_folder(train_like(add_specialist(base, 1, seed=k), 10 + k), str(tmp_path / f"s{k}"),
+    folders = [save_stage_folder(train_like(specialize(base, 1, seed=k), 10 + k), str(tmp_path / f"s{k}"),
                                  base_dir) for k in range(2)]
     sib = load_siblings(base_dir, folders)
     ids, mask = batch()
@@ -106,18 +106,18 @@ def test_stale_packed_copy_is_never_used():
         assert not head.is_packed
         assert torch.equal(head(x), F.linear(x, head.weight))  # the stale copy is ignored: the new weight serves
         attn = model.gpt.transformer.h[0].attn  # the q | k | v stack goes stale when any of the three changes
-        assert attn.fused_count() == 3
+        assert attn.stack_count() == 3
         attn.c_k.weight.add_(0.5)
-        assert attn.fused_count() == 0 and count_packed(model) == 13 - 1 - 3
+        assert attn.stack_count() == 0 and count_packed(model) == 13 - 1 - 3
         plain = torch.cat([F.linear(x, lin.weight) for lin in (attn.c_q, attn.c_k, attn.c_v)], dim=-1)
-        assert torch.equal(attn.project_qkv(x), plain)
+        assert torch.equal(attn.project_stack(x), plain)
     # a dtype change after packing drops every copy (a later model.to(float32) could reuse the freed addresses, so
     # the storage pointer alone would not prove a copy stale): the bf16 model computes as an unpacked bf16 model
     model.pack_weights()
     model.to(torch.bfloat16)
     assert count_packed(model) == 0
     assert all(m.packed is None for m in model.modules() if isinstance(m, Linear))
-    assert all(b.attn.packed_qkv is None for b in model.gpt.transformer.h)
+    assert all(b.attn.packed_stack is None for b in model.gpt.transformer.h)
     with torch.no_grad():
         a = model.gpt(ids)
         model.unpack_weights()

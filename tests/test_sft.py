@@ -9,7 +9,7 @@ from conftest import perturbed_model
 
 from cognica_poe import CognicaPoEForCausalLM
 from cognica_poe.checkpoint import export_hf_folder
-from cognica_poe.specialist import load_stage_folder
+from cognica_poe.hf import load_folder
 from cognica_poe.tokenizer_train import train_bpe
 from cognica_poe.train.loop import load_checkpoint
 from cognica_poe.train.sft import SFTConfig, normalize_conversation, sft, sft_batch
@@ -72,7 +72,7 @@ def test_sft_preserves_base_and_learns(base, tmp_path):
     assert vals[-1] < vals[0] - 0.5  # the toy task is learned
     # head_mode base: the base's logits, bit for bit, at every checkpoint (weight decay was on)
     reference = CognicaPoEForCausalLM.from_pretrained(base_dir).eval()  # the base, re-read from disk
-    spec = load_stage_folder(summary["stage_dir"])
+    spec = load_folder(summary["stage_dir"])
     ids = torch.tensor([[tok.bos_token_id] + tok("ROMEO: what say you?")["input_ids"]])
     with torch.no_grad():
         want = reference.gpt(ids)
@@ -86,8 +86,8 @@ def test_sft_preserves_base_and_learns(base, tmp_path):
     cfg2 = SFTConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "run2"), "steps": 20})
     sft(cfg2)
     sft(SFTConfig(**{**cfg2.__dict__, "steps": 40, "resume": True}))
-    a = load_stage_folder(os.path.join(tmp_path, "run", "stage")).gpt.state_dict()
-    b = load_stage_folder(os.path.join(tmp_path, "run2", "stage")).gpt.state_dict()
+    a = load_folder(os.path.join(tmp_path, "run", "stage")).gpt.state_dict()
+    b = load_folder(os.path.join(tmp_path, "run2", "stage")).gpt.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -101,7 +101,7 @@ def test_sft_can_train_the_chat_token_rows_only(base, tmp_path):
     summary = sft(SFTConfig(model=base_dir, data=str(data), out_dir=str(tmp_path / "run"), steps=6, batch_size=4,
                             lr=3e-3, weight_decay=0.1, eval_every=3, save_every=3, train_special_rows=True))
     reference = CognicaPoEForCausalLM.from_pretrained(base_dir).eval()
-    spec = load_stage_folder(summary["stage_dir"])
+    spec = load_folder(summary["stage_dir"])
     before, after = reference.gpt.transformer.wte.weight, spec.gpt.transformer.wte.weight
     changed = (before != after).any(dim=1).nonzero()[:, 0].tolist()
     # the tokens these conversations feed in (<|assistant_end|> is only ever a target here: no gradient)

@@ -8,14 +8,14 @@ import textwrap
 
 import pytest
 import torch
-from conftest import perturbed_model
+from conftest import perturbed_model, specialize
 from safetensors.torch import load_file
 
 from cognica_poe import CognicaPoEForCausalLM
 from cognica_poe.checkpoint import export_hf_folder, save_stage_folder
 from cognica_poe.config import CognicaPoEConfig
+from cognica_poe.hf import load_folder
 from cognica_poe.model import GPT
-from cognica_poe.specialist import add_specialist, load_stage_folder
 
 
 def train_like(model, seed):
@@ -40,7 +40,7 @@ def base_dir(tmp_path):
 
 def test_new_specialist_is_identity_and_base_mode_is_bit_identical(base_dir):
     base = CognicaPoEForCausalLM.from_pretrained(base_dir).eval()
-    spec = add_specialist(base, new_layers=2, seed=0)
+    spec = specialize(base, new_layers=2, seed=0)
     assert spec.config.n_layer == 6 and spec.config.poe_stage_boundary_layers == [0, 1, 2, 3, 5]
     assert spec.config.window_sizes()[4:] == [128, 256]  # the pattern continues, the last new layer is long
     assert not any(k.startswith("value_embeds.4") or k.startswith("value_embeds.5") for k in spec.gpt.state_dict())
@@ -58,7 +58,7 @@ def test_new_specialist_is_identity_and_base_mode_is_bit_identical(base_dir):
 
 
 def test_delta_format(base_dir, tmp_path):
-    spec = train_like(add_specialist(CognicaPoEForCausalLM.from_pretrained(base_dir), 2, seed=0), 1)
+    spec = train_like(specialize(CognicaPoEForCausalLM.from_pretrained(base_dir), 2, seed=0), 1)
     folder = save_stage_folder(spec, str(tmp_path / "chat"), base_dir)
     delta = load_file(os.path.join(folder, "delta.safetensors"))
     layer_keys = {f"transformer.h.{i}.{m}.weight" for i in (4, 5)
@@ -79,9 +79,9 @@ def test_delta_format(base_dir, tmp_path):
 
 def test_three_deep_chain_equals_raw_state_dict_arithmetic(base_dir, tmp_path):
     base = CognicaPoEForCausalLM.from_pretrained(base_dir)
-    a = train_like(add_specialist(base, 2, seed=0), 1)
+    a = train_like(specialize(base, 2, seed=0), 1)
     a_dir = save_stage_folder(a, str(tmp_path / "A"), base_dir, dtype="float32")
-    b = train_like(add_specialist(load_stage_folder(a_dir), 3, seed=1), 2)
+    b = train_like(specialize(load_folder(a_dir), 3, seed=1), 2)
     b_dir = save_stage_folder(b, str(tmp_path / "B"), "../A", dtype="float32")  # a path relative to B
     loaded = CognicaPoEForCausalLM.from_pretrained(b_dir).eval()
     assert loaded.config.specialist_ends == [5, 8] and loaded.poe_n_stages == 6
@@ -113,11 +113,11 @@ def test_three_deep_chain_equals_raw_state_dict_arithmetic(base_dir, tmp_path):
 
 
 def test_parent_resolution_and_errors(base_dir, tmp_path, monkeypatch):
-    spec = add_specialist(CognicaPoEForCausalLM.from_pretrained(base_dir), 1, seed=0)
+    spec = specialize(CognicaPoEForCausalLM.from_pretrained(base_dir), 1, seed=0)
     folder = save_stage_folder(spec, str(tmp_path / "s"), "acme/poe-base")  # a repo id
     with pytest.raises(FileNotFoundError, match="cannot resolve the parent 'acme/poe-base'"):
-        load_stage_folder(folder)
-    m = load_stage_folder(folder, parent_map={"acme/poe-base": base_dir})
+        load_folder(folder)
+    m = load_folder(folder, parent_map={"acme/poe-base": base_dir})
     assert m.config.n_layer == 5
     mapping = tmp_path / "parents.json"
     mapping.write_text(json.dumps({"acme/poe-base": base_dir}))
@@ -127,18 +127,18 @@ def test_parent_resolution_and_errors(base_dir, tmp_path, monkeypatch):
     x = save_stage_folder(spec, str(tmp_path / "x"), "../y")
     save_stage_folder(spec, str(tmp_path / "y"), "../x")
     with pytest.raises(ValueError, match="cyclic"):
-        load_stage_folder(x)
+        load_folder(x)
     # a delta that does not fit its config names the tensors
     bad = save_stage_folder(spec, str(tmp_path / "bad"), base_dir)
     cfg = json.loads(open(os.path.join(bad, "config.json")).read())
     cfg["n_layer"], cfg["specialist_ends"] = 6, [5]
     open(os.path.join(bad, "config.json"), "w").write(json.dumps(cfg))
     with pytest.raises(ValueError, match="missing tensors"):
-        load_stage_folder(bad)
+        load_folder(bad)
 
 
 def test_stage_modes_on_a_specialist(base_dir):
-    spec = train_like(add_specialist(CognicaPoEForCausalLM.from_pretrained(base_dir), 2, seed=0), 3)
+    spec = train_like(specialize(CognicaPoEForCausalLM.from_pretrained(base_dir), 2, seed=0), 3)
     ids = torch.tensor([[0, 5, 6, 7]])
     last = spec.poe_n_stages - 1
     out = spec.generate_stage(ids, stage=last, max_new_tokens=20, stop_tokens=[])
@@ -154,7 +154,7 @@ def test_stage_modes_on_a_specialist(base_dir):
 
 
 def test_stage_folder_loads_as_remote_code(base_dir, tmp_path):
-    spec = train_like(add_specialist(CognicaPoEForCausalLM.from_pretrained(base_dir), 2, seed=0), 4)
+    spec = train_like(specialize(CognicaPoEForCausalLM.from_pretrained(base_dir), 2, seed=0), 4)
     folder = save_stage_folder(spec, str(tmp_path / "remote"), base_dir, dtype="float32")
     ids = torch.tensor([[0, 3, 4, 5, 6]])
     with torch.no_grad():

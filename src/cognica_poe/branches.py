@@ -1,12 +1,12 @@
 """
 Sibling specialists on ONE shared base trunk: several stage folders that branch from the same base, loaded onto a
-single copy of it and composed with the trunk computed once (SPEC §5).
+single copy of it and composed with the trunk computed once.
 
 The released stages are siblings (-stage-math, -stage-code, -stage-tool all continue the same base), so loading each
-with `load_stage_folder` would hold and run the base once per stage. Here the base's tensors (trunk blocks, wte,
+with `load_folder` would hold and run the base once per stage. Here the base's tensors (trunk blocks, wte,
 value embeddings, smear, backout, lm_head and any folded ancestor heads) exist once; every branch references them and
 owns only its new blocks, its lm_head_stage, its resid/x0 lambdas and its head_mode. Each branch is a complete
-CognicaPoEForCausalLM that computes what `load_stage_folder` builds for its folder, with the base's modules as its
+CognicaPoEForCausalLM that computes what `load_folder` builds for its folder, with the base's modules as its
 base layers.
 
 Exits are numbered flat and 0-based: the base's exits 0..n_base_exits-1 (its stage boundaries, as
@@ -15,11 +15,11 @@ last layer). A branch can also be named by its name (default: its folder's name)
 
 One pass: the trunk runs once up to its last layer and keeps its output stream (and the backout layer's) in its KV
 cache; each requested branch then runs only its own layers from that stream, in KV storage of its own that hangs off
-the trunk's cache (the trunk's layer objects and slot bookkeeping by reference, new layers only). Decoding reuses the
-project's primitives: cache.claim, GPT.run_slots, compose.log_op and sampling.decode.
+the trunk's cache (CognicaKVCache.extended: the trunk's layer objects and slot bookkeeping by reference, new layers
+only). Decoding reuses the project's primitives: cache.claim, GPT.run_slots, compose.log_op and sampling.decode, all
+on the core GPTs (`.gpt`) of the base and the branches.
 """
 
-import copy
 import os
 from collections.abc import Callable
 
@@ -27,13 +27,13 @@ import torch
 import torch.nn as nn
 from transformers import GenerationConfig
 
-from .cache import CognicaKVCache, CognicaKVLayer
+from .cache import CognicaKVCache
 from .compose import composition_weights, log_op
 from .config import CognicaPoEConfig
-from .hf import CognicaPoEForCausalLM
+from .hf import CognicaPoEForCausalLM, load_folder
 from .packed import Linear, pack_linears
 from .sampling import SamplingParams, decode, is_int
-from .specialist import DELTA_FILE, load_stage_folder, resolve_parent, stage_delta
+from .specialist import DELTA_FILE, resolve_parent, stage_delta
 from .weights import check_shapes, load_safetensors
 
 # config fields a branch must share with its base (anything else would change the shared trunk or the exits)
@@ -43,13 +43,6 @@ SHARED_FIELDS = ("vocab_size", "sequence_len", "n_head", "n_kv_head", "n_embd", 
 
 # -----------------------------------------------------------------------------
 # checking that a stage folder continues this base
-
-
-def load_any(folder: str, parent_map: dict[str, str] | None, dtype: torch.dtype | None) -> CognicaPoEForCausalLM:
-    """A base folder or a stage folder (with its ancestors), as one model."""
-    if os.path.isfile(os.path.join(folder, DELTA_FILE)):
-        return load_stage_folder(folder, parent_map, dtype)
-    return CognicaPoEForCausalLM.from_pretrained(folder, **({} if dtype is None else {"dtype": dtype})).eval()
 
 
 def folder_of(model: CognicaPoEForCausalLM, parent_map: dict[str, str] | None) -> str | None:
@@ -83,7 +76,7 @@ def check_branch(base: CognicaPoEForCausalLM, folder: str, config: CognicaPoECon
     parent_dir = resolve_parent(config.base_model_name_or_path, folder, parent_map)
     base_dir = folder_of(base, parent_map)
     if parent_dir != base_dir and parent_dir not in verified:  # another folder may hold the same base: compare
-        parent = load_any(parent_dir, parent_map, base.gpt.lm_head.weight.dtype)
+        parent = load_folder(parent_dir, parent_map, base.gpt.dtype)
         why = model_mismatch(base, parent)
         del parent
         if why:
@@ -108,8 +101,9 @@ def check_branch(base: CognicaPoEForCausalLM, folder: str, config: CognicaPoECon
 @torch.no_grad()
 def shared_heads(base: CognicaPoEForCausalLM) -> nn.ModuleDict:
     """
-    The folded heads of a branch's ancestors' exits (SPEC §5), made once for all branches: the base's own ancestor
-    heads by reference, plus, when the base is itself a specialist, its leaf's head with its lm_head_stage folded in.
+    The folded heads of a branch's ancestors' exits (as specialist.add_specialist folds them), made once for all
+    branches: the base's own ancestor heads by reference, plus, when the base is itself a specialist, its leaf's
+    head with its lm_head_stage folded in.
     """
     cfg, gpt = base.config, base.gpt
     heads = nn.ModuleDict()
@@ -128,7 +122,6 @@ def build_branch(base: CognicaPoEForCausalLM, config: CognicaPoEConfig, delta: d
                  heads: nn.ModuleDict) -> CognicaPoEForCausalLM:
     """The specialist of `folder` as one model whose base tensors ARE the base's (shared by reference, never copied)."""
     trunk = base.gpt
-    ref = trunk.lm_head.weight
     n = base.config.n_layer
     with torch.device("meta"):
         model = CognicaPoEForCausalLM(config)
@@ -138,24 +131,24 @@ def build_branch(base: CognicaPoEForCausalLM, config: CognicaPoEConfig, delta: d
     gpt.transformer.wte, gpt.lm_head, gpt.smear_gate = trunk.transformer.wte, trunk.lm_head, trunk.smear_gate
     gpt.value_embeds, gpt.ancestor_heads = trunk.value_embeds, heads
     gpt.smear_lambda, gpt.backout_lambda = trunk.smear_lambda, trunk.backout_lambda
-    gpt._rotary = trunk._rotary
+    gpt.share_rotary_from(trunk)
     # the branch's own tensors: its new blocks, its stage head, its (n_layer,) lambdas
     for module in [gpt.transformer.h[i] for i in range(n, config.n_layer)] + [gpt.lm_head_stage]:
-        module.to_empty(device=ref.device).to(ref.dtype)
+        module.to_empty(device=trunk.device).to(trunk.dtype)
     gpt.resid_lambdas = nn.Parameter(trunk.resid_lambdas.new_empty(config.n_layer))
     gpt.x0_lambdas = nn.Parameter(trunk.x0_lambdas.new_empty(config.n_layer))
 
     path = os.path.join(folder, DELTA_FILE)
-    check_shapes({k: tuple(v.shape) for k, v in stage_delta(model).items()},
+    check_shapes({k: tuple(v.shape) for k, v in stage_delta(gpt).items()},
                  {k: tuple(v.shape) for k, v in delta.items()}, path)
-    own = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in delta.items()}  # as load_stage_folder casts
+    own = {k: v.to(device=trunk.device, dtype=trunk.dtype) for k, v in delta.items()}  # as load_folder casts
     wte, base_wte = own.pop("transformer.wte.weight"), trunk.transformer.wte.weight
     if not torch.equal(wte, base_wte):
         rows = (wte != base_wte).any(dim=1).nonzero()[:, 0].tolist()
         raise ValueError(f"{path}: transformer.wte.weight differs from the base's in {len(rows)} of {len(wte)} "
                          f"rows (first ids {rows[:5]}): siblings share one embedding, so a branch that retrained rows "
                          "(or was saved at a lower precision than the base) cannot join this trunk; load it alone "
-                         "with load_stage_folder")
+                         "with load_folder")
     for key in ("resid_lambdas", "x0_lambdas"):
         if not torch.equal(own[key][:n], getattr(trunk, key)):
             raise ValueError(f"{path}: {key}[:{n}] differs from the base's (the base's lambdas are frozen)")
@@ -163,22 +156,6 @@ def build_branch(base: CognicaPoEForCausalLM, config: CognicaPoEConfig, delta: d
     assert not unexpected, unexpected
     model.config._name_or_path = folder
     return model.eval()
-
-
-def branch_cache(trunk: CognicaKVCache, config: CognicaPoEConfig) -> CognicaKVCache:
-    """
-    A cache for a branch, a model that continues the trunk with more layers: the trunk cache's own layer objects and
-    slot bookkeeping (token ids, validity, positions, kept streams) by reference, so the trunk's keys exist once, and
-    fresh storage for the branch's new layers only. Slots are claimed on the trunk's cache.
-    """
-    view = copy.copy(trunk)  # shallow: every tensor and dict is the trunk's
-    k = trunk.layers[0].keys  # (B, H_kv, max_len, D)
-    windows = config.window_sizes()
-    view.layers = trunk.layers + [CognicaKVLayer(k.size(0), k.size(2), config.n_kv_head, config.head_dim, windows[i],
-                                                 k.dtype, k.device) for i in range(len(trunk.layers), config.n_layer)]
-    view.keep_hidden = False  # a branch reads the trunk's kept streams and stores none
-    view.stage_layers = config.stage_layers()
-    return view
 
 
 # -----------------------------------------------------------------------------
@@ -244,7 +221,7 @@ class SiblingSpecialists:
         if wanted:
             cache.keep_hidden = True
             cache.hidden_layers = {self.base.config.backout_layer, self.base.config.n_layer - 1}
-        return {b: branch_cache(cache, self.branches[b].config) for b in wanted}
+        return {b: cache.extended(self.branches[b].config) for b in wanted}
 
     def run(self, cache: CognicaKVCache, views: dict[int, CognicaKVCache], ids: torch.Tensor,
             attention_mask: torch.Tensor | None, exits: list[int], logits_to_keep: int = 1) -> list[torch.Tensor]:
@@ -256,13 +233,12 @@ class SiblingSpecialists:
         T = ids.size(1)
         start, _ = cache.claim(ids, attention_mask[:, -T:] if attention_mask is not None else None)
         end = start + T
-        base_layers = [self.base.stage_boundary(e) for e in exits if e < nb]
+        base_layers = [self.base.config.stage_boundary(e) for e in exits if e < nb]
         last = self.base.config.n_layer - 1 if views else max(base_layers)
         hidden = gpt.run_slots(cache, start, end, 0, last, base_layers, logits_to_keep)
         logits = {e: gpt.exit_logits(hidden[layer], layer) for e, layer in zip(
             [e for e in exits if e < nb], base_layers)}
         for b, view in views.items():
-            view.n_slots = cache.n_slots
             branch = self.branches[b].gpt
             top = branch.config.n_layer - 1
             h = branch.run_slots(view, start, end, self.base.config.n_layer, top, [top], logits_to_keep)[top]
@@ -276,10 +252,10 @@ class SiblingSpecialists:
         exits = [self.exit_index(e) for e in (range(self.n_exits) if exits is None else exits)]
         if not exits:
             raise ValueError("at least one exit is needed")
-        device = self.base.gpt.lm_head.weight.device
+        device = self.base.gpt.device
         input_ids = input_ids.to(device)
         attention_mask = attention_mask.to(device) if attention_mask is not None else None
-        cache = self.base.new_cache(input_ids.size(0), input_ids.size(1))
+        cache = self.base.gpt.new_cache(input_ids.size(0), input_ids.size(1))
         return self.run(cache, self.attach(cache, exits), input_ids, attention_mask, exits, logits_to_keep=0)
 
     def decode(self, exits: list[int], combine: Callable[[list[torch.Tensor]], torch.Tensor], input_ids: torch.Tensor,
@@ -293,7 +269,7 @@ class SiblingSpecialists:
                 views.update(self.attach(cache, exits))
             return combine([logits[:, -1] for logits in self.run(cache, views, ids, mask, exits)])
 
-        return decode(self.base, input_ids, attention_mask, params, next_scores)
+        return decode(self.base.gpt, input_ids, attention_mask, params, next_scores)
 
     @torch.no_grad()
     def generate_parallel_composition(self, input_ids: torch.Tensor, stages: list[int | str],
@@ -329,7 +305,7 @@ def load_siblings(base: CognicaPoEForCausalLM | str, stage_folders: list[str], n
     once to compare). names default to the folders' names. Raises a ValueError naming any mismatch.
     """
     if isinstance(base, (str, os.PathLike)):
-        base = load_any(os.path.realpath(base), parent_map, dtype)
+        base = load_folder(os.path.realpath(base), parent_map, dtype)
     base.eval()
     folders = [os.path.realpath(f) for f in stage_folders]
     if not folders:

@@ -217,6 +217,15 @@ class CognicaKVCache(Cache):
             raise RuntimeError(f"the cache kept no stream after layer {layer}: create it with keep_hidden=True")
         return self.hidden[layer][:, start:end]
 
+    def extended(self, config) -> "CognicaKVCache":
+        """
+        A cache for a model that continues this one with more layers (a sibling branch: config has this cache's
+        layers and more). It shares this cache's layer objects and slot bookkeeping (slot count, token ids,
+        validity, positions, kept streams), so the shared layers' keys exist once, and owns storage for the new
+        layers only. Claim slots on this cache: the extension sees them; it keeps no streams of its own.
+        """
+        return ExtendedKVCache(self, config)
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.n_slots
 
@@ -249,3 +258,28 @@ class CognicaKVCache(Cache):
             setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
         self.hidden = {k: v.repeat_interleave(repeats, dim=0) for k, v in self.hidden.items()}
         self.batch_size_ *= repeats
+
+
+class ExtendedKVCache(CognicaKVCache):
+    """CognicaKVCache.extended: a trunk cache's layers and slots by reference, plus fresh layers after them."""
+
+    def __init__(self, trunk: CognicaKVCache, config):
+        k = trunk.layers[0].keys  # (B, H_kv, max_len, D)
+        windows = config.window_sizes()
+        new = [CognicaKVLayer(k.size(0), k.size(2), config.n_kv_head, config.head_dim, windows[i], k.dtype, k.device)
+               for i in range(len(trunk.layers), config.n_layer)]
+        Cache.__init__(self, layers=trunk.layers + new)
+        self.trunk = trunk
+        self.max_len, self.batch_size_, self.n_embd = trunk.max_len, trunk.batch_size_, trunk.n_embd
+        self.token_ids, self.valid, self.positions = trunk.token_ids, trunk.valid, trunk.positions
+        self.hidden, self.hidden_layers = trunk.hidden, trunk.hidden_layers
+        self.keep_hidden = False  # reads the trunk's kept streams, stores none
+        self.stage_layers = config.stage_layers()
+
+    @property
+    def n_slots(self) -> int:
+        return self.trunk.n_slots
+
+    @n_slots.setter
+    def n_slots(self, value: int) -> None:
+        self.trunk.n_slots = value

@@ -29,7 +29,7 @@ from transformers import GenerationConfig
 from .atomic import atomic_file, atomic_folder, write_json
 from .config import CognicaPoEConfig, preset_config
 from .folders import check_model_folder, is_folder_name
-from .hf import CognicaPoEForCausalLM
+from .hf import CognicaPoEForCausalLM, load_folder
 from .model import GPT
 from .specialist import DELTA_FILE, add_specialist, parent_reference, stage_delta
 from .tokenizer import SPECIAL_TOKENS, CognicaPoETokenizer, load_legacy_pickle, tokenizer_auto_map
@@ -184,8 +184,8 @@ def save_stage_folder(model: CognicaPoEForCausalLM, out_dir: str, base_model_nam
         raise ValueError(f"the parent {ref!r} is a folder relative to the working directory, which the stage folder "
                          "cannot rely on; pass it relative to the stage folder or absolute "
                          "(specialist.parent_reference)")
-    dtype = model.gpt.transformer.wte.weight.dtype if dtype is None else parse_dtype(dtype)
-    delta = {k: v.detach().to(dtype).contiguous() for k, v in stage_delta(model).items()}
+    dtype = model.gpt.dtype if dtype is None else parse_dtype(dtype)
+    delta = {k: v.detach().to(dtype).contiguous() for k, v in stage_delta(model.gpt).items()}
     with model_folder(out_dir, overwrite, (*sources, model.config._name_or_path)) as tmp:
         config = model.config.__class__.from_dict(model.config.to_dict())
         config.base_model_name_or_path = base_model_name_or_path
@@ -205,8 +205,8 @@ def new_stage_folder(base: str, out_dir: str, new_layers: int, head_mode: str = 
                      dtype: str | None = None, overwrite: bool = False) -> str:
     """`cognica-poe stage new`: a fresh (identity) specialist on `base`, saved as a stage folder that names `base`
     relative to itself, so it loads from any working directory."""
-    parent = CognicaPoEForCausalLM.from_pretrained(base)
-    model = add_specialist(parent, new_layers, head_mode=head_mode, seed=seed)
+    parent = load_folder(base)
+    model = CognicaPoEForCausalLM.from_gpt(add_specialist(parent.gpt, new_layers, head_mode=head_mode, seed=seed))
     tokenizer = CognicaPoETokenizer.from_pretrained(base) if os.path.isfile(
         os.path.join(base, "tokenizer.tiktoken")) else None
     return save_stage_folder(model, out_dir, parent_reference(base, out_dir), tokenizer, dtype=dtype,
@@ -240,14 +240,10 @@ def load_model(path_or_preset: str, dtype: str | torch.dtype | None = None, devi
     """
     if is_folder_name(path_or_preset):
         read_config(path_or_preset)  # a missing path, a file, a nanochat folder or a bad config.json: one clear line
-        kwargs = {} if dtype is None else {"dtype": parse_dtype(dtype)}
-        model = CognicaPoEForCausalLM.from_pretrained(path_or_preset, **kwargs).to(device).eval()
+        model = load_folder(path_or_preset, dtype=None if dtype is None else parse_dtype(dtype)).to(device).eval()
     else:
-        config = preset_config(path_or_preset)
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = CognicaPoEForCausalLM(config)
-        model = model.to(parse_dtype(dtype) if dtype is not None else torch.float32).eval()
+        gpt = GPT.from_config(preset_config(path_or_preset), device, parse_dtype(dtype or torch.float32), seed=seed)
+        model = CognicaPoEForCausalLM.from_gpt(gpt).eval()
     if pack:
         model.pack_weights()
     return model
@@ -395,7 +391,7 @@ def model_summary(model: GPT) -> dict:
             groups["wte"] += p.numel()
         elif name.startswith("value_embeds"):
             groups["value_embeds"] += p.numel()
-        elif name.startswith("lm_head"):
+        elif name.startswith(("lm_head", "ancestor_heads")):  # every head: lm_head, lm_head_stage, folded ancestors
             groups["lm_head"] += p.numel()
         elif name.startswith("transformer.h"):
             groups["blocks"] += p.numel()

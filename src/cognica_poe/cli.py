@@ -244,7 +244,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         stream += [tok.bos_token_id] + tok.encoding.encode_ordinary(doc)
         if len(stream) >= args.max_tokens:
             break
-    bounds = calibrate_wand_bounds(model, torch.tensor(stream[:args.max_tokens]), seq_len=args.seq_len)
+    bounds = calibrate_wand_bounds(model.gpt, torch.tensor(stream[:args.max_tokens]), seq_len=args.seq_len)
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
     config["wand_p99_bounds"] = bounds

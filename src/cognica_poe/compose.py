@@ -13,6 +13,8 @@ import math
 import torch
 from transformers import GenerationConfig
 
+from .config import CognicaPoEConfig
+from .model import GPT
 from .sampling import SamplingParams, decode, is_real
 
 
@@ -33,17 +35,19 @@ def composition_weights(n_stages: int, stage_weights: list[float] | None) -> lis
     return [float(w) for w in weights]
 
 
-def check_composition(model, stages: list[int], stage_weights: list[float] | None) -> tuple[list[int], list[float]]:
+def check_composition(config: CognicaPoEConfig, stages: list[int], stage_weights: list[float] | None
+                      ) -> tuple[list[int], list[float]]:
+    """The stages as ints and their weights, checked against the model's config (the MLX backend's ModelArgs, too)."""
     stages = list(stages)
     if not stages:
         raise ValueError("stages must name at least one stage")
     for s in stages:
-        model.stage_boundary(s)  # raises for a bad index
+        config.stage_boundary(s)  # raises for a bad index
     return [int(s) for s in stages], composition_weights(len(stages), stage_weights)
 
 
 @torch.no_grad()
-def generate_parallel_composition(model, input_ids: torch.Tensor, stages: list[int],
+def generate_parallel_composition(gpt: GPT, input_ids: torch.Tensor, stages: list[int],
                                   stage_weights: list[float] | None = None,
                                   attention_mask: torch.Tensor | None = None,
                                   generation_config: GenerationConfig | None = None, **sampling) -> torch.Tensor:
@@ -52,12 +56,11 @@ def generate_parallel_composition(model, input_ids: torch.Tensor, stages: list[i
     to the composed score. sampling: the SamplingParams fields, as generate_stage.
     """
     params = SamplingParams.from_kwargs(generation_config, **sampling)
-    stages, weights = check_composition(model, stages, stage_weights)
-    boundaries = [model.stage_boundary(s) for s in stages]
-    gpt = model.gpt
+    stages, weights = check_composition(gpt.config, stages, stage_weights)
+    boundaries = [gpt.config.stage_boundary(s) for s in stages]
 
     def next_scores(cache, ids, mask):
         hidden = gpt.hidden_at_exits(ids, boundaries, cache, mask, logits_to_keep=1)
         return log_op([gpt.exit_logits(hidden[b], b)[:, -1] for b in boundaries], weights)
 
-    return decode(model, input_ids, attention_mask, params, next_scores)
+    return decode(gpt, input_ids, attention_mask, params, next_scores)

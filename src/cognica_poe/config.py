@@ -12,6 +12,7 @@ This file is copied into exported remote-code folders: it imports only torch/tra
 """
 
 import math
+import numbers
 
 from transformers import PretrainedConfig
 
@@ -20,6 +21,11 @@ from .presets import PRESETS
 POE_MODES = ("flat", "hier", "none")
 # a config.json must say what model it describes; every other field has the documented default below
 REQUIRED_FIELDS = ("vocab_size", "sequence_len", "n_layer", "n_head", "n_embd", "poe_every")
+
+
+def is_int(value) -> bool:
+    """An integer of any kind (Python, numpy) that is not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class CognicaPoEConfig(PretrainedConfig):
@@ -162,10 +168,32 @@ class CognicaPoEConfig(PretrainedConfig):
 
     def validate_exit_stage(self) -> None:
         """Checked again at serve time: from_pretrained(..., poe_exit_stage=s) sets the field after __init__."""
-        stage, n = self.poe_exit_stage, self.poe_n_stages
-        if stage is not None and (isinstance(stage, bool) or not isinstance(stage, int) or not -n <= stage < n):
-            raise ValueError(f"poe_exit_stage {stage!r} out of range: this model has {n} stages, 0..{n - 1} "
-                             f"(or -{n}..-1 from the end; None serves the normal exit)")
+        if self.poe_exit_stage is not None:
+            self.stage_boundary(self.poe_exit_stage, "poe_exit_stage")
+
+    def stage_boundary(self, stage: int, name: str = "stage") -> int:
+        """
+        Last layer of `stage` (0-based, negative from the end): the one range check of a stage index, so every
+        mode, the config's poe_exit_stage and the transformers face fail alike. name: the argument's name.
+        """
+        n = self.poe_n_stages
+        if not is_int(stage) or not -n <= stage < n:  # Python or numpy integers; never a bool
+            raise ValueError(f"{name} {stage!r} out of range: this model has {n} stages, 0..{n - 1} (or -{n}..-1 "
+                             f"from the end; boundaries {self.poe_stage_boundary_layers})")
+        return self.poe_stage_boundary_layers[int(stage)]
+
+    def check_exit_layers(self, exits: list[int]) -> list[int]:
+        """Exit layers (0-based layer indices, as GPT.hidden_at_exits takes them) as ints; a clear error for none or
+        one outside the model."""
+        n = self.n_layer
+        exits = [int(e) for e in exits]
+        if not exits:
+            raise ValueError("at least one exit layer is needed")
+        bad = [e for e in exits if not 0 <= e < n]
+        if bad:
+            raise ValueError(f"exit layer(s) {bad} out of range: this model has layers 0..{n - 1} "
+                             f"(stage boundaries {self.poe_stage_boundary_layers})")
+        return exits
 
     # -----------------------------------------------------------------------------
     # derived quantities (nanochat hard-codes these; we compute them in one place)

@@ -4,13 +4,15 @@ The transformers face of the model: CognicaPoEForCausalLM (PreTrainedModel + Gen
 It holds the core GPT as `.gpt` (so safetensors keys are the core keys prefixed "gpt.") and serves
 `generate()` with our CognicaKVCache: greedy, sampling, batches with left padding. Rotary positions come
 from the attention mask, so a padded row decodes exactly as it would alone. The stage-level API
-(`poe_n_stages`, `poe_stage_boundary_layers`, `forward_stage`) lives here too; the inference modes of
-later files attach to this class.
+(`poe_n_stages`, `poe_stage_boundary_layers`, `forward_stage`) lives here too, and the inference modes (which
+work on the core GPT, in files of their own) are one-line methods of this class. `load_folder` is the one
+loader of a model folder: a base folder, or a stage folder assembled on its ancestors.
 
 This file is copied into exported remote-code folders: it imports only torch/transformers and siblings.
 """
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -22,10 +24,10 @@ from .cache import CognicaKVCache
 from .compose import generate_parallel_composition
 from .config import CognicaPoEConfig
 from .model import GPT
-from .sampling import is_int, warn_if_missing_bos
-from .specialist import DELTA_FILE, load_stage_folder
+from .prefix import generate_stage
+from .sampling import warn_if_missing_bos
+from .specialist import is_stage_folder, load_stage_folder
 from .speculative import generate_speculative
-from .stage import generate_stage
 from .wand import generate_wand
 from .weights import check_shapes, expected_shapes, safetensors_shapes, strip_prefixes
 
@@ -71,11 +73,11 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
         """transformers' loader, after checking a local folder's weights tensor by tensor (errors name the keys)."""
         path = str(pretrained_model_name_or_path)
         weights = os.path.join(path, "model.safetensors")
-        if os.path.isfile(os.path.join(path, DELTA_FILE)) and not os.path.isfile(weights):
+        if is_stage_folder(path):
             # a specialist stage folder: assemble it on its parents (parent_map= maps repo ids to folders)
             dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
             dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-            return load_stage_folder(path, kwargs.get("parent_map"), None if dtype == "auto" else dtype)
+            return load_folder(path, kwargs.get("parent_map"), None if dtype == "auto" else dtype)
         if os.path.isfile(weights):
             config = kwargs.get("config")
             if not isinstance(config, CognicaPoEConfig):
@@ -95,6 +97,14 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
                 if p.device.type != "meta":
                     p.data = p.data.clone()
         return model
+
+    @classmethod
+    def from_gpt(cls, gpt: GPT) -> "CognicaPoEForCausalLM":
+        """The transformers face of a core GPT (sharing its config and every tensor; nothing is copied)."""
+        with torch.device("meta"):
+            model = cls(gpt.config)
+        model.gpt = gpt
+        return model.train(gpt.training)
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.gpt.transformer.wte
@@ -168,9 +178,7 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
 
     def new_cache(self, batch_size: int, max_len: int | None = None, keep_hidden: bool = False) -> CognicaKVCache:
         """An empty KV cache for this model's dtype and device (keep_hidden: also keep stage-boundary streams)."""
-        p = self.gpt.transformer.wte.weight  # not lm_head's: a dynamically quantized lm_head has no float weight
-        return CognicaKVCache(self.config, batch_size, max_len, dtype=p.dtype, device=p.device,
-                              keep_hidden=keep_hidden)
+        return self.gpt.new_cache(batch_size, max_len, keep_hidden)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length, *args, **kwargs) -> None:
@@ -273,11 +281,7 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
 
     def stage_boundary(self, stage: int) -> int:
         """Last layer of `stage` (0-based); a clear error for a bad index."""
-        n = self.poe_n_stages
-        if not is_int(stage) or not -n <= stage < n:  # Python or numpy integers; never a bool
-            raise ValueError(f"stage {stage!r} out of range: this model has {n} stages, 0..{n - 1} "
-                             f"(boundaries {self.poe_stage_boundary_layers})")
-        return self.poe_stage_boundary_layers[int(stage)]
+        return self.config.stage_boundary(stage)
 
     @torch.no_grad()
     def forward_stage(self, input_ids: torch.LongTensor, stage: int, attention_mask: torch.Tensor | None = None
@@ -286,8 +290,36 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
         boundary = self.stage_boundary(stage)
         return self.gpt.forward_all_stages(input_ids, [boundary], attention_mask=attention_mask)[0]
 
-    # the stage-level inference modes (each lives in its own file)
-    generate_stage = generate_stage
-    generate_wand = generate_wand
-    generate_speculative = generate_speculative
-    generate_parallel_composition = generate_parallel_composition
+    # the stage-level inference modes: each lives in its own file and works on the core GPT
+
+    def generate_stage(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Prefix pruning: decode from the exit of `stage`, running only its layers (prefix.generate_stage)."""
+        return generate_stage(self.gpt, input_ids, *args, **kwargs)
+
+    def generate_wand(self, input_ids: torch.Tensor, *args, **kwargs):
+        """WAND adaptive depth: each token from the first exit that cannot be overturned (wand.generate_wand)."""
+        return generate_wand(self.gpt, input_ids, *args, **kwargs)
+
+    def generate_speculative(self, input_ids: torch.Tensor, *args, **kwargs):
+        """Self-speculative decoding: an early exit drafts, the full model verifies (speculative.py)."""
+        return generate_speculative(self.gpt, input_ids, *args, **kwargs)
+
+    def generate_parallel_composition(self, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Log-OP of the chosen stage exits (compose.generate_parallel_composition)."""
+        return generate_parallel_composition(self.gpt, input_ids, *args, **kwargs)
+
+
+def load_base_gpt(path: str, dtype: torch.dtype | None) -> GPT:
+    """A base folder's core GPT, through transformers' loader (its tensor-by-tensor checks included)."""
+    return CognicaPoEForCausalLM.from_pretrained(path, **({} if dtype is None else {"dtype": dtype})).gpt
+
+
+def load_folder(path: str, parent_map: dict[str, str] | None = None, dtype: torch.dtype | None = None,
+                load_base: Callable[[str, torch.dtype | None], GPT] = load_base_gpt) -> CognicaPoEForCausalLM:
+    """
+    The one loader of a model folder, in eval mode: a base folder, or a stage folder assembled on its ancestors
+    (parents resolve offline: specialist.resolve_parent; parent_map maps repo ids to folders).
+    """
+    if is_stage_folder(path):
+        return CognicaPoEForCausalLM.from_gpt(load_stage_folder(path, load_base, parent_map, dtype)).eval()
+    return CognicaPoEForCausalLM.from_pretrained(path, **({} if dtype is None else {"dtype": dtype})).eval()

@@ -1,7 +1,7 @@
 """
 The Cognica PoE trunk: nanochat's GPT (as of commit 92d63d4) with stage exits.
 
-Architecture, in forward order (see SPEC §2): x = norm(wte(idx)); smear (x[t] += smear_lambda *
+Architecture, in forward order: x = norm(wte(idx)); smear (x[t] += smear_lambda *
 sigmoid(smear_gate(x[t, :24])) * x[t-1]); x0 = x; per layer x = resid_lambdas[i] * x + x0_lambdas[i] * x0
 then a pre-norm block (attention with rotary, QK norm x1.2, sliding windows, gated value embeddings on
 alternating layers, GQA; a ReLU^2 MLP); the output of block n_layer // 2 is kept for backout; final exit
@@ -26,7 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .cache import CognicaKVCache
 from .config import CognicaPoEConfig
-from .packed import PackedWeights, pack_linears, unpack_linears
+from .packed import StackedLinears, pack_linears, unpack_linears
 
 VE_GATE_CHANNELS = 12  # value-embedding gate reads the first 12 channels of the block input
 SMEAR_CHANNELS = 24  # smear gate reads the first 24 channels of the current token's embedding
@@ -52,8 +52,8 @@ def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """
     Attention of one query per row over cached keys: q (B, H, 1, D), k and v (B, H_kv, L, D), mask None or boolean
     (B, 1, 1, L) -> (B, H, 1, D), computed in fp32 (SDPA's accuracy or better). On CPU, SDPA's kernel for a single
-    bf16 query is slow (~3x this at 512 keys, ~5x at 1024 or at batch 3); for fp32, or several queries, it is as
-    fast as this, so only one-query reduced-precision decode steps on CPU come here.
+    bf16 query is several times slower than this (bench/inference.py measures it); for fp32, or several queries,
+    it is as fast as this, so only one-query reduced-precision decode steps on CPU come here.
     """
     B, H, _, D = q.shape
     H_kv = k.size(1)
@@ -65,11 +65,23 @@ def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return y.to(q.dtype).reshape(B, H, 1, D)
 
 
+def seeded_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A generator of its own for seeded init (None: no seed, draw from torch's global generator)."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
 def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     return cap * torch.tanh(logits / cap)
 
 
-class CausalSelfAttention(nn.Module):
+class CausalSelfAttention(StackedLinears):
+    """
+    GQA attention with rotary, QK norm and sliding windows. c_q, c_k and c_v multiply the same input: for CPU
+    inference they can be packed as one stack (packed.StackedLinears), one product per step instead of three.
+    """
+
+    stacked = ("c_q", "c_k", "c_v")
+
     def __init__(self, config: CognicaPoEConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -85,41 +97,11 @@ class CausalSelfAttention(nn.Module):
         has_ve = config.has_value_embed(layer_idx)
         self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False) if has_ve else None
 
-    # -----------------------------------------------------------------------------
-    # CPU inference: q, k and v as one prepacked stack (packed.py), one product per step instead of three
-
-    packed_qkv: PackedWeights | None = None
-
-    def pack_fused(self) -> list[Linear]:
-        """Stack and pack c_q, c_k, c_v; returns the Linears the stack now serves (none if it cannot be packed)."""
-        if not all(isinstance(m, Linear) for m in (self.c_q, self.c_k, self.c_v)):
-            return []  # e.g. dynamically quantized: no float weight to pack
-        self.packed_qkv = PackedWeights.make(self.c_q.weight, self.c_k.weight, self.c_v.weight)
-        return [self.c_q, self.c_k, self.c_v] if self.packed_qkv is not None else []
-
-    def unpack_fused(self) -> None:
-        self.packed_qkv = None
-
-    def _apply(self, fn, recurse=True):
-        self.packed_qkv = None  # .to() and its kin give the weights new storage: drop the stale stack
-        return super()._apply(fn, recurse)
-
-    def fused_count(self) -> int:
-        current = self.packed_qkv is not None and self.packed_qkv.current(self.c_q.weight, self.c_k.weight,
-                                                                           self.c_v.weight)
-        return 3 if current else 0
-
-    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, C) -> q | k | v side by side (B, T, (H + 2 H_kv) * D)."""
-        packed = self.packed_qkv
-        if packed is not None and packed.serves(x, self.c_q.weight, self.c_k.weight, self.c_v.weight):
-            return packed(x)
-        return torch.cat([self.c_q(x), self.c_k(x), self.c_v(x)], dim=-1)
-
     def forward(self, x: torch.Tensor, ve: torch.Tensor | None, step: "StepContext") -> torch.Tensor:
         B, T, _ = x.shape
         H, H_kv = self.n_head, self.n_kv_head
-        qkv = self.project_qkv(x).view(B, T, H + 2 * H_kv, self.head_dim)
+        # project: q | k | v side by side, one product when packed
+        qkv = self.project_stack(x).view(B, T, H + 2 * H_kv, self.head_dim)
         v = qkv[:, :, H + H_kv:]
         if ve is not None:  # ResFormer-style value residual, gated per kv head
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, H_kv)
@@ -128,16 +110,19 @@ class CausalSelfAttention(nn.Module):
         qk = norm(apply_rotary(qkv[:, :, :H + H_kv], step.rotary_cos, step.rotary_sin)) * self.qk_scale
         q, k = qk.split([H, H_kv], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        # cache: write this chunk's keys/values at its slots, then attend over every slot so far
         if step.cache is not None:
             layer = step.cache.layers[self.layer_idx]
             layer.write(k, v, step.start)
             k, v = layer.view(step.start + T)
+        # attend: causal within the layer's window, pads masked out
         mask, is_causal = step.mask_for(self.layer_idx)
         if T == 1 and q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu":
             y = attend_one_query(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                enable_gqa=H_kv != H)
+        # re-assemble the heads side by side and project back to the residual stream
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
 
@@ -167,6 +152,22 @@ class Block(GradientCheckpointingLayer):
         x = x + self.attn(norm(x), ve, step)
         x = x + self.mlp(norm(x))
         return x
+
+
+@torch.no_grad()
+def init_block(block: Block, n_embd: int, generator: torch.Generator | None = None) -> None:
+    """
+    nanochat's init of one block, for the base's layers and a specialist's new ones alike: q, k, v and c_fc uniform,
+    both output projections zero (so a new block starts as the identity). transformers' guarded init functions:
+    tensors already loaded from a checkpoint are left alone.
+    """
+    s = 3**0.5 * n_embd**-0.5
+    init.uniform_(block.attn.c_q.weight, -s, s, generator=generator)
+    init.uniform_(block.attn.c_k.weight, -s, s, generator=generator)
+    init.uniform_(block.attn.c_v.weight, -s, s, generator=generator)
+    init.zeros_(block.attn.c_proj.weight)
+    init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s, generator=generator)
+    init.zeros_(block.mlp.c_proj.weight)
 
 
 class StepContext:
@@ -248,34 +249,31 @@ class GPT(nn.Module):
     @classmethod
     def from_config(cls, config: CognicaPoEConfig, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32, seed: int | None = None) -> "GPT":
-        """Build on the meta device (no memory touched), then allocate on `device` and initialise."""
+        """
+        Build on the meta device (no memory touched), then allocate on `device` and initialise; seed draws from a
+        generator of its own (the same seed gives the same weights; torch's global generator is left alone).
+        """
         with torch.device("meta"):
             model = cls(config)
         if str(device) == "meta":
             return model
         model.to_empty(device=device)
-        if seed is not None:
-            torch.manual_seed(seed)
-        model.init_weights()
+        model.init_weights(seeded_generator(seed, device))
         return model.to(dtype)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
         """
-        nanochat's init (SPEC §2), drawing in nanochat's order, so the same seed gives the same weights on CPU.
+        nanochat's init, drawing in nanochat's order, so the same seed gives the same weights on CPU.
         Uses transformers' guarded init functions, so tensors already loaded from a checkpoint are left alone.
+        generator: where the draws come from (None: torch's global generator, as transformers' post_init calls it).
         """
         cfg = self.config
         s = 3**0.5 * cfg.n_embd**-0.5
-        init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
-        init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8, generator=generator)
+        init.normal_(self.lm_head.weight, mean=0.0, std=0.001, generator=generator)
         for block in self.transformer.h:
-            init.uniform_(block.attn.c_q.weight, -s, s)
-            init.uniform_(block.attn.c_k.weight, -s, s)
-            init.uniform_(block.attn.c_v.weight, -s, s)
-            init.zeros_(block.attn.c_proj.weight)
-            init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
-            init.zeros_(block.mlp.c_proj.weight)
+            init_block(block, cfg.n_embd, generator)
         n, n_base = cfg.n_layer, cfg.trunk_n_layer
         denom = max(n_base - 1, 1)  # the base's ramps; appended specialist layers start as 1.0 / 0.0
         init.copy_(self.resid_lambdas, torch.tensor([1.15 - 0.10 * i / denom if i < n_base else 1.0
@@ -283,16 +281,42 @@ class GPT(nn.Module):
         init.copy_(self.x0_lambdas, torch.tensor([0.20 - 0.15 * i / denom if i < n_base else 0.0 for i in range(n)]))
         init.zeros_(self.smear_lambda)
         init.constant_(self.backout_lambda, 0.2)
-        init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        init.uniform_(self.smear_gate.weight, 0.0, 0.02, generator=generator)
         for ve in self.value_embeds.values():
-            init.uniform_(ve.weight, -s, s)
+            init.uniform_(ve.weight, -s, s, generator=generator)
         for block in self.transformer.h:
             if block.attn.ve_gate is not None:
-                init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+                init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02, generator=generator)
         if cfg.specialist_ends:  # a new specialist head starts at zero: the stage is the identity at first
             init.zeros_(self.lm_head_stage.weight)
             for head in self.ancestor_heads.values():
                 init.copy_(head.weight, self.lm_head.weight)
+
+    # -----------------------------------------------------------------------------
+    # where the model lives, its caches and rotary tables
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device, read from the embedding (a dynamically quantized lm_head has no float weight)."""
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: the embedding's, which every stream inherits."""
+        return self.transformer.wte.weight.dtype
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, keep_hidden: bool = False) -> CognicaKVCache:
+        """An empty KV cache for this model's dtype and device (keep_hidden: also keep stage-boundary streams)."""
+        return CognicaKVCache(self.config, batch_size, max_len, dtype=self.dtype, device=self.device,
+                              keep_hidden=keep_hidden)
+
+    def share_rotary_from(self, other: "GPT") -> None:
+        """Use other's rotary tables (one copy per device for models of the same attention geometry)."""
+        a, b = self.config, other.config
+        if (a.head_dim, a.rope_theta, a.rotary_seq_len) != (b.head_dim, b.rope_theta, b.rotary_seq_len):
+            raise ValueError("rotary tables are shared only between models of the same head_dim, rope_theta and "
+                             "rotary_seq_len")
+        self._rotary = other._rotary
 
     # -----------------------------------------------------------------------------
     # pieces of the forward pass
@@ -341,7 +365,7 @@ class GPT(nn.Module):
         q_pos = cache.positions[:, start:end]
         self.check_positions(int(q_pos.max()))
         cos_t, sin_t = self.rotary_tables(q_pos.device)
-        dtype = self.transformer.wte.weight.dtype  # the compute dtype (a quantized lm_head has no float weight)
+        dtype = self.dtype
         k_valid = cache.valid[:, :end]
         return StepContext(self.window_sizes, cos_t[q_pos][:, :, None].to(dtype), sin_t[q_pos][:, :, None].to(dtype),
                            end - start, start, cache, q_pos, cache.positions[:, :end], k_valid,
@@ -410,8 +434,7 @@ class GPT(nn.Module):
         head_mode "base" the parent's exit (so a specialist in base mode reproduces its parent exactly)."""
         cfg = self.config
         if cfg.poe_exit_stage is not None:
-            cfg.validate_exit_stage()
-            return cfg.poe_stage_boundary_layers[cfg.poe_exit_stage]
+            return cfg.stage_boundary(cfg.poe_exit_stage, "poe_exit_stage")
         if cfg.specialist_ends and cfg.head_mode == "base":
             return cfg.segments()[-2][1]
         return cfg.n_layer - 1
@@ -419,17 +442,6 @@ class GPT(nn.Module):
     def applies_backout(self, layer: int) -> bool:
         """Backout belongs to the base's last exit and every exit past it (specialist layers); not to stage exits."""
         return layer >= self.config.trunk_n_layer - 1
-
-    def check_exits(self, exits: list[int]) -> list[int]:
-        n = self.config.n_layer
-        exits = [int(e) for e in exits]
-        if not exits:
-            raise ValueError("at least one exit layer is needed")
-        bad = [e for e in exits if not 0 <= e < n]
-        if bad:
-            raise ValueError(f"exit layer(s) {bad} out of range: this model has layers 0..{n - 1} "
-                             f"(stage boundaries {self.config.poe_stage_boundary_layers})")
-        return exits
 
     def hidden_at_exits(self, idx: torch.Tensor, exits: list[int], kv_cache: CognicaKVCache | None = None,
                         attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
@@ -441,12 +453,13 @@ class GPT(nn.Module):
         streams, when a list, receives every full-length stream: x0 (the embedding after smear), then each layer's
         output, without backout (transformers' hidden_states).
         """
-        exits = self.check_exits(exits)
-        if kv_cache is not None:
+        exits = self.config.check_exit_layers(exits)
+        if kv_cache is not None:  # cached: claim the next slots, then run them as the stage engine does
             T = idx.size(1)
             valid = attention_mask[:, -T:] if attention_mask is not None else None
             start, _ = kv_cache.claim(idx, valid)
             return self.run_slots(kv_cache, start, start + T, 0, max(exits), exits, logits_to_keep, streams=streams)
+        # uncached: prepare (embed, smear, rotary and masks), then run the layers
         x0, step = self.prepare(idx, attention_mask)
         return self._run_layers(x0, x0, idx, step, 0, max(exits), exits, logits_to_keep, None, None, streams)
 
@@ -491,11 +504,11 @@ class GPT(nn.Module):
             x = self.run_layer(i, x, x0, idx, step)
             if streams is not None:
                 streams.append(x)
-            if i == backout_layer:
+            if i == backout_layer:  # kept for backout at the last exit
                 x_backout = x
-            if keep and (i in cache.hidden_layers):
+            if keep and (i in cache.hidden_layers):  # kept so a later call can start the next stage here
                 cache.store_hidden(i, step.start, x)
-            if i in wanted:
+            if i in wanted:  # an exit: its stream, minus backout where that applies
                 h = x[:, -logits_to_keep:] if logits_to_keep else x
                 if self.applies_backout(i):
                     xb = x_backout[:, -logits_to_keep:] if logits_to_keep else x_backout
@@ -507,20 +520,20 @@ class GPT(nn.Module):
     # public forward paths
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: CognicaKVCache | None = None,
-                attention_mask: torch.Tensor | None = None, loss_reduction: str = "mean",
-                logits_to_keep: int = 0, streams: list[torch.Tensor] | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
+                streams: list[torch.Tensor] | None = None) -> torch.Tensor:
         """
         The served exit's fp32 softcapped logits (B, T, vocab), or the CE loss when targets are given. streams: a
         list to receive the stream entering layer 0 and after every layer that runs (see hidden_at_exits).
         """
+        # run the layers up to the served exit, then its head
         last = self.served_layer
         h = self.hidden_at_exits(idx, [last], kv_cache, attention_mask, 0 if targets is not None else logits_to_keep,
                                  streams)
         logits = self.exit_logits(h[last], last)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def forward_all_stages(self, idx: torch.Tensor, stage_boundaries: list[int] | None = None,
                            kv_cache: CognicaKVCache | None = None, attention_mask: torch.Tensor | None = None,

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# below ~256 x 256 the packed kernel's fixed cost per call (~12 us here) outweighs what it saves
+# below 256 x 256 elements the packed kernel's fixed cost per call outweighs what it saves (bench/inference.py)
 MIN_PACKED_ELEMENTS = 256 * 256
 
 
@@ -100,6 +100,49 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+class StackedLinears(nn.Module):
+    """
+    A module whose forward multiplies one input by several Linears (named in `stacked`; attention's c_q, c_k, c_v):
+    for CPU inference they are packed as one stack, one product instead of several. project_stack(x) gives their
+    outputs side by side, from the stack while it is current, else from each Linear.
+    """
+
+    stacked: tuple[str, ...] = ()
+    packed_stack: PackedWeights | None = None
+
+    def stacked_linears(self) -> list[nn.Module]:
+        return [getattr(self, name) for name in self.stacked]
+
+    def pack_stack(self) -> list[nn.Linear]:
+        """Stack and pack the Linears; returns those the stack now serves (none if it cannot be packed)."""
+        linears = self.stacked_linears()
+        if not all(isinstance(m, nn.Linear) for m in linears):
+            return []  # e.g. dynamically quantized: no float weight to pack
+        self.packed_stack = PackedWeights.make(*(m.weight for m in linears))
+        return linears if self.packed_stack is not None else []
+
+    def unpack_stack(self) -> None:
+        self.packed_stack = None
+
+    def _apply(self, fn, recurse=True):
+        self.packed_stack = None  # .to() and its kin give the weights new storage: drop the stale stack
+        return super()._apply(fn, recurse)
+
+    def stack_count(self) -> int:
+        """How many matrices a current stack serves (0 without one)."""
+        linears = self.stacked_linears()
+        current = self.packed_stack is not None and self.packed_stack.current(*(m.weight for m in linears))
+        return len(linears) if current else 0
+
+    def project_stack(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> every stacked Linear's output side by side (..., sum of outs)."""
+        linears = self.stacked_linears()
+        packed = self.packed_stack
+        if packed is not None and packed.serves(x, *(m.weight for m in linears)):
+            return packed(x)
+        return torch.cat([m(x) for m in linears], dim=-1)
+
+
 def pack_linear(m: nn.Linear) -> bool:
     """Give one nn.Linear a packed copy, in place (it becomes a Linear); one that cannot be packed stays plain."""
     m.__class__ = Linear
@@ -118,14 +161,14 @@ def unpack_linear(m: nn.Linear) -> None:
 
 def pack_linears(module: nn.Module) -> int:
     """
-    Pack module's matrices for CPU inference; returns how many are now served packed. Submodules that multiply one
-    input by several Linears (they have `pack_fused()`, e.g. attention's q, k, v) pack them as one stack first; every
-    other Linear is packed alone. Shared submodules are visited once.
+    Pack module's matrices for CPU inference; returns how many are now served packed. StackedLinears (attention's
+    q, k, v) pack their Linears as one stack first; every other Linear is packed alone. Shared submodules are
+    visited once.
     """
     fused = set()
     for m in module.modules():
-        if hasattr(m, "pack_fused"):
-            fused |= {id(lin) for lin in m.pack_fused()}
+        if isinstance(m, StackedLinears):
+            fused |= {id(lin) for lin in m.pack_stack()}
     n = 0
     for m in module.modules():
         if type(m) in (nn.Linear, Linear):  # exactly: other nn.Linear subclasses have forwards of their own
@@ -139,7 +182,7 @@ def pack_linears(module: nn.Module) -> int:
 def count_packed(module: nn.Module) -> int:
     """Matrices in module served by a current packed copy (what a report states about how it was measured)."""
     n = sum(m.is_packed for m in module.modules() if isinstance(m, Linear))
-    return n + sum(m.fused_count() for m in module.modules() if hasattr(m, "fused_count"))
+    return n + sum(m.stack_count() for m in module.modules() if isinstance(m, StackedLinears))
 
 
 def unpack_linears(module: nn.Module) -> None:
@@ -147,5 +190,5 @@ def unpack_linears(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, Linear):
             unpack_linear(m)
-        if hasattr(m, "unpack_fused"):
-            m.unpack_fused()
+        if isinstance(m, StackedLinears):
+            m.unpack_stack()

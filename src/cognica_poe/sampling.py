@@ -5,7 +5,7 @@ processors, token choice, stop tokens, streaming and the output tensor.
 Token choice follows transformers' order: logits processors (repetition penalty, no-repeat n-grams, the
 caller's own LogitsProcessors), then, when sampling, temperature, top-k, top-p (nucleus) and min-p on the
 processed scores; greedy is argmax. A seeded `torch.Generator` makes sampling reproducible. Each mode
-(stage.py, compose.py, wand.py, speculative.py) supplies only how it computes the next-token scores; `decode`
+(prefix.py, compose.py, wand.py, speculative.py) supplies only how it computes the next-token scores; `decode`
 runs the one-token-per-step loop for the modes that emit one token per row per step.
 
 Processors see each row's own tokens so far (its prompt without the left padding, then what it generated), so a
@@ -30,13 +30,10 @@ from transformers.generation.logits_process import (
 from transformers.generation.streamers import BaseStreamer
 
 from .cache import CognicaKVCache
+from .config import is_int
+from .model import GPT
 
 Streamer = Callable[[int, int], None] | BaseStreamer
-
-
-def is_int(value) -> bool:
-    """An integer of any kind (Python, numpy) that is not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def is_real(value) -> bool:
@@ -175,7 +172,8 @@ class SamplingParams:
 # the request: token ids, attention mask, context length
 
 
-def check_request(model, input_ids, attention_mask, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+def check_request(gpt: GPT, input_ids, attention_mask, params: SamplingParams
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """
     Validate token ids and mask against the model; returns (input_ids (B, T) long on the model's device,
     attention_mask or None when every token is real). Only left padding is accepted: right padding would put
@@ -193,7 +191,7 @@ def check_request(model, input_ids, attention_mask, params: SamplingParams) -> t
     if input_ids.dim() != 2 or input_ids.size(1) == 0:
         raise ValueError(f"input_ids must be a non-empty (batch, length) tensor, got shape {tuple(input_ids.shape)}")
     input_ids = input_ids.long()
-    cfg = model.config
+    cfg = gpt.config
     bad = (input_ids < 0) | (input_ids >= cfg.vocab_size)
     if bool(bad.any()):
         row, col = bad.nonzero()[0].tolist()
@@ -210,7 +208,7 @@ def check_request(model, input_ids, attention_mask, params: SamplingParams) -> t
         raise ValueError(f"prompt ({input_ids.size(1)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                          f"context of {limit} tokens (sequence_len {cfg.sequence_len}; pass max_length= (the CLI's "
                          f"--max-length) to raise it, up to {cfg.rotary_multiplier}x)")
-    device = model.gpt.lm_head.weight.device
+    device = gpt.device
     input_ids = input_ids.to(device)
     if attention_mask is not None:
         attention_mask = check_mask(attention_mask, input_ids).to(device)
@@ -408,7 +406,7 @@ class DecodeState:
         return self.sink.output(self.input_ids)
 
 
-def begin_decoding(model, input_ids, attention_mask, params: SamplingParams, extra_slots: int = 0,
+def begin_decoding(gpt: GPT, input_ids, attention_mask, params: SamplingParams, extra_slots: int = 0,
                    keep_hidden: bool = False) -> DecodeState:
     """
     Everything a decode loop starts from: the checked request, an empty cache of prompt + max_new_tokens +
@@ -416,18 +414,19 @@ def begin_decoding(model, input_ids, attention_mask, params: SamplingParams, ext
     (stop tokens default to the config's eos ids). A transformers streamer receives the prompt here, as
     generate() sends it.
     """
-    input_ids, attention_mask = check_request(model, input_ids, attention_mask, params)
+    input_ids, attention_mask = check_request(gpt, input_ids, attention_mask, params)
     B, T = input_ids.shape
     if isinstance(params.streamer, BaseStreamer) and B > 1:
         raise ValueError(f"a transformers streamer follows one sequence, got a batch of {B}: decode one row, or "
                          "pass streamer=callable(row, token)")
-    cache_len = min(T + params.max_new_tokens + extra_slots, model.config.rotary_seq_len)
-    cache = model.new_cache(B, cache_len, keep_hidden=keep_hidden)
+    cfg = gpt.config
+    cache_len = min(T + params.max_new_tokens + extra_slots, cfg.rotary_seq_len)
+    cache = gpt.new_cache(B, cache_len, keep_hidden=keep_hidden)
     stop_tokens = params.stop_tokens
     if stop_tokens is None:
-        eos = model.config.eos_token_id
+        eos = cfg.eos_token_id
         stop_tokens = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     sink = TokenSink(B, params.max_new_tokens, stop_tokens, params.streamer, pad)
     real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
     prompts = [row[keep].tolist() for row, keep in zip(input_ids, real)]
@@ -437,14 +436,14 @@ def begin_decoding(model, input_ids, attention_mask, params: SamplingParams, ext
                        params.processors(), prompts, sink)
 
 
-def decode(model, input_ids, attention_mask: torch.Tensor | None, params: SamplingParams,
+def decode(gpt: GPT, input_ids, attention_mask: torch.Tensor | None, params: SamplingParams,
            next_scores: Callable[[CognicaKVCache, torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
     """
     The one-token-per-step loop. next_scores(cache, new_ids (B, T), attention_mask) runs the mode's forward for
     the new tokens (the prompt first, then one token per row) and returns the next-token scores (B, V).
     Returns prompt + generated ids (B, T + n).
     """
-    state = begin_decoding(model, input_ids, attention_mask, params)
+    state = begin_decoding(gpt, input_ids, attention_mask, params)
     scores = next_scores(state.cache, state.input_ids, state.attention_mask)
     while True:
         tokens = state.choose(state.process(scores))

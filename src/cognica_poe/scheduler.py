@@ -194,7 +194,7 @@ class Engine:
         self.siblings = siblings
         self.gpt = self.model.gpt
         self.config = self.model.config
-        self.device = self.gpt.lm_head.weight.device
+        self.device = self.gpt.device
         self.max_batch, self.max_queue, self.prefill_chunk, self.room = max_batch, max_queue, prefill_chunk, room
         self.cond = threading.Condition()
         self.waiting: deque[Request] = deque()
@@ -275,7 +275,7 @@ class Engine:
             if safety < 0:
                 raise RequestError("poe.safety", f"poe.safety must be >= 0, got {safety}")
             try:
-                bounds = resolve_bounds(self.model, poe.get("p99_bounds"))
+                bounds = resolve_bounds(self.config, poe.get("p99_bounds"))
             except ValueError as e:
                 raise RequestError("poe.p99_bounds", str(e)) from None
             return PoeSpec("wand", thresholds=exit_thresholds(bounds, safety))
@@ -450,7 +450,7 @@ class Engine:
         group = self.groups.get(kind)
         old = [] if group is None else [(r, group.cache, group.views, i) for i, r in enumerate(group.rows)]
         if group is not None and kind[0] == "wand":
-            catch_up(self.model, group.cache, group.cache.n_slots, self.n_base_exits - 1)
+            catch_up(self.gpt, group.cache, group.cache.n_slots, self.n_base_exits - 1)
         self.groups[kind] = self._repack(kind, old + newcomers)
 
     # -----------------------------------------------------------------------------
@@ -494,7 +494,7 @@ class Engine:
                 del self.groups[kind]
                 continue
             if kind[0] == "wand":
-                catch_up(self.model, group.cache, group.cache.n_slots, self.n_base_exits - 1)
+                catch_up(self.gpt, group.cache, group.cache.n_slots, self.n_base_exits - 1)
             self.groups[kind] = self._repack(kind, [(group.rows[i], group.cache, group.views, i) for i in keep])
         for p in list(self.prefilling):
             if all(r.finish is not None for r in p.rows):
@@ -504,7 +504,7 @@ class Engine:
         need = group.kind[2] + 1 if group.kind[0] == "spec" else 1
         if group.cache.n_slots + need > group.cache.max_len:
             if group.kind[0] == "wand":
-                catch_up(self.model, group.cache, group.cache.n_slots, self.n_base_exits - 1)
+                catch_up(self.gpt, group.cache, group.cache.n_slots, self.n_base_exits - 1)
             entries = [(r, group.cache, group.views, i) for i, r in enumerate(group.rows)]
             self.groups[group.kind] = fresh = self._repack(group.kind, entries)
             group.cache, group.views = fresh.cache, fresh.views
@@ -604,7 +604,7 @@ class Engine:
         chosen = [None] * len(rows)
         for s in range(n):
             if s not in exits:
-                got = catch_up(self.model, cache, cache.n_slots, s, shared)
+                got = catch_up(self.gpt, cache, cache.n_slots, s, shared)
                 exits[s] = self.gpt.exit_logits(got[s], boundaries[s])[:, -1]
             leave = (exit_stage < 0) & (top2_margin(exits[s]) > thresholds[:, s])
             for i in leave.nonzero()[:, 0].tolist():

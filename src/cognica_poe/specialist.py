@@ -1,5 +1,5 @@
 """
-Post-hoc specialist stages on a frozen base, and the cascade loader that assembles them (SPEC §5).
+Post-hoc specialist stages on a frozen base, and the cascade loader that assembles them.
 
 A specialist appends N new blocks after its parent (c_proj zero, so the stage starts as the identity; q/k/v
 and c_fc as in the base init; no value embeddings; resid_lambdas 1.0, x0_lambdas 0.0) and a zero-init
@@ -17,15 +17,20 @@ lm_head_stage. Parents resolve offline: a folder path (relative to the child fol
 relative to the working directory, so a stage folder loads the same from anywhere), the local HF cache, then a
 user mapping of ids to paths (argument, or the COGNICA_POE_PARENTS environment variable pointing at a JSON file).
 
+Everything here works on the core GPT; loading a base folder is the caller's (hf.load_folder passes its loader),
+so this file never imports the transformers face.
+
 This file is copied into exported remote-code folders: it imports only torch/transformers/safetensors.
 """
 
 import json
 import os
+from collections.abc import Callable
 
 import torch
 
 from .config import CognicaPoEConfig
+from .model import GPT, init_block, seeded_generator
 from .weights import check_shapes, load_safetensors
 
 DELTA_FILE = "delta.safetensors"
@@ -45,60 +50,44 @@ def specialist_config(parent: CognicaPoEConfig, new_layers: int, head_mode: str 
 
 
 @torch.no_grad()
-def init_new_layers(gpt, layers: range) -> None:
-    """nanochat's block init for the appended layers (c_proj zero: each new block starts as the identity)."""
-    s = 3**0.5 * gpt.config.n_embd**-0.5
-    for i in layers:
-        block = gpt.transformer.h[i]
-        block.attn.c_q.weight.uniform_(-s, s)
-        block.attn.c_k.weight.uniform_(-s, s)
-        block.attn.c_v.weight.uniform_(-s, s)
-        block.attn.c_proj.weight.zero_()
-        block.mlp.c_fc.weight.uniform_(-0.4 * s, 0.4 * s)
-        block.mlp.c_proj.weight.zero_()
-        gpt.resid_lambdas[i] = 1.0
-        gpt.x0_lambdas[i] = 0.0
-
-
-@torch.no_grad()
-def add_specialist(parent, new_layers: int, head_mode: str = "dual", seed: int | None = None):
+def add_specialist(parent: GPT, new_layers: int, head_mode: str = "dual", seed: int | None = None) -> GPT:
     """
-    A new model: the parent (a CognicaPoEForCausalLM) with `new_layers` fresh blocks and a zero lm_head_stage.
-    A specialist parent's own lm_head_stage is folded into the head of its exit (it becomes an ancestor).
+    A new model: the parent with `new_layers` fresh blocks (as the base's init; each starts as the identity) and a
+    zero lm_head_stage. A specialist parent's own lm_head_stage is folded into the head of its exit (it becomes
+    an ancestor). seed: the new blocks draw from a generator of their own (None: torch's global generator).
     """
-    from .hf import CognicaPoEForCausalLM  # deferred: hf imports this module
-
     config = specialist_config(parent.config, new_layers, head_mode)
-    ref = parent.gpt.lm_head.weight
     with torch.device("meta"):
-        child = CognicaPoEForCausalLM(config)
-    child.gpt.to_empty(device=ref.device)
-    child.gpt.to(ref.dtype)
-    state = dict(parent.gpt.state_dict())
+        child = GPT(config)
+    child.to_empty(device=parent.device)
+    child.to(parent.dtype)
+    state = dict(parent.state_dict())
     leaf = parent.config.specialist_ends[-1] if parent.config.specialist_ends else None
     if leaf is not None:  # fold: the parent's exit head = (its ancestors' folded head or lm_head) + its stage head
         below = [e for e in parent.config.specialist_ends[:-1]]
         base_head = state[f"ancestor_heads.{below[-1]}.weight"] if below else state["lm_head.weight"]
         state[f"ancestor_heads.{leaf}.weight"] = base_head + state.pop("lm_head_stage.weight")
     for key in ("resid_lambdas", "x0_lambdas"):
-        state[key] = torch.cat([state[key], child.gpt.resid_lambdas.new_zeros(new_layers)])
-    missing, unexpected = child.gpt.load_state_dict(state, strict=False)
+        state[key] = torch.cat([state[key], child.resid_lambdas.new_zeros(new_layers)])
+    missing, unexpected = child.load_state_dict(state, strict=False)
     assert not unexpected, unexpected
-    if seed is not None:
-        torch.manual_seed(seed)
-    init_new_layers(child.gpt, range(parent.config.n_layer, config.n_layer))
-    child.gpt.lm_head_stage.weight.zero_()
-    child.gpt._rotary.clear()
+    generator = seeded_generator(seed, parent.device)
+    for i in range(parent.config.n_layer, config.n_layer):  # the new layers: resid 1.0, x0 0.0
+        init_block(child.transformer.h[i], config.n_embd, generator)
+        child.resid_lambdas[i] = 1.0
+        child.x0_lambdas[i] = 0.0
+    child.lm_head_stage.weight.zero_()
+    child.share_rotary_from(parent)
     return child.eval()
 
 
-def stage_delta(model) -> dict[str, torch.Tensor]:
+def stage_delta(gpt: GPT) -> dict[str, torch.Tensor]:
     """The tensors a stage folder stores: the leaf's layers, lm_head_stage, the full wte, resid/x0 lambdas."""
-    cfg = model.config
+    cfg = gpt.config
     if not cfg.specialist_ends:
         raise ValueError("this model has no specialist stage: nothing to save as a delta")
     first = cfg.segments()[-1][0]
-    sd = model.gpt.state_dict()
+    sd = gpt.state_dict()
     keep = {k: v for k, v in sd.items()
             if k.startswith("transformer.h.") and int(k.split(".")[2]) >= first}
     for k in ("lm_head_stage.weight", "transformer.wte.weight", "resid_lambdas", "x0_lambdas"):
@@ -145,11 +134,19 @@ def resolve_parent(name_or_path: str, child_dir: str, parent_map: dict[str, str]
         "parent_map={id: path} or set COGNICA_POE_PARENTS to a JSON file of that mapping)")
 
 
-def load_stage_folder(path: str, parent_map: dict[str, str] | None = None, dtype: torch.dtype | None = None,
-                      _seen: tuple[str, ...] = ()):
-    """Assemble a stage folder and all its ancestors into one CognicaPoEForCausalLM."""
-    from .hf import CognicaPoEForCausalLM
+def is_stage_folder(path: str) -> bool:
+    """A specialist's stage folder (a delta on a parent), not a complete model."""
+    has = lambda name: os.path.isfile(os.path.join(path, name))  # noqa: E731
+    return has(DELTA_FILE) and not has("model.safetensors")
 
+
+# a base folder's model: load_base(folder, dtype) (hf.load_folder passes transformers' loader)
+BaseLoader = Callable[[str, torch.dtype | None], GPT]
+
+
+def load_stage_folder(path: str, load_base: BaseLoader, parent_map: dict[str, str] | None = None,
+                      dtype: torch.dtype | None = None, _seen: tuple[str, ...] = ()) -> GPT:
+    """Assemble a stage folder and all its ancestors into one GPT; load_base loads the base folder at the root."""
     path = os.path.realpath(path)
     if path in _seen:
         chain = " -> ".join(list(_seen) + [path])
@@ -159,22 +156,21 @@ def load_stage_folder(path: str, parent_map: dict[str, str] | None = None, dtype
         raise ValueError(f"{path}/config.json has no base_model_name_or_path: not a stage folder")
     parent_dir = resolve_parent(config.base_model_name_or_path, path, parent_map)
     if os.path.isfile(os.path.join(parent_dir, DELTA_FILE)):
-        parent = load_stage_folder(parent_dir, parent_map, dtype, _seen + (path,))
+        parent = load_stage_folder(parent_dir, load_base, parent_map, dtype, _seen + (path,))
     else:
         if os.path.realpath(parent_dir) in _seen + (path,):
             raise ValueError(f"cyclic specialist chain through {parent_dir}")
-        parent = CognicaPoEForCausalLM.from_pretrained(parent_dir, **({} if dtype is None else {"dtype": dtype}))
+        parent = load_base(parent_dir, dtype)
     new_layers = config.n_layer - parent.config.n_layer
     if new_layers < 1:
         raise ValueError(f"{path} has n_layer {config.n_layer}, not more than its parent's {parent.config.n_layer}")
-    model = add_specialist(parent, new_layers, head_mode=config.head_mode)
+    gpt = add_specialist(parent, new_layers, head_mode=config.head_mode)
     delta_path = os.path.join(path, DELTA_FILE)
     delta = load_safetensors(delta_path)
-    expected = {k: tuple(v.shape) for k, v in stage_delta(model).items()}
+    expected = {k: tuple(v.shape) for k, v in stage_delta(gpt).items()}
     check_shapes(expected, {k: tuple(v.shape) for k, v in delta.items()}, delta_path)
-    dtype_now = model.gpt.lm_head.weight.dtype
-    model.gpt.load_state_dict({k: v.to(dtype_now) for k, v in delta.items()}, strict=False)
-    model.config.base_model_name_or_path = config.base_model_name_or_path
-    model.config.wand_p99_bounds = config.wand_p99_bounds
-    model.config._name_or_path = path
-    return model.eval()
+    gpt.load_state_dict({k: v.to(gpt.dtype) for k, v in delta.items()}, strict=False)
+    gpt.config.base_model_name_or_path = config.base_model_name_or_path
+    gpt.config.wand_p99_bounds = config.wand_p99_bounds
+    gpt.config._name_or_path = path
+    return gpt.eval()

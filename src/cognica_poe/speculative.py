@@ -33,6 +33,7 @@ import torch
 from transformers import GenerationConfig
 
 from .cache import CognicaKVCache
+from .model import GPT
 from .sampling import SamplingParams, begin_decoding, is_int
 
 
@@ -80,7 +81,7 @@ class SpeculativeResult:
 
 
 @torch.no_grad()
-def run_speculative(model, input_ids: torch.Tensor, draft_stage: int = 0, k_draft: int = 3,
+def run_speculative(gpt: GPT, input_ids: torch.Tensor, draft_stage: int = 0, k_draft: int = 3,
                     attention_mask: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
                     **sampling) -> SpeculativeResult:
     """
@@ -91,18 +92,17 @@ def run_speculative(model, input_ids: torch.Tensor, draft_stage: int = 0, k_draf
     if not is_int(k_draft) or k_draft < 1:
         raise ValueError(f"k_draft must be an integer >= 1, got {k_draft!r}")
     k_draft = int(k_draft)
-    n_stages = model.poe_n_stages
-    draft_boundary = model.stage_boundary(draft_stage)
-    if draft_boundary == model.poe_stage_boundary_layers[-1]:
+    n_stages = gpt.config.poe_n_stages
+    draft_boundary = gpt.config.stage_boundary(draft_stage)
+    if draft_boundary == gpt.config.poe_stage_boundary_layers[-1]:
         raise ValueError(f"draft_stage {draft_stage} is the last stage: the drafter must be an earlier exit "
                          f"(0..{n_stages - 2})")
     # the row needing the most slots holds its prompt, its tokens but the last, and one iteration's k + 1
-    state = begin_decoding(model, input_ids, attention_mask, params, extra_slots=k_draft + 1, keep_hidden=True)
+    state = begin_decoding(gpt, input_ids, attention_mask, params, extra_slots=k_draft + 1, keep_hidden=True)
     cache, sink = state.cache, state.sink
     B = state.input_ids.size(0)
     device = state.input_ids.device
-    gpt = model.gpt
-    last = model.config.n_layer - 1
+    last = gpt.config.n_layer - 1
 
     seconds = dict.fromkeys(("prefill", "draft", "verify", "accept"), 0.0)
     clock = time.perf_counter()
@@ -184,11 +184,11 @@ def make_room(cache: CognicaKVCache, k: int, finished: torch.Tensor) -> int:
     return min(k, cache.max_len - cache.n_slots - 1)
 
 
-def generate_speculative(model, input_ids: torch.Tensor, draft_stage: int = 0, k_draft: int = 3,
+def generate_speculative(gpt: GPT, input_ids: torch.Tensor, draft_stage: int = 0, k_draft: int = 3,
                          return_acceptance: bool = False, **kwargs):
     """
     Prompt + generated ids (B, T + n); with return_acceptance, (ids, accepted / drafted). kwargs: attention_mask,
     generation_config and the SamplingParams fields, as generate_stage.
     """
-    r = run_speculative(model, input_ids, draft_stage=draft_stage, k_draft=k_draft, **kwargs)
+    r = run_speculative(gpt, input_ids, draft_stage=draft_stage, k_draft=k_draft, **kwargs)
     return (r.sequences, r.acceptance) if return_acceptance else r.sequences

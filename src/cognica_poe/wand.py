@@ -2,7 +2,7 @@
 WAND adaptive depth: per token, stop at the first stage exit whose top-1 margin cannot be overturned by the
 stages left to run.
 
-The rule (SPEC §4): bounds B_j = p99 over calibration tokens of max_v |s_j(v) - s_{j-1}(v)| between
+The rule: bounds B_j = p99 over calibration tokens of max_v |s_j(v) - s_{j-1}(v)| between
 consecutive exits (softcapped logits). After exit k, with margin m_k = top1 - top2 of s_k, exit if
 m_k > safety * sum_{j>k} B_j. safety 1 is the empirical setting; with L-inf bounds safety 2 guarantees the
 argmax at p99; a huge safety never exits early (== full greedy). With do_sample the token is drawn from the
@@ -26,16 +26,19 @@ import torch
 from transformers import GenerationConfig
 
 from .cache import CognicaKVCache
+from .config import CognicaPoEConfig
+from .model import GPT
 from .sampling import SamplingParams, begin_decoding, is_real
 
 CARD_P99_BOUNDS = (7.09, 3.03, 2.15)  # the released d24's bounds for the 1->2, 2->3, 3->4 exit transitions
 
 
-def resolve_bounds(model, p99_bounds: list[float] | tuple[float, ...] | None) -> list[float]:
-    """The argument, else the config's calibrated bounds, else the card's defaults (4 exits only)."""
-    n = model.poe_n_stages
+def resolve_bounds(config: CognicaPoEConfig, p99_bounds: list[float] | tuple[float, ...] | None) -> list[float]:
+    """The argument, else the config's calibrated bounds, else the card's defaults (4 exits only). config: the
+    model's (the MLX backend's ModelArgs, too)."""
+    n = config.poe_n_stages
     if p99_bounds is None:
-        p99_bounds = model.config.wand_p99_bounds
+        p99_bounds = config.wand_p99_bounds
     if p99_bounds is None:
         if n != 4:
             raise ValueError(f"this model has {n} stages and no calibrated WAND bounds: run `cognica-poe calibrate` "
@@ -61,13 +64,12 @@ def top2_margin(logits: torch.Tensor) -> torch.Tensor:
     return top[..., 0] - top[..., 1]
 
 
-def catch_up(model, cache: CognicaKVCache, end: int, last_stage: int,
+def catch_up(gpt: GPT, cache: CognicaKVCache, end: int, last_stage: int,
              shared: dict | None = None) -> dict[int, torch.Tensor]:
     """
     Run stages 0..last_stage for every slot in [their fill level, end): pending early-exit slots and any new
     ones, one forward per stage. Returns {stage: stream at its exit for slot end - 1} for stages that ran it.
     """
-    gpt = model.gpt
     out = {}
     for s in range(last_stage + 1):
         start = cache.stage_len(s)
@@ -88,7 +90,7 @@ class WandResult:
 
 
 @torch.no_grad()
-def run_wand(model, input_ids: torch.Tensor, safety: float = 1.0, p99_bounds: list[float] | None = None,
+def run_wand(gpt: GPT, input_ids: torch.Tensor, safety: float = 1.0, p99_bounds: list[float] | None = None,
              attention_mask: torch.Tensor | None = None, complete_cache: bool = False,
              generation_config: GenerationConfig | None = None, **sampling) -> WandResult:
     """
@@ -96,13 +98,12 @@ def run_wand(model, input_ids: torch.Tensor, safety: float = 1.0, p99_bounds: li
     apply to each exit's scores before its margin test, so the rule protects the processed argmax.
     """
     params = SamplingParams.from_kwargs(generation_config, **sampling)
-    bounds = resolve_bounds(model, p99_bounds)
+    bounds = resolve_bounds(gpt.config, p99_bounds)
     thresholds = exit_thresholds(bounds, safety)
-    state = begin_decoding(model, input_ids, attention_mask, params, keep_hidden=True)
+    state = begin_decoding(gpt, input_ids, attention_mask, params, keep_hidden=True)
     cache, sink = state.cache, state.sink
-    gpt = model.gpt
-    n_stages = model.poe_n_stages
-    boundaries = model.poe_stage_boundary_layers
+    n_stages = gpt.config.poe_n_stages
+    boundaries = gpt.config.poe_stage_boundary_layers
     B = state.input_ids.size(0)
     device = state.input_ids.device
     stages_used: list[list[int]] = [[] for _ in range(B)]
@@ -111,12 +112,12 @@ def run_wand(model, input_ids: torch.Tensor, safety: float = 1.0, p99_bounds: li
     hidden = gpt.hidden_at_exits(state.input_ids, boundaries, cache, state.attention_mask, logits_to_keep=1)
     exits = {s: gpt.exit_logits(hidden[b], b)[:, -1] for s, b in enumerate(boundaries)}
     while True:
-        chosen = torch.empty(B, model.config.vocab_size, device=device)
+        chosen = torch.empty(B, gpt.config.vocab_size, device=device)
         exit_stage = torch.full((B,), -1, dtype=torch.long, device=device)
         shared = {}  # this step's stage calls share embeddings and masks
         for s in range(n_stages):
             if s not in exits:  # a deeper stage is needed: catch it up for pending slots and run it for this token
-                got = catch_up(model, cache, cache.n_slots, s, shared)
+                got = catch_up(gpt, cache, cache.n_slots, s, shared)
                 exits[s] = gpt.exit_logits(got[s], boundaries[s])[:, -1]
             scores = state.process(exits[s])
             open_rows = exit_stage < 0
@@ -135,11 +136,11 @@ def run_wand(model, input_ids: torch.Tensor, safety: float = 1.0, p99_bounds: li
         cache.claim(tokens[:, None])
         exits = {}
     if complete_cache:
-        catch_up(model, cache, cache.n_slots, n_stages - 1)
+        catch_up(gpt, cache, cache.n_slots, n_stages - 1)
     return WandResult(state.output(), stages_used, cache)
 
 
-def generate_wand(model, input_ids: torch.Tensor, safety: float = 1.0, p99_bounds: list[float] | None = None,
+def generate_wand(gpt: GPT, input_ids: torch.Tensor, safety: float = 1.0, p99_bounds: list[float] | None = None,
                   return_stages_used: bool = False, **kwargs):
     """
     Prompt + generated ids (B, T + n); with return_stages_used, (ids, stages_used): the 0-based exit stage of
@@ -147,7 +148,7 @@ def generate_wand(model, input_ids: torch.Tensor, safety: float = 1.0, p99_bound
     exit), else one list per row (a row that stopped early has fewer entries). kwargs: attention_mask,
     generation_config and the SamplingParams fields, as generate_stage.
     """
-    result = run_wand(model, input_ids, safety=safety, p99_bounds=p99_bounds, **kwargs)
+    result = run_wand(gpt, input_ids, safety=safety, p99_bounds=p99_bounds, **kwargs)
     if not return_stages_used:
         return result.sequences
     used = result.stages_used
@@ -155,21 +156,21 @@ def generate_wand(model, input_ids: torch.Tensor, safety: float = 1.0, p99_bound
 
 
 @torch.no_grad()
-def calibrate_wand_bounds(model, stream: torch.Tensor, seq_len: int | None = None, batch_size: int = 8,
+def calibrate_wand_bounds(gpt: GPT, stream: torch.Tensor, seq_len: int | None = None, batch_size: int = 8,
                           max_windows: int | None = None, quantile: float = 0.99) -> list[float]:
     """
     p99 over tokens of max_v |s_j(v) - s_{j-1}(v)| for each pair of consecutive exits (softcapped logits), from
     fresh-context windows of a token stream. Store the result in config.wand_p99_bounds.
     """
-    seq_len = seq_len or model.config.sequence_len
+    seq_len = seq_len or gpt.config.sequence_len
     starts = list(range(0, len(stream) - seq_len, seq_len))[:max_windows]
     if not starts:
         raise ValueError(f"calibration needs more than {seq_len} tokens, got {len(stream)}")
-    device = model.gpt.lm_head.weight.device
-    deltas: list[list[torch.Tensor]] = [[] for _ in range(model.poe_n_stages - 1)]
+    device = gpt.device
+    deltas: list[list[torch.Tensor]] = [[] for _ in range(gpt.config.poe_n_stages - 1)]
     for i in range(0, len(starts), batch_size):
         x = torch.stack([stream[s:s + seq_len] for s in starts[i:i + batch_size]]).to(device)
-        exits = model.gpt.forward_all_stages(x)
+        exits = gpt.forward_all_stages(x)
         for j in range(1, len(exits)):
             deltas[j - 1].append((exits[j] - exits[j - 1]).abs().amax(dim=-1).flatten().float().cpu())
     bounds = []

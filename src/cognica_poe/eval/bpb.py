@@ -56,7 +56,7 @@ def evaluate_bpb(gpt: GPT, stream: torch.Tensor, token_bytes: torch.Tensor, seq_
             raise ValueError(f"composition {combo} has {len(combo)} exits but {len(w)} weights")
     names = ["+".join(map(str, c)) if all(x == 1.0 for x in w) else "+".join(f"{x:g}*{k}" for k, x in zip(c, w))
              for c, w in zip(compositions, weights)]
-    device = gpt.lm_head.weight.device
+    device = gpt.device
     token_bytes = token_bytes.to(device)
     pairs = windows(stream, seq_len)
     if not pairs:

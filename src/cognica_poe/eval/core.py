@@ -91,7 +91,7 @@ def score_item(gpt, tok, task: dict, items: list[dict], i: int, boundaries: list
     seqs = [(ids[-max_len:], max(1, start - max(0, len(ids) - max_len))) for ids, start in seqs]
     T = max(len(ids) for ids, _ in seqs)
     pad = tok.bos_token_id
-    batch = torch.tensor([ids + [pad] * (T - len(ids)) for ids, _ in seqs], device=gpt.lm_head.weight.device)
+    batch = torch.tensor([ids + [pad] * (T - len(ids)) for ids, _ in seqs], device=gpt.device)
     exits = gpt.forward_all_stages(batch, boundaries)  # right padding: real positions never see the pads
     right = []
     for logits in exits:

@@ -161,7 +161,7 @@ def measure_modes(model, prompts: list[list[int]], bounds: list[float], new_toke
 
     res["wand"] = []
     for safety in safeties:
-        t, outs = median_run(lambda safety=safety: [run_wand(model, ids, safety=safety, p99_bounds=bounds, **kw)
+        t, outs = median_run(lambda safety=safety: [run_wand(model.gpt, ids, safety=safety, p99_bounds=bounds, **kw)
                                                     for ids in tensors], runs)
         bar.update(1)
         used = torch.tensor([s for r in outs for s in r.stages_used[0]])
@@ -178,7 +178,7 @@ def measure_modes(model, prompts: list[list[int]], bounds: list[float], new_toke
         for k in ks:
             # c, v and the wall time all come from the same (median) run, so the cost model and the measurement
             # see the same machine state
-            t, stats = median_run(lambda k=k, d=draft_stage: [run_speculative(model, ids, draft_stage=d, k_draft=k,
+            t, stats = median_run(lambda k=k, d=draft_stage: [run_speculative(model.gpt, ids, draft_stage=d, k_draft=k,
                                                                               **kw) for ids in tensors], runs)
             bar.update(1)
             accepted = sum(r.accepted for r in stats)
@@ -262,7 +262,7 @@ def build_report(model, tokenizer, data: str | None = None, prompts: list[str] |
         half = max(len(docs) // 2, 1)
         calib = documents_stream(docs[:half], tokenizer, st.calib_tokens)
         say(f"calibrating WAND bounds on {len(calib):,} tokens (the first half of the held-out documents)")
-        bounds = calibrate_wand_bounds(model, calib, seq_len=min(seq_len, len(calib) - 1))
+        bounds = calibrate_wand_bounds(model.gpt, calib, seq_len=min(seq_len, len(calib) - 1))
         bounds_source, speed_docs = "calibrated on the first half of the held-out documents", docs[half:] or docs
     if prompts:
         prompt_ids = [[tokenizer.bos_token_id] + tokenizer.encoding.encode_ordinary(p) for p in prompts]

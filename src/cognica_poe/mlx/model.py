@@ -60,6 +60,21 @@ class ModelArgs:
     wand_p99_bounds: list[float] | None = None
     model_type: str = "cognica_poe"
 
+    @property
+    def poe_n_stages(self) -> int:
+        return len(self.poe_stage_boundary_layers)
+
+    def stage_boundary(self, stage: int) -> int:
+        """
+        Last layer of `stage` (0-based, negative from the end); a clear error for a bad index. The same check as
+        CognicaPoEConfig.stage_boundary, written again because this file imports nothing of the package.
+        """
+        n = self.poe_n_stages
+        if isinstance(stage, bool) or not isinstance(stage, int) or not -n <= stage < n:
+            raise ValueError(f"stage {stage!r} out of range: this model has {n} stages, 0..{n - 1} "
+                             f"(boundaries {self.poe_stage_boundary_layers})")
+        return self.poe_stage_boundary_layers[stage]
+
     @classmethod
     def from_dict(cls, config: dict) -> "ModelArgs":
         """From a converted folder's config.json (mlx_lm's entry point) or from a plain dict of the fields."""
@@ -286,7 +301,7 @@ class Model(nn.Module):
 
     @property
     def poe_n_stages(self) -> int:
-        return len(self.config.poe_stage_boundary_layers)
+        return self.config.poe_n_stages
 
     @property
     def poe_stage_boundary_layers(self) -> list[int]:
@@ -294,11 +309,7 @@ class Model(nn.Module):
 
     def stage_boundary(self, stage: int) -> int:
         """Last layer of `stage` (0-based, negative from the end); a clear error for a bad index."""
-        n = self.poe_n_stages
-        if isinstance(stage, bool) or not isinstance(stage, int) or not -n <= stage < n:
-            raise ValueError(f"stage {stage!r} out of range: this model has {n} stages, 0..{n - 1} "
-                             f"(boundaries {self.poe_stage_boundary_layers})")
-        return self.poe_stage_boundary_layers[stage]
+        return self.config.stage_boundary(stage)
 
     def stage_layers(self, stage: int) -> range:
         """The layers of `stage`: from the previous boundary (exclusive) to its own."""

@@ -46,7 +46,7 @@ def generate_parallel_composition(model: Model, input_ids, stages: list[int], st
                                   streamer: Callable[[int, int], None] | None = None,
                                   max_length: int | None = None) -> list[int]:
     """Prompt + new ids decoded from the Log-OP of the chosen stage exits (one pass up to the deepest)."""
-    stages, weights = check_composition(model, stages, stage_weights)
+    stages, weights = check_composition(model.config, stages, stage_weights)
     boundaries = [model.stage_boundary(s) for s in stages]
 
     def next_scores(cache: Cache, ids: mx.array) -> mx.array:
@@ -87,7 +87,7 @@ def generate_wand(model: Model, input_ids, max_new_tokens: int = 32, safety: flo
                   seed: int | None = None, stop_tokens: list[int] | int | None = None,
                   streamer: Callable[[int, int], None] | None = None, max_length: int | None = None):
     """Prompt + new ids; with return_stages_used, (ids, the 0-based exit stage of every new token)."""
-    thresholds = exit_thresholds(resolve_bounds(model, p99_bounds), float(safety))
+    thresholds = exit_thresholds(resolve_bounds(model.config, p99_bounds), float(safety))
     sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
     prompt, cache, sink = begin_decoding(model, input_ids, max_new_tokens, max_length, stop_tokens, streamer,
                                          keep_hidden=True)

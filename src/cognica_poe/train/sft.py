@@ -154,7 +154,8 @@ def sft(cfg: SFTConfig) -> dict:
     tok = CognicaPoETokenizer.from_pretrained(cfg.model)
     loaded = CognicaPoEForCausalLM.from_pretrained(cfg.model)
     is_stage = os.path.isfile(os.path.join(cfg.model, DELTA_FILE))
-    model = loaded if is_stage else add_specialist(loaded, cfg.new_layers, seed=cfg.seed)
+    model = loaded if is_stage else CognicaPoEForCausalLM.from_gpt(add_specialist(loaded.gpt, cfg.new_layers,
+                                                                                   seed=cfg.seed))
     # the parent as the new stage folder names it (a stage's own parent is relative to that stage's folder)
     parent = (parent_reference(model.config.base_model_name_or_path, stage_dir, relative_to=cfg.model) if is_stage
               else parent_reference(cfg.model, stage_dir))

@@ -11,11 +11,12 @@ This file is copied into exported remote-code folders: it imports only torch/tra
 import torch
 from transformers import GenerationConfig
 
+from .model import GPT
 from .sampling import SamplingParams, decode
 
 
 @torch.no_grad()
-def generate_stage(model, input_ids: torch.Tensor, stage: int, attention_mask: torch.Tensor | None = None,
+def generate_stage(gpt: GPT, input_ids: torch.Tensor, stage: int, attention_mask: torch.Tensor | None = None,
                    generation_config: GenerationConfig | None = None, **sampling) -> torch.Tensor:
     """
     Prompt + up to max_new_tokens tokens per row (B, T + n), decoded from the exit of `stage` (0-based).
@@ -23,11 +24,10 @@ def generate_stage(model, input_ids: torch.Tensor, stage: int, attention_mask: t
     repetition_penalty, no_repeat_ngram_size, logits_processor, seed, stop_tokens, streamer, max_length).
     """
     params = SamplingParams.from_kwargs(generation_config, **sampling)
-    boundary = model.stage_boundary(stage)
-    gpt = model.gpt
+    boundary = gpt.config.stage_boundary(stage)
 
     def next_scores(cache, ids, mask):
         h = gpt.hidden_at_exits(ids, [boundary], cache, mask, logits_to_keep=1)[boundary]
         return gpt.exit_logits(h, boundary)[:, -1]
 
-    return decode(model, input_ids, attention_mask, params, next_scores)
+    return decode(gpt, input_ids, attention_mask, params, next_scores)
