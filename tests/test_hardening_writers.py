@@ -412,3 +412,22 @@ def test_save_stage_folder_refuses_a_parent_relative_to_the_working_directory(tm
     with pytest.raises(ValueError, match="relative to the working directory"):
         save_stage_folder(spec, str(tmp_path / "stages" / "x"), "models/base")
     assert not os.path.exists(tmp_path / "stages" / "x")
+
+
+def test_calibrate_shows_progress_and_refuses_another_models_tokenizer(tok, tmp_path, capsys):
+    """calibrate's windows are counted on a progress bar (stderr), and the folder's tokenizer is checked against the
+    model's vocabulary before anything runs, as every other command does."""
+    folder = export_hf_folder(perturbed_model(vocab_size=len(tok)), tok, str(tmp_path / "hf"), dtype="float32")
+    text = tmp_path / "text.txt"
+    with open(tdata.bundled_corpus(), encoding="utf-8") as f:
+        text.write_text(f.read()[:20_000], encoding="utf-8")
+    assert cli_main(["calibrate", folder, str(text), "--max-tokens", "300", "--seq-len", "32"]) == 0
+    err = capsys.readouterr().err
+    assert "calibrate" in err and "window" in err  # tqdm's bar: "calibrate: 100%|...| 9/9 [.. windows/s]"
+    config = json.load(open(os.path.join(folder, "config.json")))
+    config["vocab_size"] = len(tok) + 64
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    assert cli_main(["calibrate", folder, str(text)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"tokenizer has {len(tok)} ids" in err

@@ -224,27 +224,32 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     """p99 WAND bounds from a text file, stored in the model folder's config.json: only that field changes (the
     folder's dtype and every other field stay), and the file is replaced atomically."""
+    check_model_folder(args.model)
     import torch
+    from tqdm.auto import tqdm
 
     from .atomic import write_json
-    from .checkpoint import load_model
-    from .tokenizer import CognicaPoETokenizer
     from .wand import calibrate_wand_bounds
 
-    config_path = os.path.join(args.model, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path} not found: calibrate needs a model folder (it stores the bounds in "
-                                "its config.json)")
-    model = load_model(args.model, dtype="float32")  # computed in float32; the folder keeps its own dtype
-    tok = CognicaPoETokenizer.from_pretrained(args.model)
-    with open(args.data, encoding="utf-8") as f:
-        docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
+    model, tok = load_folder(args.model, dtype="float32")  # computed in float32; the folder keeps its own dtype
+    try:
+        with open(args.data, encoding="utf-8") as f:
+            docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{args.data} is not UTF-8 text ({e.reason} at byte {e.start}): pass a text file") from None
     stream = []
     for doc in docs:
         stream += [tok.bos_token_id] + tok.encoding.encode_ordinary(doc)
         if len(stream) >= args.max_tokens:
             break
-    bounds = calibrate_wand_bounds(model.gpt, torch.tensor(stream[:args.max_tokens]), seq_len=args.seq_len)
+    with tqdm(desc="calibrate", unit=" windows") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        bounds = calibrate_wand_bounds(model.gpt, torch.tensor(stream[:args.max_tokens]), seq_len=args.seq_len,
+                                       progress=progress)
+    config_path = os.path.join(args.model, "config.json")
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
     config["wand_p99_bounds"] = bounds

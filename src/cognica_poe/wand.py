@@ -20,6 +20,7 @@ This file is copied into exported remote-code folders: it imports only torch/tra
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -157,10 +158,12 @@ def generate_wand(gpt: GPT, input_ids: torch.Tensor, safety: float = 1.0, p99_bo
 
 @torch.no_grad()
 def calibrate_wand_bounds(gpt: GPT, stream: torch.Tensor, seq_len: int | None = None, batch_size: int = 8,
-                          max_windows: int | None = None, quantile: float = 0.99) -> list[float]:
+                          max_windows: int | None = None, quantile: float = 0.99,
+                          progress: Callable[[int, int], None] | None = None) -> list[float]:
     """
     p99 over tokens of max_v |s_j(v) - s_{j-1}(v)| for each pair of consecutive exits (softcapped logits), from
-    fresh-context windows of a token stream. Store the result in config.wand_p99_bounds.
+    fresh-context windows of a token stream. Store the result in config.wand_p99_bounds. progress(done, total) is
+    called after each batch of windows (the command line draws a bar with it; this file imports no tqdm).
     """
     seq_len = seq_len or gpt.config.sequence_len
     starts = list(range(0, len(stream) - seq_len, seq_len))[:max_windows]
@@ -173,6 +176,8 @@ def calibrate_wand_bounds(gpt: GPT, stream: torch.Tensor, seq_len: int | None = 
         exits = gpt.forward_all_stages(x)
         for j in range(1, len(exits)):
             deltas[j - 1].append((exits[j] - exits[j - 1]).abs().amax(dim=-1).flatten().float().cpu())
+        if progress is not None:
+            progress(min(i + batch_size, len(starts)), len(starts))
     bounds = []
     for d in deltas:
         d = torch.cat(d)
