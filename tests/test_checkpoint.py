@@ -49,7 +49,7 @@ def test_golden_fixture_from_nanochat(tmp_path):
 
 def test_d8_classics_stage_bpb(tmp_path):
     """Convert the nanochat-trained reference (opting in to its pickle once) and reproduce its per-stage val BPB."""
-    from cognica_poe.eval.bpb import stage_bpb
+    from cognica_poe.bpb import stage_bpb
 
     D8, DATA = shared_path("models", "poe-d8-classics"), shared_path("data")
     with pytest.raises(ValueError, match="pickle"):

@@ -316,7 +316,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_eval_bpb(args: argparse.Namespace) -> None:
     check_model_folder(args.model)
-    from .eval.bpb import evaluate_bpb
+    from .bpb import evaluate_bpb
     from .train.data import Corpus, token_stream
 
     corpus = Corpus(args.data)  # a bad corpus fails before the model loads

@@ -1,1 +1,1 @@
-"""Evaluation: bits per byte per stage exit (bpb.py)."""
+"""Evaluation: CORE-style tasks scored per exit (core.py), the capability report (report.py)."""

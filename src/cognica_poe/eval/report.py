@@ -228,7 +228,7 @@ def build_report(model, tokenizer, data: str | None = None, prompts: list[str] |
     held-out documents), `baseline` an optional backprop model (its own tokenizer) scored on the same documents.
     With a `progress` callback (for messages), the quality pass and the speed runs also show bars on stderr.
     """
-    from ..eval.bpb import evaluate_bpb
+    from ..bpb import evaluate_bpb
     from ..packed import count_packed
     from ..train.data import documents_stream
     from ..wand import calibrate_wand_bounds

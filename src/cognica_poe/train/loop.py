@@ -56,8 +56,8 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..atomic import atomic_folder, check_replaceable, write_text
+from ..bpb import stage_bpb
 from ..config import CognicaPoEConfig
-from ..eval.bpb import stage_bpb
 from ..model import GPT
 from .config import TrainConfig
 from .data import Corpus, PackedLoader, iter_tokenizer_texts, token_stream
