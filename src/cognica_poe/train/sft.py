@@ -30,8 +30,9 @@ from ..checkpoint import is_model_folder, save_stage_folder
 from ..hf import CognicaPoEForCausalLM
 from ..specialist import DELTA_FILE, add_specialist, parent_reference
 from ..tokenizer import SPECIAL_TOKENS, CognicaPoETokenizer
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import SFTConfig
-from .loop import NonFiniteLossError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .losses import NonFiniteLossError
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
                 "system": "system"}
