@@ -43,7 +43,8 @@ D8 = os.path.join(SHARED, "models", "poe-d8-classics")
 
 
 def load_trained(dtype: str):
-    from cognica_poe.checkpoint import convert_nanochat, load_model
+    from cognica_poe.checkpoint import load_model
+    from cognica_poe.nanochat import convert_nanochat
     from cognica_poe.tokenizer import CognicaPoETokenizer
 
     out = os.path.join(tempfile.mkdtemp(prefix="bench-d8-"), "hf")

@@ -144,7 +144,7 @@ def main() -> None:
     folder = args.model
     name = None if folder is None else os.path.basename(os.path.normpath(folder))
     if folder is None:
-        from cognica_poe.checkpoint import convert_nanochat
+        from cognica_poe.nanochat import convert_nanochat
 
         folder = convert_nanochat(D8, os.path.join(tempfile.mkdtemp(prefix="bench-serve-"), "poe-d8-classics"),
                                   dtype="float32", allow_pickle=True)

@@ -14,15 +14,9 @@ from conftest import bundled_text, perturbed_model, shared_path
 from safetensors.torch import load_file
 
 from cognica_poe import CognicaPoEForCausalLM
-from cognica_poe.checkpoint import (
-    convert_nanochat,
-    export_hf_folder,
-    load_model,
-    nanochat_to_model,
-    refresh_code,
-    remote_code_files,
-)
+from cognica_poe.checkpoint import export_hf_folder, load_model, refresh_code, remote_code_files
 from cognica_poe.cli import main as cli_main
+from cognica_poe.nanochat import convert_nanochat, nanochat_to_model
 from cognica_poe.tokenizer import CognicaPoETokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))

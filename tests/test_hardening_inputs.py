@@ -13,9 +13,10 @@ import pytest
 import torch
 from conftest import perturbed_model
 
-from cognica_poe.checkpoint import convert_nanochat, export_hf_folder
+from cognica_poe.checkpoint import export_hf_folder
 from cognica_poe.cli import build_parser, main
 from cognica_poe.config import CognicaPoEConfig
+from cognica_poe.nanochat import convert_nanochat
 from cognica_poe.tokenizer_train import train_bpe
 from cognica_poe.train.data import bundled_corpus
 

@@ -131,7 +131,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .checkpoint import convert_nanochat, refresh_code
+    from .checkpoint import refresh_code
+    from .nanochat import convert_nanochat
 
     if args.refresh_code:
         files = refresh_code(args.refresh_code)
