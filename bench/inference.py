@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from cognica_poe.eval.report import machine, median_time
+from cognica_poe.eval.speed import machine, median_time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "..", "shared")
@@ -64,7 +64,7 @@ def heldout_docs() -> list[str]:
 def trained_part(dtype: str, new_tokens: int, runs: int) -> dict:
     """Every mode on the trained model: the capability report's speed measurements, with WAND bounds calibrated
     on the first half of the held-out documents and prompts from the second half."""
-    from cognica_poe.eval.report import measure_modes
+    from cognica_poe.eval.speed import measure_modes
     from cognica_poe.packed import count_packed
     from cognica_poe.train.data import documents_stream
     from cognica_poe.wand import calibrate_wand_bounds

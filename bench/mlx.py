@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 import cognica_poe.mlx as poe_mlx  # noqa: E402
 from cognica_poe.checkpoint import export_hf_folder, load_model  # noqa: E402
-from cognica_poe.eval.report import machine  # noqa: E402
+from cognica_poe.eval.speed import machine  # noqa: E402
 from cognica_poe.nanochat import convert_nanochat  # noqa: E402
 
 

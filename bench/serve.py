@@ -127,7 +127,7 @@ def run_level(url: str, prompts: list[str], mode: dict, concurrency: int, args) 
 
 
 def main() -> None:
-    from cognica_poe.eval.report import machine
+    from cognica_poe.eval.speed import machine
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="an HF folder (default: the converted d8 reference model)")

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from cognica_poe.eval.report import machine
+from cognica_poe.eval.speed import machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

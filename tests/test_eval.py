@@ -258,7 +258,7 @@ def test_report_on_a_specialist_with_prompts_and_jsonl(tok, tmp_path):
 
 
 def test_divergence_margin_reports_where_greedy_outputs_split(tiny_model):
-    from cognica_poe.eval.report import divergence_margin
+    from cognica_poe.eval.speed import divergence_margin
 
     ids = torch.tensor([[0, 5, 9, 2]])
     ref = tiny_model.generate_stage(ids, stage=3, max_new_tokens=6, stop_tokens=[])

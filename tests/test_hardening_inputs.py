@@ -355,7 +355,7 @@ def test_threads_flag_on_every_computing_command(folder, monkeypatch, capsys):
 
 def test_progress_bars_and_default_corpus_note(folder, capsys):
     from cognica_poe.bpb import evaluate_bpb
-    from cognica_poe.eval.report import measure_modes
+    from cognica_poe.eval.speed import measure_modes
     from cognica_poe.hf import CognicaPoEForCausalLM
 
     model = CognicaPoEForCausalLM.from_pretrained(folder).eval()

@@ -1,1 +1,2 @@
-"""Evaluation: CORE-style tasks scored per exit (core.py), the capability report (report.py)."""
+"""Evaluation: CORE-style tasks scored per exit (core.py), every mode's speed (speed.py), the capability report
+(report.py)."""
