@@ -556,13 +556,15 @@ def add_tokenizer_train_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from .atomic import atomic_folder
     from .tokenizer_train import train_bpe
     from .train.data import iter_tokenizer_texts
 
     if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
         raise FileExistsError(f"--out {args.out} exists and is not empty: pass a new folder")
     tok = train_bpe(iter_tokenizer_texts(args.data, args.max_chars), args.vocab_size)
-    tok.save_pretrained(args.out)
+    with atomic_folder(args.out, overwrite=True) as tmp:  # whole or not at all; only an empty folder is replaced
+        tok.save_pretrained(tmp)
     print(f"tokenizer: {len(tok):,} ids (BOS = {tok.bos_token_id}) -> {args.out}")
 
 

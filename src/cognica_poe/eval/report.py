@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..atomic import atomic_file, write_text
 from .speed import machine, measure_modes
 
 
@@ -230,12 +231,13 @@ def plot_report(r: dict, out_dir: str) -> list[str]:
     """report_quality.png (per-stage BPB, agreement matrix) and report_speed.png (WAND, speculative)."""
     from ..extras import require
 
-    require("matplotlib", "plots", "the report's plots", "pass --no-plots").use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "plots", "the report's plots", "pass --no-plots")
+    from matplotlib.figure import Figure
 
     n = r["model"]["n_stages"]
     paths = []
-    fig, (ax_bpb, ax_agree) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_bpb, ax_agree = fig.subplots(1, 2)
     # stage exits only: a product of exits with weights 1 is sharper and often far worse in BPB (see the table)
     bars = ax_bpb.bar([f"stage {s}" for s in range(n)], r["stage_bpb"], color="tab:blue")
     ax_bpb.bar_label(bars, fmt="%.4f")
@@ -258,11 +260,10 @@ def plot_report(r: dict, out_dir: str) -> list[str]:
     fig.colorbar(m, ax=ax_agree)
     fig.suptitle(f"{r['model']['name'] or 'model'}: quality on {r['heldout']['counted_tokens']:,} held-out tokens")
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "report_quality.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_png(fig, os.path.join(out_dir, "report_quality.png")))
 
-    fig, (ax_wand, ax_spec) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_wand, ax_spec = fig.subplots(1, 2)
     wand = r["wand"]["safeties"]
     xs = range(len(wand))
     bottom = [0.0] * len(wand)
@@ -288,22 +289,27 @@ def plot_report(r: dict, out_dir: str) -> list[str]:
     fig.suptitle(f"speed vs full-depth cached greedy ({r['speed']['tokens_per_run']} tokens, median of "
                  f"{r['speed']['runs']} runs, {r['machine']['cpu']}, {r['machine']['threads']} threads)", fontsize=9)
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "report_speed.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_png(fig, os.path.join(out_dir, "report_speed.png")))
     return paths
+
+
+def save_png(fig, path: str) -> str:
+    """A matplotlib Figure as a PNG, written atomically (a failed write keeps the previous file)."""
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    return path
 
 
 def write_report(r: dict, out_dir: str, plots: bool = True) -> dict[str, str]:
     """report.json, report.md (capability table + speed table) and the PNG plots into out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     files = {"json": os.path.join(out_dir, "report.json"), "markdown": os.path.join(out_dir, "report.md")}
-    with open(files["json"], "w") as f:
-        json.dump(r, f, indent=1, allow_nan=False)
-    with open(files["markdown"], "w") as f:
-        f.write(f"# Capability report: {r['model']['name'] or 'model'}\n\n{r['capability_table']}\n\n"
+    # each file is replaced whole or not at all (a NaN refused by json or a full disk keeps the previous one)
+    markdown = (f"# Capability report: {r['model']['name'] or 'model'}\n\n{r['capability_table']}\n\n"
                 f"## Tokens per second by mode\n\n{speed_table(r)}\n\nMachine: {r['machine']['cpu']}, "
                 f"{r['machine']['threads']} threads, torch {r['machine']['torch']}.\n")
+    write_text(files["json"], json.dumps(r, indent=1, allow_nan=False))
+    write_text(files["markdown"], markdown)
     if plots:
         files["quality_plot"], files["speed_plot"] = plot_report(r, out_dir)
     return files
