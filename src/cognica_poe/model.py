@@ -445,7 +445,7 @@ class GPT(nn.Module):
         if kv_cache is not None:
             T = idx.size(1)
             valid = attention_mask[:, -T:] if attention_mask is not None else None
-            start, _ = kv_cache.claim(idx, valid)
+            start = kv_cache.claim(idx, valid)
             return self.run_slots(kv_cache, start, start + T, 0, max(exits), exits, logits_to_keep, streams=streams)
         x0, step = self.prepare(idx, attention_mask)
         return self._run_layers(x0, x0, idx, step, 0, max(exits), exits, logits_to_keep, None, None, streams)
