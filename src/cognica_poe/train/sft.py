@@ -1,5 +1,5 @@
 """
-Dual-head SFT of a specialist stage on a frozen base (SPEC §5).
+Dual-head SFT of a specialist stage on a frozen base.
 
 Only the specialist's own layers and its `lm_head_stage` train; every base tensor (layers, wte, lm_head,
 value embeddings, smear, backout, earlier stages) is frozen and outside the optimizer, so weight decay cannot
