@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from cognica_poe.eval.report import machine, median_time
+from cognica_poe.eval.speed import machine, median_time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "..", "shared")
@@ -43,7 +43,8 @@ D8 = os.path.join(SHARED, "models", "poe-d8-classics")
 
 
 def load_trained(dtype: str):
-    from cognica_poe.checkpoint import convert_nanochat, load_model
+    from cognica_poe.checkpoint import load_model
+    from cognica_poe.nanochat import convert_nanochat
     from cognica_poe.tokenizer import CognicaPoETokenizer
 
     out = os.path.join(tempfile.mkdtemp(prefix="bench-d8-"), "hf")
@@ -63,7 +64,7 @@ def heldout_docs() -> list[str]:
 def trained_part(dtype: str, new_tokens: int, runs: int) -> dict:
     """Every mode on the trained model: the capability report's speed measurements, with WAND bounds calibrated
     on the first half of the held-out documents and prompts from the second half."""
-    from cognica_poe.eval.report import measure_modes
+    from cognica_poe.eval.speed import measure_modes
     from cognica_poe.packed import count_packed
     from cognica_poe.train.data import documents_stream
     from cognica_poe.wand import calibrate_wand_bounds

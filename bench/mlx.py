@@ -36,8 +36,9 @@ import mlx.core as mx  # noqa: E402
 import torch  # noqa: E402
 
 import cognica_poe.mlx as poe_mlx  # noqa: E402
-from cognica_poe.checkpoint import convert_nanochat, export_hf_folder, load_model  # noqa: E402
-from cognica_poe.eval.report import machine  # noqa: E402
+from cognica_poe.checkpoint import export_hf_folder, load_model  # noqa: E402
+from cognica_poe.eval.speed import machine  # noqa: E402
+from cognica_poe.nanochat import convert_nanochat  # noqa: E402
 
 
 def model_folder(shape: str | None, dtype: str) -> tuple[str, str]:

@@ -127,7 +127,7 @@ def run_level(url: str, prompts: list[str], mode: dict, concurrency: int, args) 
 
 
 def main() -> None:
-    from cognica_poe.eval.report import machine
+    from cognica_poe.eval.speed import machine
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="an HF folder (default: the converted d8 reference model)")
@@ -144,7 +144,7 @@ def main() -> None:
     folder = args.model
     name = None if folder is None else os.path.basename(os.path.normpath(folder))
     if folder is None:
-        from cognica_poe.checkpoint import convert_nanochat
+        from cognica_poe.nanochat import convert_nanochat
 
         folder = convert_nanochat(D8, os.path.join(tempfile.mkdtemp(prefix="bench-serve-"), "poe-d8-classics"),
                                   dtype="float32", allow_pickle=True)

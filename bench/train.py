@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from cognica_poe.eval.report import machine
+from cognica_poe.eval.speed import machine
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -59,7 +59,7 @@ def worker(args) -> dict:
     sys.path.insert(0, os.path.join(HERE, "..", "src"))
     from cognica_poe.config import CognicaPoEConfig
     from cognica_poe.model import GPT
-    from cognica_poe.train.loop import backward_step
+    from cognica_poe.train.losses import backward_step
     from cognica_poe.train.optim import MuonAdamW
 
     torch.manual_seed(0)

@@ -62,7 +62,8 @@ def bundled_text(n_chars: int | None = None) -> str:
 @pytest.fixture(scope="session")
 def d8_model(tmp_path_factory):
     """The nanochat-trained reference flat-PoE model (8 layers, 4 exits), converted once per session."""
-    from cognica_poe.checkpoint import convert_nanochat, load_model
+    from cognica_poe.checkpoint import load_model
+    from cognica_poe.nanochat import convert_nanochat
     from cognica_poe.tokenizer import CognicaPoETokenizer
 
     d8 = shared_path("models", "poe-d8-classics")

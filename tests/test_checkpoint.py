@@ -14,15 +14,9 @@ from conftest import bundled_text, perturbed_model, shared_path
 from safetensors.torch import load_file
 
 from cognica_poe import CognicaPoEForCausalLM
-from cognica_poe.checkpoint import (
-    convert_nanochat,
-    export_hf_folder,
-    load_model,
-    nanochat_to_model,
-    refresh_code,
-    remote_code_files,
-)
+from cognica_poe.checkpoint import export_hf_folder, load_model, refresh_code, remote_code_files
 from cognica_poe.cli import main as cli_main
+from cognica_poe.nanochat import convert_nanochat, nanochat_to_model
 from cognica_poe.tokenizer import CognicaPoETokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,7 +43,7 @@ def test_golden_fixture_from_nanochat(tmp_path):
 
 def test_d8_classics_stage_bpb(tmp_path):
     """Convert the nanochat-trained reference (opting in to its pickle once) and reproduce its per-stage val BPB."""
-    from cognica_poe.eval.bpb import stage_bpb
+    from cognica_poe.bpb import stage_bpb
 
     D8, DATA = shared_path("models", "poe-d8-classics"), shared_path("data")
     with pytest.raises(ValueError, match="pickle"):

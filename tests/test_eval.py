@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cognica_poe.eval.bpb import stage_bpb
+from cognica_poe.bpb import stage_bpb
 from cognica_poe.eval.core import evaluate_core, load_bundle
 from cognica_poe.tokenizer_train import train_bpe
 
@@ -128,9 +128,9 @@ def test_cli_eval_core_on_a_real_model(d8_model, tmp_path, capsys):
 
 
 def test_composition_bpb_by_hand_and_cli(d8_model, tmp_path, capsys):
+    from cognica_poe.bpb import evaluate_bpb
     from cognica_poe.checkpoint import export_hf_folder
     from cognica_poe.cli import main as cli_main
-    from cognica_poe.eval.bpb import evaluate_bpb
 
     model, tok = d8_model
     text = "It was in July, 1805, and the speaker was the well-known Anna Pavlovna Scherer, maid of honor."
@@ -258,7 +258,7 @@ def test_report_on_a_specialist_with_prompts_and_jsonl(tok, tmp_path):
 
 
 def test_divergence_margin_reports_where_greedy_outputs_split(tiny_model):
-    from cognica_poe.eval.report import divergence_margin
+    from cognica_poe.eval.speed import divergence_margin
 
     ids = torch.tensor([[0, 5, 9, 2]])
     ref = tiny_model.generate_stage(ids, stage=3, max_new_tokens=6, stop_tokens=[])

@@ -13,9 +13,10 @@ import pytest
 import torch
 from conftest import perturbed_model
 
-from cognica_poe.checkpoint import convert_nanochat, export_hf_folder
+from cognica_poe.checkpoint import export_hf_folder
 from cognica_poe.cli import build_parser, main
 from cognica_poe.config import CognicaPoEConfig
+from cognica_poe.nanochat import convert_nanochat
 from cognica_poe.tokenizer_train import train_bpe
 from cognica_poe.train.data import bundled_corpus
 
@@ -353,8 +354,8 @@ def test_threads_flag_on_every_computing_command(folder, monkeypatch, capsys):
 
 
 def test_progress_bars_and_default_corpus_note(folder, capsys):
-    from cognica_poe.eval.bpb import evaluate_bpb
-    from cognica_poe.eval.report import measure_modes
+    from cognica_poe.bpb import evaluate_bpb
+    from cognica_poe.eval.speed import measure_modes
     from cognica_poe.hf import CognicaPoEForCausalLM
 
     model = CognicaPoEForCausalLM.from_pretrained(folder).eval()

@@ -13,7 +13,8 @@ from conftest import bundled_text, shared_path
 
 from cognica_poe import tokenizer as tokenizer_module
 from cognica_poe.cli import main as cli_main
-from cognica_poe.tokenizer import SPECIAL_TOKENS, CognicaPoETokenizer, load_legacy_pickle
+from cognica_poe.nanochat import load_legacy_pickle
+from cognica_poe.tokenizer import SPECIAL_TOKENS, CognicaPoETokenizer
 from cognica_poe.tokenizer_train import train_bpe
 
 HERE = os.path.dirname(os.path.abspath(__file__))

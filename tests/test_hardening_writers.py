@@ -431,3 +431,113 @@ def test_calibrate_shows_progress_and_refuses_another_models_tokenizer(tok, tmp_
     assert cli_main(["calibrate", folder, str(text)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"tokenizer has {len(tok)} ids" in err
+
+
+# -----------------------------------------------------------------------------
+# 5. the report, the curves and a trained tokenizer are written whole or not at all
+
+def fake_report() -> dict:
+    """A two-stage capability report with every field write_report and its plots read ("speed" last, so a NaN there
+    comes after the rest of report.json has been written)."""
+    from cognica_poe.eval.report import capability_table
+
+    r = {"model": {"name": "fake", "n_stages": 2, "n_layer": 2, "stage_boundary_layers": [0, 1]},
+         "machine": {"cpu": "cpu", "threads": 1, "torch": torch.__version__},
+         "heldout": {"counted_tokens": 100}, "stage_bpb": [2.0, 1.5], "composition_bpb": {"0+1": 1.6},
+         "agreement_matrix": [[1.0, 0.5], [0.5, 1.0]], "agreement_with_final": [0.5, 1.0],
+         "margins": {"stages": [1.0, 2.0], "compositions": {"0+1": 3.0}}, "baseline": None,
+         "wand": {"p99_bounds": [1.0], "bounds_source": "config", "safeties": [
+             {"safety": 1.0, "tok_s": 10.0, "speedup": 1.2, "top1_agreement": 1.0, "exit_histogram": [3, 1]}]},
+         "speculative": [{"draft_stage": 0, "k": 1, "speedup": 1.1, "cost_model_speedup": 1.3, "acceptance": 0.7,
+                          "tok_s": 9.0, "lossless": True}],
+         "speed": {"tokens_per_run": 8, "prompts": 1, "runs": 1, "full_tok_s": 8.0, "stage_tok_s": [12.0, 8.0],
+                   "stage_speedup": [1.5, 1.0], "compose_all_tok_s": 7.0, "compose_all_speedup": 0.9}}
+    r["capability_table"] = capability_table(r)
+    return r
+
+
+def _broken_savefig(self, fname, *args, **kwargs):
+    """A savefig that dies half way (a full disk): some bytes reach its target, then an error."""
+    f = open(fname, "wb") if isinstance(fname, (str, os.PathLike)) else fname
+    f.write(b"\x89PNG half")
+    f.flush()
+    raise OSError("No space left on device")
+
+
+def test_a_failed_report_write_keeps_the_previous_report_whole(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from cognica_poe.eval.report import write_report
+
+    out = tmp_path / "report"
+    files = write_report(fake_report(), str(out))
+    assert sorted(os.listdir(out)) == ["report.json", "report.md", "report_quality.png", "report_speed.png"]
+    assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in (files["quality_plot"], files["speed_plot"]))
+    before = digest(out)
+    bad = fake_report()
+    bad["speed"]["compose_all_speedup"] = float("nan")  # json refuses it after writing most of the file
+    with pytest.raises(ValueError):
+        write_report(bad, str(out), plots=False)
+    assert digest(out) == before
+    monkeypatch.setattr(Figure, "savefig", _broken_savefig)
+    with pytest.raises(OSError, match="No space"):
+        write_report(fake_report(), str(out))
+    assert digest(out) == before
+
+
+def test_a_failed_curves_plot_keeps_the_previous_png(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from cognica_poe.train.plot import plot_metrics
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"type": "train", "step": 1, "losses": [2.0, 1.0]}\n'
+                       '{"type": "eval", "step": 1, "bpb": [2.5, 2.0]}\n')
+    png = tmp_path / "curves.png"
+    assert plot_metrics(str(metrics), str(png)) == str(png)
+    before = digest(tmp_path)
+    monkeypatch.setattr(Figure, "savefig", _broken_savefig)
+    with pytest.raises(OSError, match="No space"):
+        plot_metrics(str(metrics), str(png))
+    assert digest(tmp_path) == before
+
+
+def test_plots_leave_matplotlibs_backend_and_pyplot_alone(tmp_path):
+    """The curves and the report's plots are drawn on Figure objects: the caller's backend stays, no pyplot."""
+    code = ("import json, sys, matplotlib\nmatplotlib.use('pdf')\n"
+            "from cognica_poe.train.plot import plot_metrics\nfrom cognica_poe.eval.report import plot_report\n"
+            "from test_hardening_writers import fake_report\n"
+            "m = sys.argv[1] + '/metrics.jsonl'\n"
+            "open(m, 'w').write(json.dumps({'type': 'train', 'step': 1, 'losses': [2.0, 1.0]}) + '\\n')\n"
+            "paths = [plot_metrics(m, sys.argv[1] + '/curves.png')] + plot_report(fake_report(), sys.argv[1])\n"
+            "pngs = [open(p, 'rb').read(8) == b'\\x89PNG\\r\\n\\x1a\\n' for p in paths]\n"
+            "print(json.dumps([matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules, pngs]))\n")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(here, "..", "src"), here]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == ["pdf", False, [True, True, True]]
+
+
+def test_a_failed_tokenizer_train_leaves_no_folder(corpus, tmp_path, monkeypatch, capsys):
+    from cognica_poe.tokenizer import CognicaPoETokenizer
+
+    def broken_save(self, folder, *args, **kwargs):
+        os.makedirs(folder, exist_ok=True)  # as transformers' save_pretrained does
+        with open(os.path.join(folder, "tokenizer.tiktoken"), "w") as f:
+            f.write("half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(CognicaPoETokenizer, "save_pretrained", broken_save)
+    out = tmp_path / "tok"
+    args = ["tokenizer", "train", "--data", corpus, "--vocab-size", "300", "--max-chars", "20000", "--out", str(out)]
+    assert cli_main(args) == 2
+    assert "No space" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []  # neither the folder nor a temporary
+    out.mkdir()  # an empty folder given as --out is still accepted
+    monkeypatch.undo()
+    assert cli_main(args) == 0
+    assert CognicaPoETokenizer.from_pretrained(str(out)).encode("ROMEO:") == \
+        train_bpe(tdata.iter_tokenizer_texts(corpus, 20000), 300).encode("ROMEO:")

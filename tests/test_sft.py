@@ -11,7 +11,7 @@ from cognica_poe import CognicaPoEForCausalLM
 from cognica_poe.checkpoint import export_hf_folder
 from cognica_poe.hf import load_folder
 from cognica_poe.tokenizer_train import train_bpe
-from cognica_poe.train.loop import load_checkpoint
+from cognica_poe.train.checkpoints import load_checkpoint
 from cognica_poe.train.sft import SFTConfig, normalize_conversation, sft, sft_batch
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -10,12 +10,11 @@ import pytest
 import torch
 from conftest import bundled_text, shared_path
 
+from cognica_poe.nanochat import PickleNotAllowedError, load_legacy_pickle
 from cognica_poe.tokenizer import (
     SPECIAL_TOKENS,
     SPLIT_PATTERN,
     CognicaPoETokenizer,
-    PickleNotAllowedError,
-    load_legacy_pickle,
     load_token_bytes,
     tokenizer_auto_map,
 )

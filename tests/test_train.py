@@ -16,15 +16,9 @@ from cognica_poe.config import preset_config
 from cognica_poe.model import GPT
 from cognica_poe.tokenizer_train import train_bpe
 from cognica_poe.train import data as tdata
-from cognica_poe.train.loop import (
-    NonFiniteLossError,
-    TrainConfig,
-    backward_step,
-    joint_stage_losses,
-    load_checkpoint,
-    poe_loss_scale,
-    train,
-)
+from cognica_poe.train.checkpoints import load_checkpoint
+from cognica_poe.train.loop import TrainConfig, train
+from cognica_poe.train.losses import NonFiniteLossError, backward_step, joint_stage_losses, poe_loss_scale
 from cognica_poe.train.optim import lr_multiplier, muon_momentum, muon_weight_decay
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
@@ -486,7 +480,8 @@ import sys, torch, torch.distributed as dist
 from torch.distributed.tensor import DTensor
 sys.path.insert(0, ARG["tests"])
 from test_train import batch, random_gpt
-from cognica_poe.train.loop import allreduce_mean_, backward_step, shard_model
+from cognica_poe.train.distributed import allreduce_mean_, shard_model
+from cognica_poe.train.losses import backward_step
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 for mode in ("flat", "hier", "none"):

@@ -231,7 +231,7 @@ class SiblingSpecialists:
         """
         nb, gpt = self.n_base_exits, self.base.gpt
         T = ids.size(1)
-        start, _ = cache.claim(ids, attention_mask[:, -T:] if attention_mask is not None else None)
+        start = cache.claim(ids, attention_mask[:, -T:] if attention_mask is not None else None)
         end = start + T
         base_layers = [self.base.config.stage_boundary(e) for e in exits if e < nb]
         last = self.base.config.n_layer - 1 if views else max(base_layers)

@@ -143,10 +143,11 @@ class CognicaKVCache(Cache):
         """Fill level (slots with keys/values) of every layer."""
         return [layer.length for layer in self.layers]
 
-    def claim(self, idx: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[int, torch.Tensor]:
+    def claim(self, idx: torch.Tensor, valid: torch.Tensor | None = None) -> int:
         """
         Reserve the next T slots for tokens idx (B, T) with validity mask valid (B, T) (None = all real).
-        Returns (start slot, rotary positions (B, T)). Pads get position 0; they are masked everywhere.
+        Returns the start slot; the slots' rotary positions go to self.positions. Pads get position 0; they are
+        masked everywhere.
         """
         B, T = idx.shape
         if B != self.batch_size_:
@@ -165,7 +166,7 @@ class CognicaKVCache(Cache):
         self.valid[:, start:end] = valid
         self.positions[:, start:end] = pos
         self.n_slots = end
-        return start, pos
+        return start
 
     def invalidate(self, rows: torch.Tensor, starts: torch.Tensor, end: int) -> None:
         """Mark slots [starts[i], end) of row rows[i] as not real tokens (e.g. a row's rejected drafts)."""

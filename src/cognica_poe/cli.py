@@ -131,7 +131,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from .checkpoint import convert_nanochat, refresh_code
+    from .checkpoint import refresh_code
+    from .nanochat import convert_nanochat
 
     if args.refresh_code:
         files = refresh_code(args.refresh_code)
@@ -321,7 +322,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def cmd_eval_bpb(args: argparse.Namespace) -> None:
     check_model_folder(args.model)
-    from .eval.bpb import evaluate_bpb
+    from .bpb import evaluate_bpb
     from .train.data import Corpus, token_stream
 
     corpus = Corpus(args.data)  # a bad corpus fails before the model loads
@@ -560,13 +561,15 @@ def add_tokenizer_train_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from .atomic import atomic_folder
     from .tokenizer_train import train_bpe
     from .train.data import iter_tokenizer_texts
 
     if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
         raise FileExistsError(f"--out {args.out} exists and is not empty: pass a new folder")
     tok = train_bpe(iter_tokenizer_texts(args.data, args.max_chars), args.vocab_size)
-    tok.save_pretrained(args.out)
+    with atomic_folder(args.out, overwrite=True) as tmp:  # whole or not at all; only an empty folder is replaced
+        tok.save_pretrained(tmp)
     print(f"tokenizer: {len(tok):,} ids (BOS = {tok.bos_token_id}) -> {args.out}")
 
 

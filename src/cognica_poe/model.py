@@ -457,7 +457,7 @@ class GPT(nn.Module):
         if kv_cache is not None:  # cached: claim the next slots, then run them as the stage engine does
             T = idx.size(1)
             valid = attention_mask[:, -T:] if attention_mask is not None else None
-            start, _ = kv_cache.claim(idx, valid)
+            start = kv_cache.claim(idx, valid)
             return self.run_slots(kv_cache, start, start + T, 0, max(exits), exits, logits_to_keep, streams=streams)
         # uncached: prepare (embed, smear, rotary and masks), then run the layers
         x0, step = self.prepare(idx, attention_mask)

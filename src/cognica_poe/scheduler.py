@@ -638,7 +638,7 @@ class Engine:
         cur = torch.tensor([r.pending for r in rows], dtype=torch.long, device=self.device)
         drafts, q = [], []
         for _ in range(k):  # draft: the shallow layers only, one slot at a time
-            slot, _ = cache.claim(cur[:, None])
+            slot = cache.claim(cur[:, None])
             h = gpt.run_slots(cache, slot, slot + 1, 0, d_layer, [d_layer])[d_layer]
             logits = gpt.exit_logits(h, d_layer)[:, -1]
             picks = [choose_tokens(logits[i:i + 1], r.do_sample, r.request.decoding.temperature if r.do_sample
@@ -648,7 +648,7 @@ class Engine:
             drafts.append(cur)
             q.append([probs(r, logits[i]) if r.do_sample else None for i, r in enumerate(rows)])
         # verify: the last draft's shallow layers, then the deep layers for all k + 1 slots from the kept stream
-        slot, _ = cache.claim(cur[:, None])
+        slot = cache.claim(cur[:, None])
         gpt.run_slots(cache, slot, slot + 1, 0, d_layer, [])
         full = gpt.exit_logits(gpt.run_slots(cache, n, slot + 1, d_layer + 1, last, [last])[last], last)  # (B,k+1,V)
         drafts = torch.stack(drafts, dim=1)  # (B, k)

@@ -128,7 +128,7 @@ def run_speculative(gpt: GPT, input_ids: torch.Tensor, draft_stage: int = 0, k_d
         drafts, q = [], []
         cur = token
         for _ in range(k):  # draft: the shallow layers only, one slot at a time
-            slot, _ = cache.claim(cur[:, None])
+            slot = cache.claim(cur[:, None])
             h = gpt.run_slots(cache, slot, slot + 1, 0, draft_boundary, [draft_boundary])[draft_boundary]
             scores = state.process(gpt.exit_logits(h, draft_boundary)[:, -1], drafts)
             cur = state.choose(scores)
@@ -136,7 +136,7 @@ def run_speculative(gpt: GPT, input_ids: torch.Tensor, draft_stage: int = 0, k_d
             q.append(state.probs(scores) if params.do_sample else None)
         lap("draft")
         # verify: the last draft's shallow layers, then the deep layers for all k + 1 slots from the kept stream
-        slot, _ = cache.claim(cur[:, None])
+        slot = cache.claim(cur[:, None])
         gpt.run_slots(cache, slot, slot + 1, 0, draft_boundary, [])
         h = gpt.run_slots(cache, n, slot + 1, draft_boundary + 1, last, [last])[last]
         p = gpt.exit_logits(h, last)  # (B, k+1, V)

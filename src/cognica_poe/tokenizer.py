@@ -33,7 +33,6 @@ import base64
 import functools
 import json
 import os
-import pickle
 import re
 import shutil
 from collections.abc import Collection, Iterator
@@ -310,56 +309,11 @@ def _tokens_pattern(tokens: tuple[str, ...]) -> re.Pattern:
     return re.compile("(" + "|".join(map(re.escape, tokens)) + ")")
 
 
-class PickleNotAllowedError(ValueError):
-    """Raised when a pickle would be loaded without the caller's explicit opt-in."""
-
-
-class _PickledEncoding:
-    """Stand-in for tiktoken.core.Encoding while unpickling: only records the state, runs no code."""
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-class _EncodingUnpickler(pickle.Unpickler):
-    """Resolves tiktoken.core.Encoding to a record-only stand-in and refuses every other global."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) == ("tiktoken.core", "Encoding"):
-            return _PickledEncoding
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: "
-                                     "a tokenizer.pkl holds only a tiktoken Encoding")
-
-
-def load_legacy_pickle(path: str, allow_pickle: bool = False) -> "CognicaPoETokenizer":
-    """
-    nanochat's tokenizer.pkl (a pickled tiktoken.Encoding) as a CognicaPoETokenizer. Unpickling can run
-    arbitrary code, so this needs allow_pickle=True; even then only a tiktoken Encoding's state is accepted.
-    """
-    if os.path.isdir(path):
-        path = os.path.join(path, LEGACY_PICKLE_FILE)
-    if not allow_pickle:
-        raise PickleNotAllowedError(
-            f"{path} is a pickle (nanochat's tokenizer.pkl), and unpickling a file can run arbitrary code. "
-            "If you trust it, opt in with allow_pickle=True (the converter's --allow-pickle flag); "
-            f"converting once writes the safe format ({VOCAB_FILE} + tokenizer_config.json) and the pickle "
-            "is never needed again.")
-    with open(path, "rb") as f:
-        obj = _EncodingUnpickler(f).load()
-    state = getattr(obj, "state", None)
-    if not isinstance(state, dict) or not {"pat_str", "mergeable_ranks", "special_tokens"} <= set(state):
-        raise ValueError(f"{path} does not hold a tiktoken Encoding's state")
-    encoding = tiktoken.Encoding(name=state.get("name", "rustbpe"), pat_str=state["pat_str"],
-                                 mergeable_ranks=state["mergeable_ranks"],
-                                 special_tokens=state["special_tokens"])
-    return CognicaPoETokenizer.from_encoding(encoding)
-
-
 def _missing_vocab_message(where) -> str:
     msg = f"no tokenizer vocabulary: looked for {VOCAB_FILE} (with tokenizer_config.json) in {str(where)!r}"
     if where and os.path.isfile(os.path.join(str(where), LEGACY_PICKLE_FILE)):
         msg += (f"; found nanochat's {LEGACY_PICKLE_FILE}, which needs a one-time opt-in conversion: "
-                "load_legacy_pickle(path, allow_pickle=True).save_pretrained(dir) "
+                "cognica_poe.nanochat.load_legacy_pickle(path, allow_pickle=True).save_pretrained(dir) "
                 "(or the converter's --allow-pickle)")
     return msg
 

@@ -1,1 +1,2 @@
-"""Evaluation: bits per byte per stage exit (bpb.py)."""
+"""Evaluation: CORE-style tasks scored per exit (core.py), every mode's speed (speed.py), the capability report
+(report.py)."""

@@ -7,11 +7,8 @@ for any checkpoint, on held-out text (the validation split of a corpus) and a pr
   quality (one pass over the held-out text, every exit at once): per-stage BPB, Log-OP composition BPB, the
       agreement matrix (how often two exits pick the same top-1 token), top-1 accuracy, and the mean top-1
       margin of each exit and composition (how much sharper a product of exits is);
-  speed (greedy decode of the prompt set, every figure a same-process ratio to full-depth cached greedy,
-      median of `runs` timed runs after a warm-up, token counts stated): stage prefix pruning, Log-OP of all
-      stages, WAND at several safeties (exit histogram, speedup, top-1 agreement of its tokens with the full
-      model's argmax at the same prefix), self-speculative decoding for K = 1..6 (acceptance, speedup, the
-      cost model's ideal, losslessness checked against plain greedy);
+  speed (speed.py: greedy decode of the prompt set, every figure a same-process ratio to full-depth cached
+      greedy): stage prefix pruning, Log-OP of all stages, WAND at several safeties, self-speculative decoding;
   with a backprop baseline, the PoE-vs-BP BPB gap on the same documents.
 
 Where the card used an 8-prompt factual probe for prefix pruning, the report uses agreement with the final exit
@@ -23,13 +20,13 @@ held-out documents (then prompts and speed runs use the second half).
 import json
 import math
 import os
-import platform
-import statistics
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
+
+from ..atomic import atomic_file, write_text
+from .speed import machine, measure_modes
 
 
 @dataclass
@@ -46,162 +43,6 @@ class ReportSettings:
     ks: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
     draft_stages: tuple[int, ...] = (0,)
     compositions: list[list[int]] | None = None  # default: all stages, and the last two
-    extra: dict = field(default_factory=dict)  # free-form notes stored with the settings
-
-
-def machine() -> dict:
-    """The CPU/GPU, threads and versions a measurement ran on."""
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "gpu": gpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "cuda": torch.cuda.is_available()}
-
-
-def median_run(fn: Callable[[], object], runs: int = 3) -> tuple[float, object]:
-    """
-    (median wall time, result of the median run) over `runs` timed calls of fn, after one untimed warm-up call
-    (allocations, kernel choice). With an odd number of runs the result comes from the run whose time is the
-    median, so statistics and speed describe one run.
-    """
-    fn()
-    timed = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        result = fn()
-        timed.append((time.perf_counter() - t0, result))
-    return statistics.median(t for t, _ in timed), sorted(timed, key=lambda x: x[0])[len(timed) // 2][1]
-
-
-def median_time(fn: Callable[[], object], runs: int = 3) -> float:
-    """Median wall time of `runs` calls of fn, after one untimed warm-up call."""
-    return median_run(fn, runs)[0]
-
-
-# -----------------------------------------------------------------------------
-# speed: every mode against full-depth cached greedy, in one process
-
-
-def divergence_margin(model, output: torch.Tensor, reference: torch.Tensor) -> float | None:
-    """
-    None when a mode's greedy output (1, T) equals plain greedy's; else the full model's top-1 minus top-2 logit
-    where they first differ (teacher-forced on the reference): how near a tie the two paths' rounding broke.
-    """
-    if torch.equal(output, reference):
-        return None
-    n = min(output.size(1), reference.size(1))
-    differ = (output[0, :n] != reference[0, :n]).nonzero()
-    pos = int(differ[0]) if len(differ) else n  # equal up to n: one stopped earlier
-    with torch.no_grad():
-        top2 = model.gpt(reference[:, :pos], logits_to_keep=1)[0, -1].topk(2).values
-    return float(top2[0] - top2[1])
-
-
-def greedy_agreement(model, sequences: list[torch.Tensor], new_tokens: int) -> float:
-    """Fraction of generated tokens equal to the full model's argmax at the same prefix (teacher-forced)."""
-    hits = total = 0
-    for seq in sequences:
-        with torch.no_grad():
-            ref = model.gpt(seq)[0].argmax(-1)  # (T,)
-        n = min(new_tokens, seq.size(1) - 1)
-        T = seq.size(1) - n
-        hits += int((seq[0, T:] == ref[T - 1:-1]).sum())
-        total += n
-    return hits / max(total, 1)
-
-
-@torch.no_grad()
-def measure_modes(model, prompts: list[list[int]], bounds: list[float], new_tokens: int = 32, runs: int = 3,
-                  safeties: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0), ks: tuple[int, ...] = (1, 2, 3, 4, 5, 6),
-                  draft_stages: tuple[int, ...] = (0,), progress: bool = False) -> dict:
-    """
-    Tokens/s of every mode over the prompts (batch 1, greedy, exactly new_tokens each) and each mode's speedup
-    over full-depth cached greedy, measured side by side. Speculative rows also give the cost model's ideal
-    tokens_per_iteration / (K c + v), c and v being the measured per-token costs of drafting and verifying in
-    units of one full decode step (prefill excluded, so it is compared with the decode-only speedup).
-    progress: a bar on stderr, one step per measurement.
-    """
-    from tqdm.auto import tqdm
-
-    from ..speculative import run_speculative
-    from ..wand import run_wand
-
-    last = model.poe_n_stages - 1
-    # full depth, prefill, every other stage, Log-OP, each WAND safety, each speculative (drafter, K)
-    bar = tqdm(total=3 + last + len(safeties) + len(draft_stages) * len(ks), desc="speed", unit="run",
-               disable=not progress)
-    kw = dict(max_new_tokens=new_tokens, stop_tokens=[])
-    n_tokens = new_tokens * len(prompts)
-    tensors = [torch.tensor([p]) for p in prompts]
-
-    def over_prompts(fn):
-        return lambda: [fn(ids) for ids in tensors]
-
-    t_full = median_time(over_prompts(lambda ids: model.generate_stage(ids, stage=last, **kw)), runs)
-    # the prompts' prefill alone (one cached forward each), to compare decode time with the cost model
-    t_prefill = median_time(over_prompts(lambda ids: model.gpt(ids, kv_cache=model.new_cache(1, ids.size(1)),
-                                                               logits_to_keep=1)), runs)
-    bar.update(2)
-    res = {"tokens_per_run": n_tokens, "new_tokens": new_tokens, "prompts": len(prompts), "runs": runs,
-           "full_tok_s": n_tokens / t_full, "stage_tok_s": [], "stage_speedup": []}
-    for s in range(last + 1):
-        t = t_full if s == last else median_time(over_prompts(lambda ids, s=s: model.generate_stage(ids, stage=s,
-                                                                                                    **kw)), runs)
-        bar.update(int(s != last))
-        res["stage_tok_s"].append(n_tokens / t)
-        res["stage_speedup"].append(t_full / t)
-    t = median_time(over_prompts(lambda ids: model.generate_parallel_composition(ids, stages=list(range(last + 1)),
-                                                                                  **kw)), runs)
-    res["compose_all_tok_s"], res["compose_all_speedup"] = n_tokens / t, t_full / t
-    bar.update(1)
-
-    res["wand"] = []
-    for safety in safeties:
-        t, outs = median_run(lambda safety=safety: [run_wand(model.gpt, ids, safety=safety, p99_bounds=bounds, **kw)
-                                                    for ids in tensors], runs)
-        bar.update(1)
-        used = torch.tensor([s for r in outs for s in r.stages_used[0]])
-        hist = torch.bincount(used, minlength=last + 1).tolist()
-        layers = sum(h * (model.poe_stage_boundary_layers[s] + 1) for s, h in enumerate(hist))
-        res["wand"].append({"safety": safety, "tok_s": n_tokens / t, "speedup": t_full / t,
-                            "top1_agreement": greedy_agreement(model, [r.sequences for r in outs], new_tokens),
-                            "exit_histogram": hist,
-                            "layer_fraction": layers / (len(used) * model.config.n_layer)})
-
-    res["speculative"] = []
-    step_time = (t_full - t_prefill) / n_tokens  # one full-depth decode step
-    for draft_stage in draft_stages:
-        for k in ks:
-            # c, v and the wall time all come from the same (median) run, so the cost model and the measurement
-            # see the same machine state
-            t, stats = median_run(lambda k=k, d=draft_stage: [run_speculative(model.gpt, ids, draft_stage=d, k_draft=k,
-                                                                              **kw) for ids in tensors], runs)
-            bar.update(1)
-            accepted = sum(r.accepted for r in stats)
-            iters = sum(r.iterations for r in stats)
-            tokens_per_iter = 1 + accepted / iters
-            draft_steps = sum(r.draft_steps for r in stats)  # k per iteration, less where the budget ended sooner
-            drafts_per_iter = draft_steps / iters
-            c = sum(r.seconds["draft"] for r in stats) / draft_steps / step_time
-            v = sum(r.seconds["verify"] for r in stats) / iters / step_time
-            ideal = tokens_per_iter / (drafts_per_iter * c + v)
-            decode_speedup = (t_full - t_prefill) / (t - sum(r.seconds["prefill"] for r in stats))
-            margins = [divergence_margin(model, r.sequences, model.generate_stage(ids, stage=last, **kw))
-                       for r, ids in zip(stats, tensors)]
-            lossless = all(m is None for m in margins)
-            res["speculative"].append({
-                "draft_stage": draft_stage, "k": k, "acceptance": accepted / sum(r.drafted for r in stats),
-                "tokens_per_iteration": tokens_per_iter, "drafts_per_iteration": drafts_per_iter, "c": c, "v": v,
-                "bookkeeping_per_iteration": sum(r.seconds["accept"] for r in stats) / iters / step_time,
-                "tok_s": n_tokens / t, "speedup": t_full / t, "decode_speedup": decode_speedup,
-                "cost_model_speedup": ideal, "ratio_to_cost_model": decode_speedup / ideal, "lossless": lossless,
-                "divergence_margins": [m for m in margins if m is not None]})
-    bar.close()
-    return res
 
 
 # -----------------------------------------------------------------------------
@@ -228,7 +69,7 @@ def build_report(model, tokenizer, data: str | None = None, prompts: list[str] |
     held-out documents), `baseline` an optional backprop model (its own tokenizer) scored on the same documents.
     With a `progress` callback (for messages), the quality pass and the speed runs also show bars on stderr.
     """
-    from ..eval.bpb import evaluate_bpb
+    from ..bpb import evaluate_bpb
     from ..packed import count_packed
     from ..train.data import documents_stream
     from ..wand import calibrate_wand_bounds
@@ -390,12 +231,13 @@ def plot_report(r: dict, out_dir: str) -> list[str]:
     """report_quality.png (per-stage BPB, agreement matrix) and report_speed.png (WAND, speculative)."""
     from ..extras import require
 
-    require("matplotlib", "plots", "the report's plots", "pass --no-plots").use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "plots", "the report's plots", "pass --no-plots")
+    from matplotlib.figure import Figure
 
     n = r["model"]["n_stages"]
     paths = []
-    fig, (ax_bpb, ax_agree) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_bpb, ax_agree = fig.subplots(1, 2)
     # stage exits only: a product of exits with weights 1 is sharper and often far worse in BPB (see the table)
     bars = ax_bpb.bar([f"stage {s}" for s in range(n)], r["stage_bpb"], color="tab:blue")
     ax_bpb.bar_label(bars, fmt="%.4f")
@@ -418,11 +260,10 @@ def plot_report(r: dict, out_dir: str) -> list[str]:
     fig.colorbar(m, ax=ax_agree)
     fig.suptitle(f"{r['model']['name'] or 'model'}: quality on {r['heldout']['counted_tokens']:,} held-out tokens")
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "report_quality.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_png(fig, os.path.join(out_dir, "report_quality.png")))
 
-    fig, (ax_wand, ax_spec) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_wand, ax_spec = fig.subplots(1, 2)
     wand = r["wand"]["safeties"]
     xs = range(len(wand))
     bottom = [0.0] * len(wand)
@@ -448,22 +289,27 @@ def plot_report(r: dict, out_dir: str) -> list[str]:
     fig.suptitle(f"speed vs full-depth cached greedy ({r['speed']['tokens_per_run']} tokens, median of "
                  f"{r['speed']['runs']} runs, {r['machine']['cpu']}, {r['machine']['threads']} threads)", fontsize=9)
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "report_speed.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_png(fig, os.path.join(out_dir, "report_speed.png")))
     return paths
+
+
+def save_png(fig, path: str) -> str:
+    """A matplotlib Figure as a PNG, written atomically (a failed write keeps the previous file)."""
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    return path
 
 
 def write_report(r: dict, out_dir: str, plots: bool = True) -> dict[str, str]:
     """report.json, report.md (capability table + speed table) and the PNG plots into out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     files = {"json": os.path.join(out_dir, "report.json"), "markdown": os.path.join(out_dir, "report.md")}
-    with open(files["json"], "w") as f:
-        json.dump(r, f, indent=1, allow_nan=False)
-    with open(files["markdown"], "w") as f:
-        f.write(f"# Capability report: {r['model']['name'] or 'model'}\n\n{r['capability_table']}\n\n"
+    # each file is replaced whole or not at all (a NaN refused by json or a full disk keeps the previous one)
+    markdown = (f"# Capability report: {r['model']['name'] or 'model'}\n\n{r['capability_table']}\n\n"
                 f"## Tokens per second by mode\n\n{speed_table(r)}\n\nMachine: {r['machine']['cpu']}, "
                 f"{r['machine']['threads']} threads, torch {r['machine']['torch']}.\n")
+    write_text(files["json"], json.dumps(r, indent=1, allow_nan=False))
+    write_text(files["markdown"], markdown)
     if plots:
         files["quality_plot"], files["speed_plot"] = plot_report(r, out_dir)
     return files

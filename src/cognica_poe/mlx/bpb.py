@@ -1,5 +1,5 @@
 """
-Bits per byte of every stage exit on MLX, with the PyTorch evaluator's protocol (../eval/bpb.py): fresh-context
+Bits per byte of every stage exit on MLX, with the PyTorch evaluator's protocol (../bpb.py): fresh-context
 windows of a token stream, targets of byte length 0 (special tokens) counted in neither sum. It is how a quantized
 model is compared with the one it came from.
 """
@@ -9,7 +9,7 @@ import math
 import mlx.core as mx
 import numpy as np
 
-from ..eval.bpb import windows
+from ..bpb import windows
 from .model import Model
 
 

@@ -1,6 +1,6 @@
 """
 nanochat's optimizer recipe on stock PyTorch optimizers: torch.optim.Muon for the block matrices, AdamW for the
-rest, with nanochat's groups, learning rates and schedules (SPEC §7, reference/nanochat.md §5.3-5.4).
+rest, with nanochat's groups, learning rates and schedules.
 
 Groups (lrs before the schedule multiplier; dmodel = (n_embd/768)^-0.5, batch = sqrt(batch_tokens/2^19)):
   Muon   every 2-D matrix in transformer.h (ve_gate included)  matrix_lr * batch, one group per shape

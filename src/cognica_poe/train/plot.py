@@ -1,20 +1,15 @@
 """
 Per-stage curves of a run, from its metrics.jsonl: validation BPB of every exit, and the train loss of every
-stage, against the step. Uses matplotlib's Agg backend (files only, no display needed); matplotlib is optional
-(the `plots` extra): without it a run skips its plot with a warning rather than failing at the end.
+stage, against the step. The figure is a matplotlib Figure saved straight to a PNG (no pyplot, no display, and the
+caller's backend is left as it is), written atomically; matplotlib is optional (the `plots` extra): without it a
+run skips its plot with a warning rather than failing at the end.
 """
 
 import json
 import warnings
 
+from ..atomic import atomic_file
 from ..extras import require
-
-
-def pyplot(purpose: str):
-    """matplotlib.pyplot on the Agg backend, or ModuleNotFoundError naming the `plots` extra."""
-    matplotlib = require("matplotlib", "plots", purpose)
-    matplotlib.use("Agg")
-    return require("matplotlib.pyplot", "plots", purpose)
 
 
 def read_metrics(path: str) -> tuple[list[dict], list[dict]]:
@@ -32,12 +27,15 @@ def plot_metrics(metrics_path: str, out_png: str, title: str | None = None) -> s
     """Draw per-stage val BPB (left) and per-stage train loss (right) to out_png; returns out_png (None, with a
     warning, when matplotlib is not installed)."""
     try:
-        plt = pyplot("plotting a run's curves")
+        require("matplotlib", "plots", "plotting a run's curves")
     except ModuleNotFoundError as e:
         warnings.warn(f"{e}; {out_png} is not drawn", UserWarning, stacklevel=2)
         return None
+    from matplotlib.figure import Figure
+
     train, evals = read_metrics(metrics_path)
-    fig, (ax_bpb, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax_bpb, ax_loss = fig.subplots(1, 2)
     if evals:
         steps = [r["step"] for r in evals]
         for k in range(len(evals[0]["bpb"])):
@@ -55,6 +53,6 @@ def plot_metrics(metrics_path: str, out_png: str, title: str | None = None) -> s
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    with atomic_file(out_png, "wb") as f:  # a failed write keeps the previous curves
+        fig.savefig(f, format="png", dpi=110)
     return out_png

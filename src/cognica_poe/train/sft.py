@@ -1,5 +1,5 @@
 """
-Dual-head SFT of a specialist stage on a frozen base (SPEC §5).
+Dual-head SFT of a specialist stage on a frozen base.
 
 Only the specialist's own layers and its `lm_head_stage` train; every base tensor (layers, wte, lm_head,
 value embeddings, smear, backout, earlier stages) is frozen and outside the optimizer, so weight decay cannot
@@ -30,8 +30,9 @@ from ..checkpoint import is_model_folder, save_stage_folder
 from ..hf import CognicaPoEForCausalLM
 from ..specialist import DELTA_FILE, add_specialist, parent_reference
 from ..tokenizer import SPECIAL_TOKENS, CognicaPoETokenizer
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import SFTConfig
-from .loop import NonFiniteLossError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .losses import NonFiniteLossError
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bot": "assistant",
                 "system": "system"}

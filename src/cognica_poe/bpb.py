@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..model import GPT
+from .model import GPT
 
 
 def windows(stream: torch.Tensor, seq_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -40,7 +40,7 @@ def evaluate_bpb(gpt: GPT, stream: torch.Tensor, token_bytes: torch.Tensor, seq_
     """
     from tqdm.auto import tqdm
 
-    from ..compose import log_op
+    from .compose import log_op
 
     seq_len = seq_len or gpt.config.sequence_len
     boundaries = stage_boundaries or gpt.config.poe_stage_boundary_layers
