@@ -290,34 +290,15 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if max_length > model.config.rotary_seq_len:
         raise ValueError(f"--max-length {max_length} exceeds {model.config.rotary_multiplier} x sequence_len "
                          f"({model.config.rotary_seq_len}), the rotary tables' reach")
-    end = tok.convert_tokens_to_ids("<|assistant_end|>")
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print(f"chatting with {args.model} ({model.poe_n_stages} stages); empty line or Ctrl-D to quit",
-          file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            break
-        if not line:
-            break
-        messages.append({"role": "user", "content": line})
-        ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False,
-                                      sanitize_control_tokens=True)  # what the user types is text
-        reply = []
+    from .chat import chat_loop
 
-        def stream(row, token, reply=reply):
-            if token != end:
-                reply.append(token)
-                print(tok.decode([token]), end="", flush=True)
-
-        print("assistant> ", end="", flush=True)
+    def generate(ids, streamer, stop_tokens):
         model.generate_stage([ids], stage=model.poe_n_stages - 1, max_new_tokens=args.max_new_tokens,
                              do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-6),
-                             top_k=args.top_k, seed=args.seed, stop_tokens=[end, tok.bos_token_id], streamer=stream,
+                             top_k=args.top_k, seed=args.seed, stop_tokens=stop_tokens, streamer=streamer,
                              max_length=max_length)
-        print()
-        messages.append({"role": "assistant", "content": tok.decode(reply)})
+
+    chat_loop(tok, generate, f"chatting with {args.model} ({model.poe_n_stages} stages)", args.system)
 
 
 def cmd_eval_bpb(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ import argparse
 import sys
 import time
 
+from ..chat import chat_loop
 from ..tokenizer import CognicaPoETokenizer
 from .load import load
 from .modes import generate_parallel_composition, generate_speculative, generate_stage, generate_wand
@@ -56,30 +57,11 @@ def chat(args: argparse.Namespace) -> None:
     """The terminal chat: the conversation rendered with the chat tokens, replies streamed from the last exit."""
     model = load(args.model, dtype=args.dtype)
     tok = CognicaPoETokenizer.from_pretrained(args.model)
-    end = tok.convert_tokens_to_ids("<|assistant_end|>")
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print(f"chatting with {args.model} ({model.poe_n_stages} stages, MLX); empty line or Ctrl-D to quit",
-          file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            break
-        if not line:
-            break
-        messages.append({"role": "user", "content": line})
-        ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
-        reply = []
 
-        def stream(row, token, reply=reply):
-            if token != end:
-                reply.append(token)
-                print(tok.decode([token]), end="", flush=True)
-
-        print("assistant> ", end="", flush=True)
+    def generate(ids, streamer, stop_tokens):
         generate_stage(model, ids, stage=model.poe_n_stages - 1, max_new_tokens=args.max_new_tokens,
                        do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-6), top_k=args.top_k,
-                       seed=args.seed, stop_tokens=[end, tok.bos_token_id], streamer=stream,
-                       max_length=model.config.sequence_len * 10)
-        print()
-        messages.append({"role": "assistant", "content": tok.decode(reply)})
+                       seed=args.seed, stop_tokens=stop_tokens, streamer=streamer,
+                       max_length=args.max_length or model.config.rotary_seq_len)
+
+    chat_loop(tok, generate, f"chatting with {args.model} ({model.poe_n_stages} stages, MLX)", args.system)
