@@ -14,24 +14,21 @@ A quantized matrix is a `QuantizedLinear`, which is not an nn.Linear: packing (p
 matrix is either quantized or packed, never both. Training refuses a quantized model (there is no float weight to
 update): quantize a trained model, never train a quantized one.
 
-Quantized folder layout (`save_quantized`, `cognica-poe quantize`; loaded by `load_quantized` without
-re-quantizing): config.json, generation_config.json and the tokenizer files as in a model folder, plus
+Quantized folder layout (checkpoint.save_quantized, `cognica-poe quantize`; checkpoint.load_quantized loads it
+without re-quantizing): config.json, generation_config.json and the tokenizer files as in a model folder, plus
   quantization.json   {"format": "cognica-poe-weight-only", "version": 1, "bits": 8 | 4, "group_size": G | null,
                        "heads": bool, "dtype": "bfloat16" | ..., "modules": [names of the quantized matrices]}
   model.safetensors   every float tensor of the core GPT under its state_dict name (e.g. "transformer.wte.weight")
                       in `dtype`, and for each quantized matrix M of shape (out, in):
-                        int8: M.qweight int8 (out, in); M.scales (out,)            w = scales[o] * q[o, i]
+                        int8: M.qweight int8 (out, in), M.scales (out,); w[o, i] = scales[o] * q[o, i]
                         int4: M.qweight uint8 (out, in / 2), two 4-bit values q in 0..15 per byte, column 2j in the
-                              high nibble; M.scales and M.zeros (out, in / G)     w = scales[o, g] * (q - 8) + zeros[o, g]
+                              high nibble; M.scales and M.zeros (out, in / G), in group g = i // G:
+                              w[o, i] = scales[o, g] * (q[o, i] - 8) + zeros[o, g]
 A quantized folder is not a transformers remote-code folder: load it with `cognica_poe.load_model`.
 """
 
-import json
-import os
-
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
 from .model import GPT, MLP, CausalSelfAttention
 
@@ -191,7 +188,7 @@ def check_int4_shape(out_features: int, in_features: int, group_size: int | None
 def quantized_names(gpt: GPT, heads: bool = True) -> list[str]:
     """The names (in gpt) of the matrices quantization covers: every block matrix, and the heads if asked."""
     names = []
-    for name, m in gpt.named_modules():
+    for name, _ in gpt.named_modules():
         parent, _, leaf = name.rpartition(".")
         owner = gpt.get_submodule(parent) if parent else gpt
         if isinstance(owner, (CausalSelfAttention, MLP)) and leaf in BLOCK_MATRICES:
@@ -246,110 +243,64 @@ def quantize_model(gpt: GPT, mode: str | int, group_size: int = DEFAULT_GROUP_SI
 # -----------------------------------------------------------------------------
 # the quantized folder
 
-def is_quantized_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, QUANT_FILE))
-
-
-def save_quantized(model, tokenizer, out_dir: str, overwrite: bool = False, sources: tuple = ()) -> str:
-    """
-    Write a quantized model (CognicaPoEForCausalLM whose gpt went through quantize_model) as a quantized folder
-    (the layout in this module's docstring), atomically. Returns the folder's absolute path.
-    """
-    from .checkpoint import generation_config_for, model_folder, set_special_ids
-
-    gpt = model.gpt
+def quantized_tensors(gpt: GPT) -> tuple[dict[str, torch.Tensor], dict]:
+    """A quantized gpt as the saved layout: (model.safetensors' tensors, quantization.json's record)."""
     names = [n for n, m in gpt.named_modules() if isinstance(m, QuantizedLinear)]
     if not names:
         raise ValueError("the model is not quantized: quantize_model(model.gpt, 'int8' | 'int4') first")
     first = gpt.get_submodule(names[0])
-    tensors = {}
-    quantized = set()
+    tensors, own = {}, set()
     for name in names:
-        for k, v in gpt.get_submodule(name).portable().items():
-            tensors[f"{name}.{k}"] = v.contiguous()
-        quantized |= {f"{name}.{b}" for b, _ in gpt.get_submodule(name).named_buffers()}
-    for k, v in gpt.state_dict().items():
-        if k not in quantized:
-            tensors[k] = v.detach().contiguous()
+        m = gpt.get_submodule(name)
+        tensors |= {f"{name}.{k}": v.contiguous() for k, v in m.portable().items()}
+        own |= {f"{name}.{b}" for b, _ in m.named_buffers()}
+    tensors |= {k: v.detach().contiguous() for k, v in gpt.state_dict().items() if k not in own}
     meta = {"format": FORMAT, "version": 1, "bits": first.bits, "group_size": first.group_size,
             "heads": "lm_head" in names, "dtype": str(gpt.dtype).removeprefix("torch."), "modules": names}
-    with model_folder(out_dir, overwrite, (*sources, model.config._name_or_path)) as tmp:
-        config = model.config.__class__.from_dict(model.config.to_dict())
-        config.base_model_name_or_path = None  # complete weights: not a delta on a parent
-        config.auto_map = None  # not loadable as transformers remote code
-        if tokenizer is not None:
-            set_special_ids(config, tokenizer)
-            tokenizer.save_pretrained(tmp)
-        config.save_pretrained(tmp)
-        generation_config_for(config).save_pretrained(tmp)
-        save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
-        with open(os.path.join(tmp, QUANT_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
-    return os.path.abspath(out_dir)
-
-
-def read_quantization(path: str) -> dict:
-    """A quantized folder's quantization.json, checked; problems named in one line."""
-    meta_path = os.path.join(path, QUANT_FILE)
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{meta_path} is not valid JSON ({e}); restore it from the original folder") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("bits") not in (8, 4) \
-            or not isinstance(meta.get("modules"), list):
-        raise ValueError(f"{meta_path} is not a cognica-poe quantization record (format {FORMAT!r}, bits 8 or 4, "
-                         "modules); restore it from the original folder")
-    return meta
+    return tensors, meta
 
 
 @torch.no_grad()
-def load_quantized(path: str, dtype: torch.dtype | None = None, device: str = "cpu"):
-    """A quantized folder as a CognicaPoEForCausalLM in eval mode, its integer weights as saved (no re-quantizing)."""
-    from .checkpoint import parse_dtype, read_config
-    from .hf import CognicaPoEForCausalLM
-
-    config = read_config(path)
-    meta = read_quantization(path)
+def quantized_gpt(config, tensors: dict[str, torch.Tensor], meta: dict, dtype: torch.dtype, device: str,
+                  source: str = WEIGHTS_FILE) -> GPT:
+    """A GPT holding a saved layout's tensors (quantized_tensors' inverse): nothing is re-quantized or initialised.
+    source names the file in errors."""
     check_device(device, meta["bits"])
-    weights = os.path.join(path, WEIGHTS_FILE)
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{path} has {QUANT_FILE} but no {WEIGHTS_FILE}: restore it from the original folder")
-    tensors = load_file(weights, device=str(device))
-    dtype = parse_dtype(dtype or meta.get("dtype", "float32"))
+    tensors = dict(tensors)
     gpt = GPT.from_config(config, "meta")
     known = {n for n, _ in gpt.named_modules()}
-    for name in meta["modules"]:
+    for name in meta["modules"]:  # the quantized matrices replace their float ones, empty for now
         if name not in known:
-            raise ValueError(f"{os.path.join(path, QUANT_FILE)} names {name!r}, which the config's model does not "
-                             "have")
+            raise ValueError(f"{source}: quantization record names {name!r}, which the config's model does not have")
         parent, _, leaf = name.rpartition(".")
         owner = gpt.get_submodule(parent) if parent else gpt
         m = getattr(owner, leaf)
         setattr(owner, leaf, QuantizedLinear(m.in_features, m.out_features, meta["bits"], meta["group_size"],
-                                             dtype=dtype, device=device))
+                                             dtype=dtype, device="meta"))
     gpt.to_empty(device=device)
-    # float tensors: loaded as they are; quantized matrices: from the saved layout
-    own = {}
+    # quantized matrices: from the saved layout
+    own = set()
     for name in meta["modules"]:
         parts = {k: tensors.pop(f"{name}.{k}", None) for k in ("qweight", "scales", "zeros")}
         missing = [k for k, v in parts.items() if v is None and (k != "zeros" or meta["bits"] == 4)]
         if missing:
-            raise ValueError(f"{weights} lacks {', '.join(f'{name}.{k}' for k in missing)}: restore the folder")
+            raise ValueError(f"{source} lacks {', '.join(f'{name}.{k}' for k in missing)}: restore the folder")
+        m = gpt.get_submodule(name)
         try:
-            gpt.get_submodule(name).load_portable(parts)
+            m.load_portable(parts)
         except RuntimeError as e:
-            raise ValueError(f"{weights}: {name} does not match the config's shape ({e})") from None
-        own |= {f"{name}.{b}" for b, _ in gpt.get_submodule(name).named_buffers()}
+            raise ValueError(f"{source}: {name} does not match the config's shape ({e})") from None
+        if m.weight.shape != (m.out_features, m.in_features // (2 if m.bits == 4 else 1)):
+            raise ValueError(f"{source}: {name}.qweight has shape {tuple(parts['qweight'].shape)}, not the "
+                             "config's")
+        own |= {f"{name}.{b}" for b, _ in m.named_buffers()}
+    # float tensors: as saved, in dtype
     expected = {k for k in gpt.state_dict() if k not in own}
     if set(tensors) != expected:
         extra, lacking = sorted(set(tensors) - expected), sorted(expected - set(tensors))
-        raise ValueError(f"{weights} does not match the config: missing {lacking[:5]}, unexpected {extra[:5]}")
+        raise ValueError(f"{source} does not match the config: missing {lacking[:5]}, unexpected {extra[:5]}")
     try:
-        gpt.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
+        gpt.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=False)
     except RuntimeError as e:
-        raise ValueError(f"{weights} does not match the config's shapes: {' '.join(str(e).split())[:300]}") from None
-    gpt.to(dtype)
-    model = CognicaPoEForCausalLM.from_gpt(gpt).eval()
-    model.config._name_or_path = path
-    return model
+        raise ValueError(f"{source} does not match the config's shapes: {' '.join(str(e).split())[:300]}") from None
+    return gpt.to(dtype).eval()
