@@ -128,13 +128,14 @@ class QuantizedLinear(nn.Module):
         """Fill the buffers from the saved layout (qweight, scales[, zeros]); int4 is converted to the kernel's."""
         dtype, device = self.scales_buffer().dtype, self.weight.device
         if self.bits == 8:
-            self.weight = tensors["qweight"].to(device=device, dtype=torch.int8).contiguous()
-            self.scales = tensors["scales"].to(device=device, dtype=dtype).contiguous()
+            # owned copies: tensors from safetensors are memory-mapped at any alignment, which the kernels cannot take
+            self.weight = tensors["qweight"].to(device=device, dtype=torch.int8).clone()
+            self.scales = tensors["scales"].to(device=device, dtype=dtype).clone()
             return
         q = from_nibbles(tensors["qweight"]).to(device)
         self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
         sz = torch.stack([tensors["scales"], tensors["zeros"]], dim=-1).transpose(0, 1)  # (in / G, out, 2)
-        self.scales_and_zeros = sz.to(device=device, dtype=dtype).contiguous()
+        self.scales_and_zeros = sz.to(device=device, dtype=dtype).contiguous()  # a new tensor: stack copies
 
     def scales_buffer(self) -> torch.Tensor:
         return self.scales if self.bits == 8 else self.scales_and_zeros
