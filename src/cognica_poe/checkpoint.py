@@ -25,6 +25,7 @@ from .config import CognicaPoEConfig, preset_config
 from .folders import check_model_folder, is_folder_name
 from .hf import CognicaPoEForCausalLM, load_folder
 from .model import GPT
+from .quantize import QUANT_FILE, WEIGHTS_FILE, parse_quantize, quantize_model, quantized_gpt, quantized_tensors
 from .specialist import DELTA_FILE, add_specialist, parent_reference, stage_delta
 from .tokenizer import CognicaPoETokenizer, tokenizer_auto_map
 
@@ -226,19 +227,96 @@ def read_config(path: str) -> CognicaPoEConfig:
 
 
 def load_model(path_or_preset: str, dtype: str | torch.dtype | None = None, device: str = "cpu",
-               seed: int = 0, pack: bool = False) -> CognicaPoEForCausalLM:
+               seed: int = 0, pack: bool = False, quantize: str | None = None, group_size: int = 128,
+               quantize_heads: bool = True) -> CognicaPoEForCausalLM:
     """
-    An HF folder (ours or a released one), or a preset name (randomly initialised, for shapes and speed), in eval
-    mode. pack: also give the large matrices prepacked copies for CPU inference (model.pack_weights()).
+    An HF folder (ours or a released one), a quantized folder (`cognica-poe quantize`), or a preset name (randomly
+    initialised, for shapes and speed), in eval mode. pack: also give the large matrices prepacked copies for CPU
+    inference (model.pack_weights()). quantize: "int8" or "int4" weight-only quantization of the block matrices
+    (and the heads unless quantize_heads is False; int4 in groups of group_size inputs): see quantize.py. A quantized
+    folder loads as saved; asking it for another quantization is an error.
     """
-    if is_folder_name(path_or_preset):
+    bits = parse_quantize(quantize)
+    if is_folder_name(path_or_preset) and is_quantized_folder(path_or_preset):
+        saved = read_quantization(path_or_preset)
+        if bits is not None and (bits, group_size if bits == 4 else None) != (saved["bits"], saved["group_size"]):
+            raise ValueError(f"{path_or_preset} is already quantized (int{saved['bits']}"
+                             + (f", group size {saved['group_size']}" if saved["bits"] == 4 else "")
+                             + "): load it without --quantize, or quantize its float folder")
+        bits = None
+        model = load_quantized(path_or_preset, None if dtype is None else parse_dtype(dtype), device)
+    elif is_folder_name(path_or_preset):
         read_config(path_or_preset)  # a missing path, a file, a nanochat folder or a bad config.json: one clear line
         model = load_folder(path_or_preset, dtype=None if dtype is None else parse_dtype(dtype)).to(device).eval()
     else:
         gpt = GPT.from_config(preset_config(path_or_preset), device, parse_dtype(dtype or torch.float32), seed=seed)
         model = CognicaPoEForCausalLM.from_gpt(gpt).eval()
+    if bits is not None:
+        quantize_model(model.gpt, bits, group_size, quantize_heads)
     if pack:
-        model.pack_weights()
+        model.pack_weights()  # only what stays float (a quantized matrix is never packed)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# quantized folders (layout: quantize.py)
+
+def is_quantized_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, QUANT_FILE))
+
+
+def read_quantization(path: str) -> dict:
+    """A quantized folder's quantization.json, checked; every problem named in one line."""
+    meta_path = os.path.join(path, QUANT_FILE)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e}); restore it from the original folder") from None
+    if not isinstance(meta, dict) or meta.get("bits") not in (8, 4) or not isinstance(meta.get("modules"), list) \
+            or (meta["bits"] == 4 and not isinstance(meta.get("group_size"), int)):
+        raise ValueError(f"{meta_path} is not a cognica-poe quantization record (bits 8 or 4, group_size for 4, "
+                         "modules); restore it from the original folder")
+    return meta
+
+
+def save_quantized(model: CognicaPoEForCausalLM, tokenizer: CognicaPoETokenizer | None, out_dir: str,
+                   overwrite: bool = False, sources: Iterable[str | None] = ()) -> str:
+    """
+    Write a quantized model (its gpt went through quantize.quantize_model) as a quantized folder, atomically:
+    config.json, generation_config.json, tokenizer files, quantization.json and model.safetensors (quantize.py
+    documents the layout). No remote code: transformers cannot run it; cognica_poe.load_model loads it as saved.
+    """
+    from safetensors.torch import save_file
+
+    tensors, meta = quantized_tensors(model.gpt)
+    with model_folder(out_dir, overwrite, (*sources, model.config._name_or_path)) as tmp:
+        config = model.config.__class__.from_dict(model.config.to_dict())
+        config.base_model_name_or_path = None  # complete weights, not a delta on a parent
+        config.auto_map = None
+        if tokenizer is not None:
+            set_special_ids(config, tokenizer)
+            tokenizer.save_pretrained(tmp)
+        config.save_pretrained(tmp)
+        generation_config_for(config).save_pretrained(tmp)
+        save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+        write_json(os.path.join(tmp, QUANT_FILE), meta)
+    return os.path.abspath(out_dir)
+
+
+def load_quantized(path: str, dtype: torch.dtype | None = None, device: str = "cpu") -> CognicaPoEForCausalLM:
+    """A quantized folder in eval mode, its integer weights exactly as saved (nothing re-quantized)."""
+    from safetensors.torch import load_file
+
+    config = read_config(path)
+    meta = read_quantization(path)
+    weights = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"{path} has {QUANT_FILE} but no {WEIGHTS_FILE}: restore it from the original folder")
+    dtype = parse_dtype(dtype or meta.get("dtype", "float32"))
+    gpt = quantized_gpt(config, load_file(weights), meta, dtype, device, source=weights)
+    model = CognicaPoEForCausalLM.from_gpt(gpt).eval()
+    model.config._name_or_path = path
     return model
 
 

@@ -4,6 +4,7 @@ The `cognica-poe` command line.
     cognica-poe info PATH_OR_PRESET            parameters, stages, boundaries, windows, memory
     cognica-poe convert NANOCHAT_DIR OUT_DIR   nanochat checkpoint -> HF folder (bf16 safetensors by default)
     cognica-poe convert --refresh-code DIR     replace a released folder's .py files with this package's
+    cognica-poe quantize MODEL OUT --bits 8|4  a weight-only int8 / int4 folder (loads back as saved)
     cognica-poe generate MODEL "prompt" --mode full|stage|wand|speculative|compose
     cognica-poe calibrate MODEL TEXT           WAND p99 bounds for a checkpoint, stored in its config
     cognica-poe eval bpb MODEL [DATA]          bits per byte per exit and for Log-OP compositions
@@ -51,14 +52,19 @@ def need_file(path: str, what: str) -> str:
     return path
 
 
-def load_folder(path: str, dtype: str | None = None, pack: bool = False):
-    """(model, tokenizer) of an HF model folder, checked before the weights load: its config.json, and a tokenizer
-    whose vocabulary is the model's."""
+def load_folder(path: str, dtype: str | None = None, pack: bool = False, quantize: dict | None = None):
+    """(model, tokenizer) of an HF model folder (or a quantized one), checked before the weights load: its
+    config.json, and a tokenizer whose vocabulary is the model's. quantize: load_model's quantization keywords."""
     from .checkpoint import load_model, read_config
 
     quiet_loading()
     tok = load_tokenizer(path, read_config(path))
-    return load_model(path, dtype=dtype, pack=pack), tok
+    return load_model(path, dtype=dtype, pack=pack, **(quantize or {})), tok
+
+
+def quantize_options(args: argparse.Namespace) -> dict:
+    """load_model's quantization keywords from --quantize, --group-size and --no-quantize-heads."""
+    return dict(quantize=args.quantize, group_size=args.group_size, quantize_heads=not args.no_quantize_heads)
 
 
 def quiet_loading() -> None:
@@ -145,6 +151,19 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    """Quantize a model folder's block matrices (and heads) to int8 / int4 and save a quantized folder."""
+    check_model_folder(args.model)
+    from .checkpoint import is_quantized_folder, save_quantized
+
+    if is_quantized_folder(args.model):
+        raise ValueError(f"{args.model} is already quantized: quantize its float folder")
+    opts = dict(quantize=f"int{args.bits}", group_size=args.group_size, quantize_heads=not args.no_quantize_heads)
+    model, tok = load_folder(args.model, dtype=args.dtype, quantize=opts)
+    out = save_quantized(model, tok, args.out, overwrite=args.overwrite, sources=(args.model,))
+    print(f"wrote {out}: int{args.bits} weights" + (f" in groups of {args.group_size}" if args.bits == 4 else ""))
+
+
 def mlx_backend():
     """cognica_poe.mlx's commands (`--backend mlx`), or a clear error when MLX is not installed."""
     try:
@@ -163,6 +182,8 @@ def add_backend_arg(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     if args.backend == "mlx":
+        if args.quantize:
+            raise ValueError("--quantize runs on the torch backend (leave out --backend mlx)")
         return mlx_backend().generate(args)
     check_model_folder(args.model)
     import time
@@ -177,6 +198,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
         if args.mode not in ("stage", "compose"):
             raise ValueError("--siblings works with --mode stage or --mode compose")
+        if args.quantize:
+            raise ValueError("--quantize works on one model folder, not with --siblings")
         tok = load_tokenizer(args.model, read_config(args.model))
         for folder in args.siblings:
             read_config(folder)
@@ -185,7 +208,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             model.pack_weights()
         n_exits = model.n_exits
     else:
-        model, tok = load_folder(args.model, dtype=args.dtype, pack=not args.no_pack)
+        model, tok = load_folder(args.model, dtype=args.dtype, pack=not args.no_pack, quantize=quantize_options(args))
         n_exits = model.poe_n_stages
     ids = torch.tensor([[tok.bos_token_id] + tok(args.prompt, split_special_tokens=True)["input_ids"]])  # all text
     sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0 else 1.0,
@@ -283,9 +306,11 @@ def cmd_sft(args: argparse.Namespace) -> None:
 def cmd_chat(args: argparse.Namespace) -> None:
     """An interactive terminal chat: the conversation is rendered with the chat tokens; replies stream."""
     if args.backend == "mlx":
+        if args.quantize:
+            raise ValueError("--quantize runs on the torch backend (leave out --backend mlx)")
         return mlx_backend().chat(args)
     check_model_folder(args.model)
-    model, tok = load_folder(args.model, dtype=args.dtype, pack=not args.no_pack)
+    model, tok = load_folder(args.model, dtype=args.dtype, pack=not args.no_pack, quantize=quantize_options(args))
     max_length = args.max_length or model.config.rotary_seq_len
     if max_length > model.config.rotary_seq_len:
         raise ValueError(f"--max-length {max_length} exceeds {model.config.rotary_multiplier} x sequence_len "
@@ -307,7 +332,7 @@ def cmd_eval_bpb(args: argparse.Namespace) -> None:
     from .train.data import Corpus, token_stream
 
     corpus = Corpus(args.data)  # a bad corpus fails before the model loads
-    model, tok = load_folder(args.model, dtype=args.dtype)
+    model, tok = load_folder(args.model, dtype=args.dtype, quantize=quantize_options(args))
     combos, weights = [], []
     for spec in args.compose or []:  # "0,3" (weights 1) or "0:0.5,3:0.5"
         items = [item.split(":") for item in spec.split(",")]
@@ -349,7 +374,7 @@ def cmd_eval_core(args: argparse.Namespace) -> None:
     if not os.path.isfile(os.path.join(args.tasks, "core.yaml")):
         raise FileNotFoundError(f"{args.tasks} has no core.yaml: give nanochat's eval_bundle folder (core.yaml, "
                                 "eval_meta_data.csv, eval_data/)")
-    model, tok = load_folder(args.model, dtype=args.dtype)
+    model, tok = load_folder(args.model, dtype=args.dtype, quantize=quantize_options(args))
     r = evaluate_core(model, tok, args.tasks, max_per_task=args.max_per_task)
     if args.json:
         print(json.dumps(r))
@@ -394,7 +419,7 @@ def cmd_report(args: argparse.Namespace) -> None:
                 prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
             except UnicodeDecodeError as e:
                 raise ValueError(f"--prompts file {args.prompts} is not UTF-8 text ({e.reason})") from None
-    model, tok = load_folder(args.model, dtype=args.dtype, pack=not args.no_pack)
+    model, tok = load_folder(args.model, dtype=args.dtype, pack=not args.no_pack, quantize=quantize_options(args))
     baseline = base_tok = None
     if args.baseline:
         baseline, base_tok = load_folder(args.baseline, dtype=args.dtype, pack=not args.no_pack)
@@ -615,6 +640,19 @@ def add_pack_arg(p: argparse.ArgumentParser) -> None:
                                                           "each large matrix for faster CPU decoding)")
 
 
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization of the block matrices and heads at load (int8 per channel, int4 "
+                        "in groups; CPU; default: none; a quantized folder loads as saved)")
+    add_group_args(p)
+
+
+def add_group_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--group-size", type=positive_int, default=128, help="int4: inputs per scale and zero")
+    p.add_argument("--no-quantize-heads", action="store_true",
+                   help="keep lm_head (and a specialist's heads) in the model's dtype")
+
+
 def add_report_args(p: argparse.ArgumentParser) -> None:
     add_pack_arg(p)
     add_threads_arg(p)
@@ -650,6 +688,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh-code", metavar="DIR", help="replace DIR's remote-code .py files with this package's")
     p.set_defaults(func=cmd_convert)
 
+    p = add_command(sub, "quantize", "a model folder -> a weight-only quantized folder (int8 per channel or int4 in "
+                                     "groups: every block matrix, and the heads unless --no-quantize-heads)")
+    p.add_argument("model", help="an HF model folder (float weights)")
+    p.add_argument("out", help="the quantized folder to write (must not exist unless --overwrite)")
+    p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="bits per weight")
+    add_group_args(p)
+    p.add_argument("--dtype", default=None, help="dtype of the scales and the float tensors (default: the folder's)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only a model folder)")
+    add_threads_arg(p)
+    p.set_defaults(func=cmd_quantize)
+
     p = add_command(sub, "generate", "generate text from a model folder with any inference mode")
     p.add_argument("model", help="an HF model folder")
     p.add_argument("prompt", help="text; BOS is prepended")
@@ -682,6 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
     add_backend_arg(p)
     add_pack_arg(p)
+    add_quantize_arg(p)
     add_threads_arg(p)
     p.set_defaults(func=cmd_generate)
 
@@ -718,6 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
     add_pack_arg(p)
+    add_quantize_arg(p)
     add_threads_arg(p)
     add_backend_arg(p)
     p.set_defaults(func=cmd_chat)
@@ -739,6 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "1; default: no compositions)")
     q.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
     q.add_argument("--json", action="store_true", help="print one JSON object")
+    add_quantize_arg(q)
     add_threads_arg(q)
     q.set_defaults(func=cmd_eval_bpb)
 
@@ -748,6 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-per-task", type=int, default=-1, help="items per task (-1: all)")
     q.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
     q.add_argument("--json", action="store_true", help="print one JSON object")
+    add_quantize_arg(q)
     add_threads_arg(q)
     q.set_defaults(func=cmd_eval_core)
 
@@ -787,6 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (they need matplotlib)")
     p.add_argument("--json", action="store_true", help="print report.json to stdout")
     add_report_args(p)
+    add_quantize_arg(p)
     p.set_defaults(func=cmd_report)
 
     p = add_command(sub, "train", "train a PoE model from scratch (torchrun for several processes)")
@@ -812,13 +866,13 @@ def build_parser() -> argparse.ArgumentParser:
                       args.threads or 1, dtype=args.dtype, pack=not args.no_pack, max_batch=args.max_batch,
                       max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                       request_timeout=args.request_timeout, max_model_len=args.max_model_len,
-                      served_model_name=args.served_model_name)
+                      served_model_name=args.served_model_name, quantize=quantize_options(args))
             return
         from .server import serve
 
         serve(args.model, args.siblings, args.host, args.port, args.api_key, args.dtype, not args.no_pack,
               args.max_batch, args.max_queue, args.prefill_chunk, args.request_timeout, args.max_model_len,
-              args.served_model_name)
+              args.served_model_name, quantize_options(args))
 
     p = add_command(sub, "serve", "an OpenAI-compatible server (/v1/completions, /v1/chat/completions, ...) with "
                                   "per-request PoE modes and continuous batching")
@@ -842,6 +896,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=positive_int, default=None, help="replicas behind the endpoint (with --ray; "
                                                                        "default 1)")
     add_pack_arg(p)
+    add_quantize_arg(p)
     add_threads_arg(p)
     p.set_defaults(func=cmd_serve)
     return parser

@@ -73,6 +73,9 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
         """transformers' loader, after checking a local folder's weights tensor by tensor (errors name the keys)."""
         path = str(pretrained_model_name_or_path)
         weights = os.path.join(path, "model.safetensors")
+        if os.path.isfile(os.path.join(path, "quantization.json")):  # quantize.py's layout, not transformers'
+            raise ValueError(f"{path} is a quantized folder (int8/int4 weights, quantization.json): load it with "
+                             "cognica_poe.load_model; it cannot be trained, fine-tuned or loaded by transformers")
         if is_stage_folder(path):
             # a specialist stage folder: assemble it on its parents (parent_map= maps repo ids to folders)
             dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))

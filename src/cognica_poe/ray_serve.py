@@ -31,7 +31,8 @@ REPLICA_HEADER = "X-Replica-Id"
 def build_app(model: str, siblings: list[str] | None = None, api_key: str | None = None, dtype: str | None = None,
               pack: bool = True, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 64,
               request_timeout: float | None = 600.0, max_model_len: int | None = None,
-              served_model_name: str | None = None, replicas: int = 1, threads: int = 1):
+              served_model_name: str | None = None, replicas: int = 1, threads: int = 1,
+              quantize: dict | None = None):
     """A Ray Serve application (for serve.run) of `replicas` copies of the server, each on `threads` CPUs.
 
     The app is built inside each replica (a builder function, not a pickled app), so every replica loads its own
@@ -51,7 +52,7 @@ def build_app(model: str, siblings: list[str] | None = None, api_key: str | None
         import torch
 
         torch.set_num_threads(threads)
-        engine, tok, name = build(model, siblings, dtype, pack, max_batch, max_queue, prefill_chunk)
+        engine, tok, name = build(model, siblings, dtype, pack, max_batch, max_queue, prefill_chunk, quantize)
         app = create_app(engine, tok, served_model_name or name, api_key, max_model_len, request_timeout)
         replica_id = serve.get_replica_context().replica_id.unique_id
 

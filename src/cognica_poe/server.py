@@ -589,8 +589,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
 
 def build(model_path: str, siblings: list[str] | None = None, dtype: str | None = None, pack: bool = True,
-          max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 64) -> tuple[Engine, object, str]:
-    """Load the model (and its siblings on the same trunk) and its tokenizer; the engine, not yet started."""
+          max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 64,
+          quantize: dict | None = None) -> tuple[Engine, object, str]:
+    """Load the model (and its siblings on the same trunk) and its tokenizer; the engine, not yet started.
+    quantize: load_model's quantization keywords (quantize="int8" | "int4", group_size, quantize_heads)."""
     from .checkpoint import load_model, parse_dtype
     from .tokenizer import CognicaPoETokenizer
 
@@ -600,12 +602,15 @@ def build(model_path: str, siblings: list[str] | None = None, dtype: str | None 
     if siblings:
         from .branches import load_siblings
 
+        if quantize and quantize.get("quantize"):
+            raise ValueError("--quantize works on one model folder, not with --siblings")
+
         family = load_siblings(model_path, siblings, dtype=parse_dtype(dtype) if dtype else None)
         if pack:
             family.pack_weights()
         engine = Engine(family.base, family, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
     else:
-        model = load_model(model_path, dtype=dtype, pack=pack)
+        model = load_model(model_path, dtype=dtype, pack=pack, **(quantize or {}))
         engine = Engine(model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
     return engine, tok, os.path.basename(os.path.normpath(model_path))
 
@@ -631,8 +636,9 @@ def check_max_model_len(config, max_model_len: int | None) -> None:
 def serve(model_path: str, siblings: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, dtype: str | None = None, pack: bool = True, max_batch: int = 16,
           max_queue: int = 64, prefill_chunk: int = 64, request_timeout: float | None = 600.0,
-          max_model_len: int | None = None, served_model_name: str | None = None) -> None:
-    """Load, build the app, and serve it with uvicorn until interrupted."""
+          max_model_len: int | None = None, served_model_name: str | None = None,
+          quantize: dict | None = None) -> None:
+    """Load, build the app, and serve it with uvicorn until interrupted (quantize: as build's)."""
     import uvicorn
 
     check_serve_args(host, port, max_batch, max_queue, prefill_chunk, request_timeout)
@@ -640,7 +646,7 @@ def serve(model_path: str, siblings: list[str] | None = None, host: str = "127.0
     if host not in LOOPBACK and not api_key:
         print(f"cognica-poe serve: warning: listening on {host} without --api-key: anyone who can reach this "
               "machine can use the model", file=sys.stderr)
-    engine, tok, name = build(model_path, siblings, dtype, pack, max_batch, max_queue, prefill_chunk)
+    engine, tok, name = build(model_path, siblings, dtype, pack, max_batch, max_queue, prefill_chunk, quantize)
     check_max_model_len(engine.config, max_model_len)
     app = create_app(engine, tok, served_model_name or name, api_key, max_model_len, request_timeout)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

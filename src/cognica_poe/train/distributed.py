@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ..model import GPT
+from ..quantize import check_trainable
 
 
 def init_distributed(device_type: str) -> tuple[int, int]:
@@ -58,6 +59,7 @@ def shard_model(gpt: GPT, device: torch.device) -> list[torch.nn.Parameter]:
     """
     from torch.distributed.fsdp import fully_shard
 
+    check_trainable(gpt)  # int8/int4 buffers cannot be sharded or trained
     units = [*gpt.transformer.h, gpt.transformer.wte, gpt.lm_head, *gpt.value_embeds.values()]
     in_units = {id(p) for unit in units for p in unit.parameters()}
     replicated = [p for p in gpt.parameters() if id(p) not in in_units]  # a list: the same order on every rank

@@ -49,6 +49,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..model import GPT
+from ..quantize import check_trainable
 
 B_REF = 2**19  # nanochat's reference batch size in tokens
 
@@ -145,6 +146,7 @@ class MuonAdamW:
     def __init__(self, gpt: GPT, batch_tokens: int, matrix_lr: float = 0.02, embedding_lr: float = 0.3,
                  unembedding_lr: float = 0.008, scalar_lr: float = 0.5, weight_decay: float = 0.28,
                  batch_lr_scale: float | None = None):
+        check_trainable(gpt)  # quantized weights have nothing to update: refused in one line
         self.weight_decay = weight_decay
         batch = batch_lr_scale if batch_lr_scale is not None else (batch_tokens / B_REF) ** 0.5
         dmodel = (gpt.config.n_embd / 768) ** -0.5
