@@ -10,8 +10,15 @@ tokens / wall seconds), TTFT and inter-token latency p50 / p99 (client side), er
 above the concurrency, so there must be none). batching_gain = throughput at the highest
 concurrency / at 1.
 
-Not run: the same load against `transformers serve` (it cannot load this architecture without a custom shim and
-does not batch custom-generate models); the JSON says so.
+Then the same load, full mode only, against transformers' own OpenAI-compatible server (`transformers serve`, its
+own process on 127.0.0.1 and a free port) on the same folder, side by side in the JSON under `transformers_serve`.
+It needs a shim, here in the bench only (`transformers_server`): transformers serve looks the model class up as an
+attribute of the `transformers` module and streams through a Rust `tokenizers` tokenizer, so the shim registers our
+classes with the Auto classes, sets `CognicaPoEForCausalLM` on that module and loads the folder's tokenizer.json as
+a PreTrainedTokenizerFast. Its prompts carry `<|bos|>` (our server prepends BOS to completions) and, in place of
+`ignore_eos`, a generation_config with min_new_tokens = max_new_tokens, so both generate the same token counts.
+It runs without `--continuous-batching`: with it, the first step fails (the model's forward is handed transformers'
+PagedAttentionCache, not its own cache), so requests are served one generate() call at a time.
 
 The last line printed is one JSON document; it is also saved under bench/results/.
 
@@ -20,10 +27,12 @@ The last line printed is one JSON document; it is also saved under bench/results
 """
 
 import argparse
+import collections
 import datetime
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,10 +51,18 @@ def percentile(xs: list[float], q: float) -> float | None:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+def free_port() -> int:
+    """A free loopback port (the CLI takes no port 0: a user would not learn which port it bound)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_server(folder: str, args) -> tuple[subprocess.Popen, str]:
     """`cognica-poe serve` on 127.0.0.1 and a free port; returns (process, base URL) once /health answers."""
-    cmd = [sys.executable, "-m", "cognica_poe.cli", "serve", folder, "--host", "127.0.0.1", "--port", "0",
-           "--max-batch", str(max(args.concurrency)), "--max-queue", str(4 * max(args.concurrency))]
+    cmd = [sys.executable, "-m", "cognica_poe.cli", "serve", folder, "--host", "127.0.0.1", "--port", str(free_port()),
+           "--max-batch", str(max(args.concurrency)), "--max-queue", str(4 * max(args.concurrency)),
+           "--threads", str(args.threads)]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
@@ -69,10 +86,64 @@ def start_server(folder: str, args) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-def run_level(url: str, prompts: list[str], mode: dict, concurrency: int, args) -> dict:
-    """C threads, each sending streaming completions until the request count or the time limit is reached."""
+def transformers_server(folder: str, port: int, threads: int) -> None:
+    """
+    The shim that lets `transformers serve` load and stream our model, then its server (blocks; run as a process).
+
+    Its model manager builds the model as `getattr(transformers, config.architectures[0])` and its streamer decodes
+    with the processor's Rust tokenizer, so: our classes go into the Auto classes and onto the module it reads, and
+    the processor is the folder's tokenizer.json as a PreTrainedTokenizerFast (our tokenizer is tiktoken-backed).
+    """
+    import torch
+    from transformers import PreTrainedTokenizerFast
+    from transformers.cli.serve import Serve
+    from transformers.cli.serving import model_manager
+
+    import cognica_poe
+    from cognica_poe.hf import CognicaPoEForCausalLM
+
+    torch.set_num_threads(threads)
+    cognica_poe.register_auto_classes()
+    model_manager.transformers.CognicaPoEForCausalLM = CognicaPoEForCausalLM  # the module it reads
+    model_manager.ModelManager._load_processor = lambda self, mid, gguf_file=None: (
+        PreTrainedTokenizerFast.from_pretrained(mid))
+    Serve(force_model=folder, host="127.0.0.1", port=port, device="cpu", dtype="float32", log_level="error")
+
+
+def start_transformers_server(folder: str, args) -> tuple[subprocess.Popen, str, collections.deque]:
+    """`transformers serve` (through the shim) on 127.0.0.1 and a free port; (process, base URL, its stderr tail)."""
+    port = free_port()
+    code = f"import sys; sys.path.insert(0, {HERE!r}); import serve; serve.transformers_server({folder!r}, {port}, " \
+           f"{args.threads})"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    tail = collections.deque(maxlen=20)
+    drain = threading.Thread(target=lambda: tail.extend(proc.stderr), daemon=True)  # drain, keep the last lines
+    drain.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=10).read()
+            return proc, url, tail
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                drain.join(timeout=10)
+                raise RuntimeError("transformers serve did not start: " +
+                                   " | ".join(x.strip() for x in tail)) from None
+            time.sleep(0.5)
+
+
+def run_level(url: str, prompts: list[str], mode: dict, concurrency: int, args, request: dict | None = None) -> dict:
+    """
+    C threads, each sending streaming completions until the request count or the time limit is reached.
+    `request` replaces our server's fields (model id, `poe` mode, ignore_eos) for another server.
+    """
     import openai
 
+    request = request or {"model": args.model_id, "extra_body": {"poe": mode, "ignore_eos": True}}
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=args.time_limit + 60)
     lock = threading.Lock()
     sent = [0]
@@ -89,10 +160,9 @@ def run_level(url: str, prompts: list[str], mode: dict, concurrency: int, args) 
             start = time.monotonic()
             first = last = None
             try:
-                stream = client.completions.create(model=args.model_id, prompt=prompts[i % len(prompts)],
-                                                   max_tokens=args.max_tokens, temperature=0, stream=True,
-                                                   stream_options={"include_usage": True},
-                                                   extra_body={"poe": mode, "ignore_eos": True})
+                stream = client.completions.create(prompt=prompts[i % len(prompts)], max_tokens=args.max_tokens,
+                                                   temperature=0, stream=True, stream_options={"include_usage": True},
+                                                   **request)
                 n = 0
                 for chunk in stream:
                     now = time.monotonic()
@@ -126,6 +196,43 @@ def run_level(url: str, prompts: list[str], mode: dict, concurrency: int, args) 
             "itl_p99_s": r(percentile(itl, 0.99))}
 
 
+def batching_gain(levels: list[dict], mode: str) -> float | None:
+    """Throughput at the highest concurrency / at the lowest."""
+    rows = {lv["concurrency"]: lv["tokens_per_s"] for lv in levels if lv["mode"] == mode}
+    lo, hi = min(rows), max(rows)
+    return round(rows[hi] / rows[lo], 2) if rows[lo] else None
+
+
+def run_transformers(folder: str, prompts: list[str], args) -> dict:
+    """The full-mode load against `transformers serve`; a server that cannot start is recorded with its reason."""
+    import transformers
+
+    request = {"model": folder, "extra_body": {"generation_config": json.dumps(
+        {"max_new_tokens": args.max_tokens, "min_new_tokens": args.max_tokens, "do_sample": False})}}
+    bos_prompts = ["<|bos|>" + p for p in prompts]  # tokenizer.json reads special-token text as the token
+    server = f"transformers serve {transformers.__version__} (127.0.0.1, sequential generate(), " \
+             f"{args.threads} thread, shim in bench/serve.py)"
+    try:
+        proc, url, tail = start_transformers_server(folder, args)
+    except RuntimeError as e:
+        return {"server": server, "error": str(e)}
+    levels = []
+    try:
+        mode = {"mode": "full"}
+        run_level(url, bos_prompts, mode, 1, argparse.Namespace(**{**vars(args), "requests": 2}), request)
+        for c in args.concurrency:
+            levels.append(run_level(url, bos_prompts, mode, c, args, request))
+            print(json.dumps({"server": "transformers serve", **levels[-1]}), file=sys.stderr, flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return {"server": server, "levels": levels, "batching_gain": {"full": batching_gain(levels, "full")},
+            "errors": sum(lv["errors"] for lv in levels),
+            "continuous_batching": "not usable: with --continuous-batching the first step fails (AttributeError: "
+                                   "'PagedAttentionCache' object has no attribute 'claim': the model's forward "
+                                   "takes its own cache, not transformers' paged one)"}
+
+
 def main() -> None:
     from cognica_poe.eval.speed import machine
 
@@ -136,7 +243,10 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=32, help="requests per level")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds per level before no new request starts")
-    p.add_argument("--out", default=None, help="result JSON (default: bench/results/serve-cpu-DATE.json)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads of each server")
+    p.add_argument("--no-transformers", action="store_true", help="skip the run against `transformers serve`")
+    p.add_argument("--note", default=None, help="a line saved in the JSON (e.g. what else ran on the machine)")
+    p.add_argument("--out", default=None, help="result JSON (default: bench/results/serve-cpu-<cpu>-<date>.json)")
     args = p.parse_args()
 
     from inference import D8
@@ -153,6 +263,7 @@ def main() -> None:
     corpus = os.path.join(HERE, "..", "src", "cognica_poe", "data", "tinyshakespeare.txt")
     with open(corpus, encoding="utf-8") as f:  # the starts of the bundled corpus's last documents
         prompts = [d.strip()[:100] for d in f.read().split("\n\n") if len(d.strip()) > 100][-64:]
+    load_start = os.getloadavg()
     proc, url = start_server(folder, args)
     levels = []
     try:
@@ -164,17 +275,20 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    gain = {}
-    for mode in ("full", "speculative"):
-        rows = {lv["concurrency"]: lv["tokens_per_s"] for lv in levels if lv["mode"] == mode}
-        lo, hi = min(rows), max(rows)
-        gain[mode] = round(rows[hi] / rows[lo], 2) if rows[lo] else None
+    tf = "not run (--no-transformers)" if args.no_transformers else run_transformers(folder, prompts, args)
     result = {"bench": "serve", "model": name, "server": "cognica-poe serve (127.0.0.1, max-batch "
-              f"{max(args.concurrency)})", "max_tokens": args.max_tokens, "requests_per_level": args.requests,
-              "levels": levels, "batching_gain": gain, "errors": sum(lv["errors"] for lv in levels),
-              "transformers_serve": "not run: it cannot load this architecture without a custom shim",
+              f"{max(args.concurrency)}, {args.threads} thread)", "max_tokens": args.max_tokens,
+              "requests_per_level": args.requests, "levels": levels,
+              "batching_gain": {m: batching_gain(levels, m) for m in ("full", "speculative")},
+              "errors": sum(lv["errors"] for lv in levels), "transformers_serve": tf, "note": args.note,
+              "loadavg_1m": {"start": round(load_start[0], 2), "end": round(os.getloadavg()[0], 2)},
               "machine": machine(), "date": datetime.date.today().isoformat()}
-    out = args.out or os.path.join(HERE, "results", f"serve-cpu-{result['date']}.json")
+    out = args.out
+    if out is None:  # a new file per run: an earlier result is never overwritten
+        slug = re.sub(r"[^a-z0-9]+", "-", result["machine"]["cpu"].lower()).strip("-")[:40]
+        stem, n = os.path.join(HERE, "results", f"serve-cpu-{slug}-{result['date']}"), 1
+        while os.path.exists(out := stem + (f"-run{n}" if n > 1 else "") + ".json"):
+            n += 1
     with open(out + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(out + ".tmp", out)
