@@ -113,3 +113,19 @@ def test_sft_can_train_the_chat_token_rows_only(base, tmp_path):
     with torch.no_grad():
         assert (spec.gpt(plain) - reference.gpt(plain)).abs().max().item() == 0.0
         assert not torch.equal(spec.gpt(chat), reference.gpt(chat))  # the trained rows are read
+
+
+def test_assistant_tool_parts_survive_reading():
+    """An assistant message given as parts (text, python, python_output) keeps its parts, as render_conversation
+    takes them: the python call becomes <|python_start|>...<|python_end|>, not the repr of a Python list."""
+    from cognica_poe.train.sft import normalize_conversation
+
+    parts = [{"type": "text", "text": "Let me compute. "}, {"type": "python", "text": "2+2"},
+             {"type": "python_output", "text": "4"}, {"type": "text", "text": "It is 4."}]
+    record = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is 2+2?"}]},
+                           {"role": "assistant", "content": parts}]}
+    messages = normalize_conversation(record)
+    assert messages == [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": parts}]
+    with pytest.raises(ValueError, match="part type 'image'"):
+        normalize_conversation({"messages": [{"role": "user", "content": "x"},
+                                             {"role": "assistant", "content": [{"type": "image", "text": ""}]}]})

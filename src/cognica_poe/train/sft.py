@@ -54,8 +54,22 @@ def normalize_conversation(record) -> list[dict]:
         role = ROLE_ALIASES.get(str(m.get("role")).lower())
         if role is None:
             raise ValueError(f"unknown role {m.get('role')!r} (expected user/assistant/system or human/gpt)")
-        out.append({"role": role, "content": str(m.get("content", ""))})
+        out.append({"role": role, "content": message_content(role, m.get("content", ""))})
     return out
+
+
+def message_content(role: str, content) -> str | list[dict]:
+    """A message's content as render_conversation takes it: text, or for the assistant a list of parts (text, python
+    call, python output). A list of parts elsewhere is its text parts joined."""
+    if not isinstance(content, list):
+        return str(content)
+    kinds = ("text", "python", "python_output") if role == "assistant" else ("text",)
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") not in kinds or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"unsupported {role} content part type {kind!r}: expected {{'type': one of {kinds}, "
+                             "'text': str}")
+    return content if role == "assistant" else "".join(part["text"] for part in content)
 
 
 def read_conversations(path: str) -> list[list[dict]]:
