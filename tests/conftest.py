@@ -76,3 +76,11 @@ def specialize(parent: CognicaPoEForCausalLM, *args, **kwargs) -> CognicaPoEForC
     from cognica_poe.specialist import add_specialist
 
     return CognicaPoEForCausalLM.from_gpt(add_specialist(parent.gpt, *args, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """The first 60k characters of the bundled corpus as a text file (a small training corpus)."""
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text(bundled_text(60_000), encoding="utf-8")
+    return str(path)

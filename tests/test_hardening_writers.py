@@ -27,15 +27,6 @@ from cognica_poe.train.loop import NonFiniteLossError, TrainConfig, train
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    with open(tdata.bundled_corpus(), encoding="utf-8") as f:
-        text = f.read()[:60_000]
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def tok(corpus):
     return train_bpe(tdata.iter_tokenizer_texts(corpus), vocab_size=512)
 

@@ -25,16 +25,6 @@ SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    """The first 60k characters of the bundled corpus as a text file."""
-    with open(tdata.bundled_corpus(), encoding="utf-8") as f:
-        text = f.read()[:60_000]
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text(text, encoding="utf-8")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def tok_dir(corpus, tmp_path_factory) -> str:
     tok = train_bpe(tdata.iter_tokenizer_texts(corpus), vocab_size=512)
     out = str(tmp_path_factory.mktemp("tok"))

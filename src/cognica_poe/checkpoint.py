@@ -124,6 +124,16 @@ def model_folder(out_dir: str, overwrite: bool = False, sources: Iterable[str | 
                 shutil.copyfileobj(src, dst)
 
 
+def write_config_files(folder: str, config: CognicaPoEConfig, tokenizer: CognicaPoETokenizer | None) -> None:
+    """config.json, generation_config.json and (with a tokenizer, whose special ids the config takes) the tokenizer
+    files of a folder being written."""
+    if tokenizer is not None:
+        set_special_ids(config, tokenizer)
+        tokenizer.save_pretrained(folder)
+    config.save_pretrained(folder)
+    generation_config_for(config).save_pretrained(folder)
+
+
 def generation_config_for(config: CognicaPoEConfig) -> GenerationConfig:
     """Base models stop at <|bos|> (a new document) and chat models at <|assistant_end|>; pad with BOS."""
     eos = config.eos_token_id
@@ -185,11 +195,7 @@ def save_stage_folder(model: CognicaPoEForCausalLM, out_dir: str, base_model_nam
         config.base_model_name_or_path = base_model_name_or_path
         config.auto_map = auto_map()
         config.architectures = ["CognicaPoEForCausalLM"]
-        if tokenizer is not None:
-            set_special_ids(config, tokenizer)
-            tokenizer.save_pretrained(tmp)
-        config.save_pretrained(tmp)
-        generation_config_for(config).save_pretrained(tmp)
+        write_config_files(tmp, config, tokenizer)
         save_file(delta, os.path.join(tmp, DELTA_FILE), metadata={"format": "pt"})
         write_remote_code(tmp)
     return os.path.abspath(out_dir)
@@ -294,11 +300,7 @@ def save_quantized(model: CognicaPoEForCausalLM, tokenizer: CognicaPoETokenizer 
         config = model.config.__class__.from_dict(model.config.to_dict())
         config.base_model_name_or_path = None  # complete weights, not a delta on a parent
         config.auto_map = None
-        if tokenizer is not None:
-            set_special_ids(config, tokenizer)
-            tokenizer.save_pretrained(tmp)
-        config.save_pretrained(tmp)
-        generation_config_for(config).save_pretrained(tmp)
+        write_config_files(tmp, config, tokenizer)
         save_file(tensors, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(os.path.join(tmp, QUANT_FILE), meta)
     return os.path.abspath(out_dir)
