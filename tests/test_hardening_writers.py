@@ -405,6 +405,21 @@ def test_save_stage_folder_refuses_a_parent_relative_to_the_working_directory(tm
     assert not os.path.exists(tmp_path / "stages" / "x")
 
 
+def test_a_parent_relative_to_the_new_stage_folder_is_accepted_from_any_working_directory(tmp_path, monkeypatch):
+    """"../x" names the sibling stage folder x, read from the new folder's place: never refused because the working
+    directory also happens to have a "../x" (the stage folder does not exist yet, so the path is resolved by name)."""
+    base = export(tmp_path, "models/base")
+    spec = specialize(CognicaPoEForCausalLM.from_pretrained(base), 1, seed=0)
+    parent = save_stage_folder(spec, str(tmp_path / "stages" / "x"), os.path.relpath(base, tmp_path / "stages" / "x"))
+    (tmp_path / "work" / "x").mkdir(parents=True)
+    (tmp_path / "work" / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "work" / "sub")  # here "../x" is work/x, another folder
+    child = specialize(load_folder(parent), 1, seed=1)
+    folder = save_stage_folder(child, str(tmp_path / "stages" / "y"), "../x")
+    assert json.load(open(os.path.join(folder, "config.json")))["base_model_name_or_path"] == "../x"
+    assert load_folder(folder).config.n_layer == child.config.n_layer
+
+
 def test_calibrate_shows_progress_and_refuses_another_models_tokenizer(tok, tmp_path, capsys):
     """calibrate's windows are counted on a progress bar (stderr), and the folder's tokenizer is checked against the
     model's vocabulary before anything runs, as every other command does."""

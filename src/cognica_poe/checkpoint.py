@@ -184,7 +184,9 @@ def save_stage_folder(model: CognicaPoEForCausalLM, out_dir: str, base_model_nam
     from safetensors.torch import save_file
 
     ref = base_model_name_or_path
-    if not os.path.isabs(ref) and not os.path.isdir(os.path.join(out_dir, ref)) and os.path.isdir(ref):
+    # by name: out_dir does not exist yet, so the system could not resolve "out_dir/../x" through it
+    if not os.path.isabs(ref) and not os.path.isdir(os.path.normpath(os.path.join(out_dir, ref))) \
+            and os.path.isdir(ref):
         raise ValueError(f"the parent {ref!r} is a folder relative to the working directory, which the stage folder "
                          "cannot rely on; pass it relative to the stage folder or absolute "
                          "(specialist.parent_reference)")
