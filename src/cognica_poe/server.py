@@ -367,6 +367,18 @@ def chat_logprobs(tok, choice: Choice, start: int) -> dict:
                         for t, e in zip(choice.tokens[start:], entries)]}
 
 
+def chunk_head(rid: str, obj: str, created: int, model: str, include_usage: bool):
+    """head(choices, usage=None): a streamed chunk's common fields; with include_usage every chunk carries `usage`
+    (null until the last), as OpenAI sends it."""
+    def head(choices: list[dict], usage: dict | None = None) -> dict:
+        out = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+        if include_usage:
+            out["usage"] = usage
+        return out
+
+    return head
+
+
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
                max_model_len: int | None = None, request_timeout: float | None = None) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the engine thread."""
@@ -496,12 +508,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         sent_lp = [0] * len(gen.choices)
         echoed: set[int] = set()
 
-        def head(choices, usage=None):
-            out = {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                   "choices": choices}
-            if include_usage:
-                out["usage"] = usage
-            return out
+        head = chunk_head(rid, "text_completion", created, body.model, include_usage)
 
         def chunk(c):
             if c is None:
@@ -548,12 +555,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         sent_lp = [0] * len(gen.choices)
 
-        def head(choices, usage=None):
-            out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                   "choices": choices}
-            if include_usage:
-                out["usage"] = usage
-            return out
+        head = chunk_head(rid, "chat.completion.chunk", created, body.model, include_usage)
 
         def chunk(c):
             if c is None:
