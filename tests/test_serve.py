@@ -473,3 +473,61 @@ def test_cli_serve_bad_arguments(capsys, tmp_path):
     assert "cognica-poe serve: error:" in capsys.readouterr().err
     assert cli_main(["serve", str(tmp_path), "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+def engine_outputs(engine: Engine, jobs: list[tuple], arrivals: list[int]) -> list[list[int]]:
+    """Drive the engine by hand: job i (prompt ids, model exit, poe, max_tokens) is submitted at iteration
+    arrivals[i]; returns each job's greedy tokens."""
+    from cognica_poe.scheduler import Decoding, Request
+
+    out = [[] for _ in jobs]
+    done = set()
+
+    def emitter(i):
+        def emit(ev):
+            out[i].extend(ev.tokens)
+            if ev.finish:
+                done.add(i)
+        return emit
+
+    it = 0
+    with torch.no_grad():
+        while len(done) < len(jobs):
+            for i, (ids, exit_, poe, n) in enumerate(jobs):
+                if arrivals[i] == it:
+                    engine.submit(Request([ids], 1, Decoding(max_tokens=n, temperature=0.0),
+                                          engine.resolve(exit_, poe), emitter(i)))
+            engine.iteration()
+            it += 1
+            assert it < 2000
+    return out
+
+
+def test_sibling_rows_joining_and_leaving_a_batch_keep_their_tokens(model, tok, tmp_path):
+    """Rows of the base and of two sibling branches (one trunk, branch KV hanging off it) join a running batch and
+    leave it at different iterations: every row's greedy tokens equal the same request decoded alone."""
+    from cognica_poe.branches import load_siblings
+    from cognica_poe.checkpoint import export_hf_folder, new_stage_folder
+
+    base = export_hf_folder(model, tok, str(tmp_path / "base"), dtype="float32")
+    folders = [new_stage_folder(base, str(tmp_path / name), 1) for name in ("math", "code")]
+    family = load_siblings(base, folders)
+    with torch.no_grad():
+        for b in family.branches:
+            b.gpt.lm_head_stage.weight.normal_(0, 0.5)
+    nb = family.n_base_exits
+    jobs = []
+    for i in range(9):
+        prompt = bos_ids(tok, PROMPTS[i % 4] * (1 + i % 2))
+        exit_ = [None, nb, nb + 1][i % 3]
+        poe = [{"mode": "full"}, {"mode": "compose", "stages": [1, "math", "code"]},
+               {"mode": "stage", "stage": 0}][i % 3]
+        jobs.append((prompt, exit_, poe, 6 + 3 * (i % 4)))
+    engine = Engine(family.base, family, max_batch=8, prefill_chunk=8)
+    engine.room = 8  # small caches: repacks happen mid-flight too
+    alone = [engine_outputs(engine, [job], [0])[0] for job in jobs]
+    steps = []
+    engine.on_step = lambda group, size: steps.append(size)
+    busy = engine_outputs(engine, jobs, [0, 0, 1, 3, 4, 4, 9, 12, 20])
+    assert busy == alone
+    assert max(steps) > 2

@@ -253,6 +253,36 @@ class CognicaKVCache(Cache):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.reorder_cache(indices)
 
+    @property
+    def own_layers(self) -> list[CognicaKVLayer]:
+        """The layers whose storage this cache owns (all of them; an extension owns only its new ones)."""
+        return self.layers
+
+    def append_rows(self, other: "CognicaKVCache") -> None:
+        """
+        Add other's rows after this cache's rows (the batch grows; slots keep their columns). Both must hold the same
+        slots at the same fill level in every layer, in buffers of the same length: a row joining a running batch is
+        first laid out on the batch's slots, then appended, so the running rows' keys are never copied one by one.
+        """
+        if (other.max_len, other.n_slots, other.layer_len) != (self.max_len, self.n_slots, self.layer_len):
+            raise ValueError(f"cannot append rows of a cache with {other.n_slots} slots (of {other.max_len}, fill "
+                             f"levels {other.layer_len}) to one with {self.n_slots} (of {self.max_len}, "
+                             f"{self.layer_len})")
+        for mine, theirs in zip(self.own_layers, other.own_layers):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        for name in ("token_ids", "valid", "positions"):
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        for layer in set(self.hidden) | set(other.hidden):
+            mine = self.hidden.get(layer)
+            theirs = other.hidden.get(layer)
+            if mine is None:
+                mine = torch.zeros(self.batch_size_, *theirs.shape[1:], dtype=theirs.dtype, device=theirs.device)
+            if theirs is None:
+                theirs = torch.zeros(other.batch_size_, *mine.shape[1:], dtype=mine.dtype, device=mine.device)
+            self.hidden[layer] = torch.cat([mine, theirs])
+        self.batch_size_ += other.batch_size_
+
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         for name in ("token_ids", "valid", "positions"):
@@ -276,6 +306,29 @@ class ExtendedKVCache(CognicaKVCache):
         self.hidden, self.hidden_layers = trunk.hidden, trunk.hidden_layers
         self.keep_hidden = False  # reads the trunk's kept streams, stores none
         self.stage_layers = config.stage_layers()
+
+    @property
+    def own_layers(self) -> list[CognicaKVLayer]:
+        return self.layers[len(self.trunk.layers):]
+
+    def _follow_trunk(self) -> None:
+        """Point at the trunk's bookkeeping again (after the trunk changed its rows)."""
+        self.token_ids, self.valid, self.positions = self.trunk.token_ids, self.trunk.valid, self.trunk.positions
+        self.hidden, self.batch_size_ = self.trunk.hidden, self.trunk.batch_size_
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the extension's own layers; the trunk (shared layers and bookkeeping) is reordered by its owner
+        first."""
+        for layer in self.own_layers:
+            layer.reorder_cache(beam_idx)
+        self._follow_trunk()
+
+    def append_rows(self, other: "CognicaKVCache") -> None:
+        """Append other's own layers' rows; the trunk appends its rows (and other's trunk's) first."""
+        for mine, theirs in zip(self.own_layers, other.own_layers):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        self._follow_trunk()
 
     @property
     def n_slots(self) -> int:

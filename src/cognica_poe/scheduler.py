@@ -10,17 +10,20 @@ CognicaKVCache whose batch dimension is its rows:
 - "wand": WAND rows (per-row thresholds; a stage runs while any row still needs it, skipped layers catch up later).
 - "spec": speculative rows, one group per (draft_stage, k_draft): per-row drafts, verification and rollback.
 
-Policy: every iteration runs one prefill chunk (of the oldest request being admitted) and then ONE step of every
-group, round robin, so every running row advances once per iteration whatever its mode, and a long prompt is
-prefilled a chunk at a time between the running rows' steps.
+Policy: every iteration runs prefill chunks (whole chunks of prefill_chunk tokens, oldest prompts first, until
+prefill_chunk tokens have been forwarded) and then ONE step of every group, round robin, so every running row
+advances once per iteration whatever its mode, and long prompts are prefilled a chunk at a time between the running
+rows' steps.
 
-Joining a running batch. A new row's prompt is prefilled in its own one-row cache (a chunk per iteration); its first
-token is chosen from the last chunk's exits. It then joins its group by a repack: a new cache in which every row's
-real slots are copied in order and right-aligned to end at the same slot (pure left padding; a row's rotary positions
-are the count of its real tokens, so nothing about the row changes). Finished rows leave by the same repack, and a
-cache that fills up (speculative rollbacks leave holes) is repacked in place. A repack makes every layer's fill level
-the new slot count: a layer that a row never needs holds zeros in that row, which only that row's own (discarded)
-deeper activations ever read. WAND groups first catch every layer up, so nothing is pending across a repack.
+Joining a running batch. A new row's prompt is prefilled in its own one-row cache; its first token is chosen from
+the last chunk's exits. It then joins its group: its real slots are laid out right-aligned to end at the group's
+last slot (pure left padding; a row's rotary positions are the count of its real tokens, so nothing about the row
+changes) and appended to the group's batch. A newcomer longer than the group, or a group that fills up (speculative
+rollbacks leave holes), is repacked: a new cache in which every row's real slots are copied in order and
+right-aligned to end at the same slot. Joining and repacking make every layer's fill level the slot count: a layer
+that a row never needs holds zeros in that row, which only that row's own (discarded) deeper activations ever read.
+WAND groups first catch every layer up, so nothing is pending when rows join. Finished rows leave by a selection
+along the batch: the others keep their slots.
 
 A greedy row's tokens therefore do not depend on the rows around it: the same prompt chunks, the same exits, rows
 that only ever differ by left padding.
@@ -367,8 +370,11 @@ class Engine:
                 self._admit(self.waiting.popleft())
         self._expire(now)
         self._retire()
-        if self.prefilling:
-            self._prefill_chunk(self.prefilling[0])
+        budget = self.prefill_chunk  # prompt tokens forwarded this iteration: whole chunks, oldest prompts first
+        for p in list(self.prefilling):
+            if budget <= 0:
+                break
+            budget -= self._prefill_chunk(p)
         for group in list(self.groups.values()):
             self._ensure_room(group)
             {"onepass": self._step_onepass, "wand": self._step_wand, "spec": self._step_spec}[group.kind[0]](group)
@@ -422,16 +428,20 @@ class Engine:
             return [self.n_base_exits - 1]
         return sorted(set(poe.exits))
 
-    def _prefill_chunk(self, p: Prefill) -> None:
-        """Forward the next chunk of a prompt; after the last one choose each row's first token and join a group."""
-        end = min(p.done + self.prefill_chunk, len(p.ids))
-        ids = torch.tensor([p.ids[p.done:end]], dtype=torch.long, device=self.device)
+    def _prefill_chunk(self, p: Prefill) -> int:
+        """
+        Forward the next chunk of a prompt; after the last one choose each row's first token and join a group.
+        Returns the chunk's token count. A prompt's chunks are always the same (prefill_chunk tokens from its
+        start), however many other prompts share the iteration.
+        """
+        start, end = p.done, min(p.done + self.prefill_chunk, len(p.ids))
+        ids = torch.tensor([p.ids[start:end]], dtype=torch.long, device=self.device)
         exits = self._prefill_exits(p.request.poe)
         logits = self._exit_logits(p.cache, p.views, ids, exits)
         p.done = end
         if p.done < len(p.ids):
-            return
-        self.prefilling.popleft()
+            return end - start
+        self.prefilling.remove(p)
         poe = p.request.poe
         for row in p.rows:
             if poe.mode == "wand":
@@ -445,26 +455,51 @@ class Engine:
         live = [r for r in p.rows if r.finish is None]
         if live:
             self._join(poe.kind, [(r, p.cache, p.views, 0) for r in live])
+        return end - start
 
     def _join(self, kind: tuple, newcomers: list[tuple]) -> None:
+        """
+        New rows join their group. Rows no longer than the group's slots are appended: their own slots are laid out
+        right-aligned to end where the group's do and concatenated to its batch, so the running rows' KV is not
+        copied row by row. A longer newcomer repacks the whole group.
+        """
         group = self.groups.get(kind)
-        old = [] if group is None else [(r, group.cache, group.views, i) for i, r in enumerate(group.rows)]
-        if group is not None and kind[0] == "wand":
+        if group is None:
+            self.groups[kind] = self._repack(kind, newcomers)
+            return
+        if kind[0] == "wand":  # the appended rows hold every layer: the group must too
             catch_up(self.gpt, group.cache, group.cache.n_slots, self.n_base_exits - 1)
-        self.groups[kind] = self._repack(kind, old + newcomers)
+        C = group.cache.n_slots
+        longest = max(int(cache.valid[r, :cache.n_slots].sum()) for _, cache, _, r in newcomers)
+        step_slots = kind[2] + 1 if kind[0] == "spec" else 1
+        if longest > C or C + step_slots > group.cache.max_len:
+            old = [(r, group.cache, group.views, i) for i, r in enumerate(group.rows)]
+            self.groups[kind] = self._repack(kind, old + newcomers)
+            return
+        new = self._repack(kind, newcomers, slots=C, max_len=group.cache.max_len)
+        n_base = len(group.cache.layers)
+        for layer in group.cache.layers + [lay for v in group.views.values() for lay in v.layers[n_base:]]:
+            layer.length = C  # as a repack leaves them: every layer holds the group's slots
+        group.cache.append_rows(new.cache)
+        for b, view in group.views.items():
+            view.append_rows(new.views[b])
+        group.rows += new.rows
 
     # -----------------------------------------------------------------------------
     # repacking: rows in, rows out, holes removed
 
-    def _repack(self, kind: tuple, entries: list[tuple]) -> Group:
+    def _repack(self, kind: tuple, entries: list[tuple], slots: int | None = None, max_len: int | None = None
+                ) -> Group:
         """
         A new group cache holding `entries` (row, source cache, source views, source row index) in order: each row's
-        real slots copied right-aligned to end at slot C = the longest row, with room for the next steps after C.
+        real slots copied right-aligned to end at slot C = the longest row (or `slots`), with room for the next steps
+        after C (or `max_len` slots in all).
         """
         idxs = [cache.valid[r, :cache.n_slots].nonzero()[:, 0] for _, cache, _, r in entries]
-        C = max(len(i) for i in idxs)
+        C = max(len(i) for i in idxs) if slots is None else slots
         step_slots = kind[2] + 1 if kind[0] == "spec" else 1
-        max_len = min(C + max(self.room, 2 * step_slots), self.config.rotary_seq_len)
+        if max_len is None:
+            max_len = min(C + max(self.room, 2 * step_slots), self.config.rotary_seq_len)
         cache, views = self._new_cache(len(entries), max_len, kind)
         n_base = len(cache.layers)
         for j, ((_, src, src_views, r), idx) in enumerate(zip(entries, idxs)):
@@ -486,6 +521,7 @@ class Engine:
         return Group(kind, [e[0] for e in entries], cache, views)
 
     def _retire(self) -> None:
+        """Finished rows leave their group: the others are selected along the batch, their slots unchanged."""
         for kind, group in list(self.groups.items()):
             keep = [i for i, r in enumerate(group.rows) if r.finish is None]
             if len(keep) == len(group.rows):
@@ -493,9 +529,11 @@ class Engine:
             if not keep:
                 del self.groups[kind]
                 continue
-            if kind[0] == "wand":
-                catch_up(self.gpt, group.cache, group.cache.n_slots, self.n_base_exits - 1)
-            self.groups[kind] = self._repack(kind, [(group.rows[i], group.cache, group.views, i) for i in keep])
+            idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+            group.cache.batch_select_indices(idx)
+            for view in group.views.values():
+                view.batch_select_indices(idx)
+            group.rows = [group.rows[i] for i in keep]
         for p in list(self.prefilling):
             if all(r.finish is not None for r in p.rows):
                 self.prefilling.remove(p)
