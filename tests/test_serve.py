@@ -531,3 +531,23 @@ def test_sibling_rows_joining_and_leaving_a_batch_keep_their_tokens(model, tok, 
     busy = engine_outputs(engine, jobs, [0, 0, 1, 3, 4, 4, 9, 12, 20])
     assert busy == alone
     assert max(steps) > 2
+
+
+def test_short_prompts_prefilled_together_keep_their_tokens(model, tok):
+    """Prompts that arrive together and fit one chunk are prefilled in one left-padded pass, in every mode; each
+    row's greedy tokens equal the same request decoded alone."""
+    engine = Engine(model, max_batch=16, prefill_chunk=64)
+    jobs = [(bos_ids(tok, PROMPTS[i % 4]), None, MODES[i % len(MODES)], 5 + 2 * (i % 4)) for i in range(12)]
+    alone = [engine_outputs(engine, [job], [0])[0] for job in jobs]
+    passes = []
+    exit_logits = engine._exit_logits
+
+    def record(cache, views, ids, exits, valid=None):
+        if ids.size(1) > 1:
+            passes.append(ids.size(0))
+        return exit_logits(cache, views, ids, exits, valid)
+
+    engine._exit_logits = record
+    busy = engine_outputs(engine, jobs, [0, 0, 0, 0, 0, 0, 3, 3, 3, 5, 5, 5])
+    assert busy == alone
+    assert max(passes) > 2  # several prompts really shared a prefill pass

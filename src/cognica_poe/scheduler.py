@@ -167,13 +167,15 @@ class Row:
 
 @dataclass
 class Prefill:
-    """A prompt being prefilled a chunk at a time in its own one-row cache, for its n rows."""
+    """A prompt being prefilled for its n rows: a chunk at a time in its own one-row cache, or (a prompt of one chunk)
+    in one pass with other such prompts, as one row of their cache."""
 
     request: Request
     ids: list[int]
     rows: list[Row]
-    cache: CognicaKVCache
-    views: dict
+    cache: CognicaKVCache | None = None
+    views: dict = field(default_factory=dict)
+    row: int = 0  # the prompt's row in `cache`
     done: int = 0  # prompt tokens forwarded
 
 
@@ -370,11 +372,9 @@ class Engine:
                 self._admit(self.waiting.popleft())
         self._expire(now)
         self._retire()
-        budget = self.prefill_chunk  # prompt tokens forwarded this iteration: whole chunks, oldest prompts first
-        for p in list(self.prefilling):
-            if budget <= 0:
-                break
-            budget -= self._prefill_chunk(p)
+        budget = self.prefill_chunk  # prompt tokens forwarded this iteration
+        while self.prefilling and budget > 0:
+            budget -= self._prefill_next()
         for group in list(self.groups.values()):
             self._ensure_room(group)
             {"onepass": self._step_onepass, "wand": self._step_wand, "spec": self._step_spec}[group.kind[0]](group)
@@ -418,8 +418,7 @@ class Engine:
     def _admit(self, req: Request) -> None:
         for i, prompt in enumerate(req.prompts):
             rows = [Row(req, i * req.n + j, len(prompt), self.device) for j in range(req.n)]
-            cache, views = self._new_cache(1, len(prompt), req.poe.kind)
-            self.prefilling.append(Prefill(req, prompt, rows, cache, views))
+            self.prefilling.append(Prefill(req, prompt, rows))
 
     def _prefill_exits(self, poe: PoeSpec) -> list[int]:
         if poe.mode == "wand":
@@ -428,34 +427,67 @@ class Engine:
             return [self.n_base_exits - 1]
         return sorted(set(poe.exits))
 
+    def _prefill_next(self) -> int:
+        """
+        The next prefill work, oldest prompt first: prompts that fit one chunk go together in one pass, consecutive
+        ones of the same kind up to prefill_chunk tokens; a longer prompt forwards its next chunk alone (its chunks
+        are always the same: prefill_chunk tokens from its start). Returns the prompt tokens forwarded.
+        """
+        first = self.prefilling[0]
+        if first.done or len(first.ids) > self.prefill_chunk:
+            return self._prefill_chunk(first)
+        batch, tokens = [], 0
+        for p in self.prefilling:
+            if (p.done or len(p.ids) > self.prefill_chunk or p.request.poe.kind != first.request.poe.kind
+                    or tokens + len(p.ids) > self.prefill_chunk and batch):
+                break
+            batch.append(p)
+            tokens += len(p.ids)
+        if len(batch) == 1:
+            return self._prefill_chunk(first)
+        # one pass over the prompts, left-padded to the longest: each is a row of one cache
+        L = max(len(p.ids) for p in batch)
+        ids = torch.zeros(len(batch), L, dtype=torch.long, device=self.device)
+        valid = torch.zeros(len(batch), L, dtype=torch.bool, device=self.device)
+        for j, p in enumerate(batch):
+            ids[j, L - len(p.ids):] = torch.tensor(p.ids, dtype=torch.long)
+            valid[j, L - len(p.ids):] = True
+        cache, views = self._new_cache(len(batch), L, first.request.poe.kind)
+        exits = sorted({e for p in batch for e in self._prefill_exits(p.request.poe)})
+        logits = self._exit_logits(cache, views, ids, exits, valid)
+        for j, p in enumerate(batch):
+            p.cache, p.views, p.row, p.done = cache, views, j, len(p.ids)
+            self._prefilled(p, {e: x[j:j + 1] for e, x in logits.items()})
+        return tokens
+
     def _prefill_chunk(self, p: Prefill) -> int:
-        """
-        Forward the next chunk of a prompt; after the last one choose each row's first token and join a group.
-        Returns the chunk's token count. A prompt's chunks are always the same (prefill_chunk tokens from its
-        start), however many other prompts share the iteration.
-        """
+        """Forward the next chunk of one prompt in its own cache; after the last one, _prefilled."""
+        if p.cache is None:
+            p.cache, p.views = self._new_cache(1, len(p.ids), p.request.poe.kind)
         start, end = p.done, min(p.done + self.prefill_chunk, len(p.ids))
         ids = torch.tensor([p.ids[start:end]], dtype=torch.long, device=self.device)
-        exits = self._prefill_exits(p.request.poe)
-        logits = self._exit_logits(p.cache, p.views, ids, exits)
+        logits = self._exit_logits(p.cache, p.views, ids, self._prefill_exits(p.request.poe))
         p.done = end
-        if p.done < len(p.ids):
-            return end - start
+        if p.done == len(p.ids):
+            self._prefilled(p, logits)
+        return end - start
+
+    def _prefilled(self, p: Prefill, logits: dict[int, torch.Tensor]) -> None:
+        """A prompt's last chunk ran (logits: {exit: (1, V)}): choose each row's first token and join a group."""
         self.prefilling.remove(p)
         poe = p.request.poe
         for row in p.rows:
             if poe.mode == "wand":
-                self._wand_choose([row], {s: logits[s] for s in exits})
+                self._wand_choose([row], {s: logits[s] for s in range(self.n_base_exits)})
             elif poe.mode == "speculative":  # the first token is the full model's
                 row.layer_runs += self.config.n_layer
                 self._choose(row, logits[self.n_base_exits - 1][0])
             else:
                 row.layer_runs += poe.layers
-                self._choose(row, self._scores(row, {e: logits[e][0] for e in exits}))
+                self._choose(row, self._scores(row, {e: logits[e][0] for e in poe.exits}))
         live = [r for r in p.rows if r.finish is None]
         if live:
-            self._join(poe.kind, [(r, p.cache, p.views, 0) for r in live])
-        return end - start
+            self._join(poe.kind, [(r, p.cache, p.views, p.row) for r in live])
 
     def _join(self, kind: tuple, newcomers: list[tuple]) -> None:
         """
@@ -550,16 +582,17 @@ class Engine:
     # -----------------------------------------------------------------------------
     # token choice, shared by every mode
 
-    def _exit_logits(self, cache: CognicaKVCache, views: dict, ids: torch.Tensor, exits: list[int]
-                     ) -> dict[int, torch.Tensor]:
-        """{flat exit: next-token logits (B, V)} for new tokens ids (B, T), from one pass over the needed layers."""
+    def _exit_logits(self, cache: CognicaKVCache, views: dict, ids: torch.Tensor, exits: list[int],
+                     valid: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """{flat exit: next-token logits (B, V)} for new tokens ids (B, T) (valid: their real-token mask), from one
+        pass over the needed layers."""
         nb = self.n_base_exits
         if self.siblings is not None and views:
             needed = {e - nb: views[e - nb] for e in exits if e >= nb}
-            out = self.siblings.run(cache, needed, ids, None, exits, logits_to_keep=1)
+            out = self.siblings.run(cache, needed, ids, valid, exits, logits_to_keep=1)
             return {e: logits[:, -1] for e, logits in zip(exits, out)}
         layers = [self.model.stage_boundary(e) for e in exits]
-        hidden = self.gpt.hidden_at_exits(ids, layers, cache, logits_to_keep=1)
+        hidden = self.gpt.hidden_at_exits(ids, layers, cache, valid, logits_to_keep=1)
         return {e: self.gpt.exit_logits(hidden[b], b)[:, -1] for e, b in zip(exits, layers)}
 
     @staticmethod
