@@ -240,7 +240,7 @@ def main() -> None:
     p.add_argument("--model", default=None, help="an HF folder (default: the converted d8 reference model)")
     p.add_argument("--dtype", default=None)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--requests", type=int, default=32, help="requests per level")
+    p.add_argument("--requests", type=int, default=64, help="requests per level")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds per level before no new request starts")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of each server")

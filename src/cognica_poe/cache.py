@@ -32,6 +32,24 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
+def stack_rows(tensors: list[torch.Tensor], rows: list[torch.Tensor | None], slot_dim: int, n_slots: int
+               ) -> torch.Tensor:
+    """
+    The concatenation along the batch of tensors' rows (all of them, or those indexed by rows[i]), copied over the
+    first n_slots slots only: a slot past the claimed ones is always written before it is read, so the rest of the
+    new buffer needs no zeros.
+    """
+    used = [t.narrow(slot_dim, 0, n_slots) for t in tensors]
+    picked = [t if idx is None else t.index_select(0, idx) for t, idx in zip(used, rows)]
+    like = tensors[0]
+    out = torch.empty(sum(t.size(0) for t in picked), *like.shape[1:], dtype=like.dtype, device=like.device)
+    b = 0
+    for t in picked:
+        out[b:b + t.size(0)].narrow(slot_dim, 0, n_slots).copy_(t)
+        b += t.size(0)
+    return out
+
+
 class CognicaKVLayer(CacheLayerMixin):
     """One layer's preallocated keys/values; slots [0, length) are filled."""
 
@@ -268,20 +286,31 @@ class CognicaKVCache(Cache):
             raise ValueError(f"cannot append rows of a cache with {other.n_slots} slots (of {other.max_len}, fill "
                              f"levels {other.layer_len}) to one with {self.n_slots} (of {self.max_len}, "
                              f"{self.layer_len})")
-        for mine, theirs in zip(self.own_layers, other.own_layers):
-            mine.keys = torch.cat([mine.keys, theirs.keys])
-            mine.values = torch.cat([mine.values, theirs.values])
+        self._restack([(self, None), (other, None)])
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only these rows, in this order (the others leave the batch); slots keep their columns."""
+        self._restack([(self, torch.tensor(rows, dtype=torch.long, device=self.token_ids.device))])
+
+    def _restack(self, parts: list[tuple["CognicaKVCache", torch.Tensor | None]]) -> None:
+        """This cache's rows become the concatenation of parts' rows (all of a part's rows, or those indexed)."""
+        self._restack_layers(parts)
         for name in ("token_ids", "valid", "positions"):
-            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
-        for layer in set(self.hidden) | set(other.hidden):
-            mine = self.hidden.get(layer)
-            theirs = other.hidden.get(layer)
-            if mine is None:
-                mine = torch.zeros(self.batch_size_, *theirs.shape[1:], dtype=theirs.dtype, device=theirs.device)
-            if theirs is None:
-                theirs = torch.zeros(other.batch_size_, *mine.shape[1:], dtype=mine.dtype, device=mine.device)
-            self.hidden[layer] = torch.cat([mine, theirs])
-        self.batch_size_ += other.batch_size_
+            setattr(self, name, torch.cat([getattr(c, name) if idx is None else getattr(c, name).index_select(0, idx)
+                                           for c, idx in parts]))
+        for layer in set().union(*(c.hidden for c, _ in parts)):
+            like = next(c.hidden[layer] for c, _ in parts if layer in c.hidden)
+            streams = [c.hidden[layer] if layer in c.hidden else
+                       torch.zeros(c.batch_size_, *like.shape[1:], dtype=like.dtype, device=like.device)
+                       for c, _ in parts]
+            self.hidden[layer] = stack_rows(streams, [idx for _, idx in parts], 1, self.n_slots)
+        self.batch_size_ = self.token_ids.size(0)
+
+    def _restack_layers(self, parts: list[tuple["CognicaKVCache", torch.Tensor | None]]) -> None:
+        idxs = [idx for _, idx in parts]
+        for i, layer in enumerate(self.own_layers):
+            layer.keys = stack_rows([c.own_layers[i].keys for c, _ in parts], idxs, 2, self.n_slots)
+            layer.values = stack_rows([c.own_layers[i].values for c, _ in parts], idxs, 2, self.n_slots)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
@@ -316,18 +345,16 @@ class ExtendedKVCache(CognicaKVCache):
         self.token_ids, self.valid, self.positions = self.trunk.token_ids, self.trunk.valid, self.trunk.positions
         self.hidden, self.batch_size_ = self.trunk.hidden, self.trunk.batch_size_
 
+    def _restack(self, parts: list[tuple["CognicaKVCache", torch.Tensor | None]]) -> None:
+        """The extension's own layers; the trunk (shared layers and bookkeeping) restacks its rows first."""
+        self._restack_layers(parts)
+        self._follow_trunk()
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder the extension's own layers; the trunk (shared layers and bookkeeping) is reordered by its owner
         first."""
         for layer in self.own_layers:
             layer.reorder_cache(beam_idx)
-        self._follow_trunk()
-
-    def append_rows(self, other: "CognicaKVCache") -> None:
-        """Append other's own layers' rows; the trunk appends its rows (and other's trunk's) first."""
-        for mine, theirs in zip(self.own_layers, other.own_layers):
-            mine.keys = torch.cat([mine.keys, theirs.keys])
-            mine.values = torch.cat([mine.values, theirs.values])
         self._follow_trunk()
 
     @property

@@ -455,9 +455,12 @@ class Engine:
         cache, views = self._new_cache(len(batch), L, first.request.poe.kind)
         exits = sorted({e for p in batch for e in self._prefill_exits(p.request.poe)})
         logits = self._exit_logits(cache, views, ids, exits, valid)
+        newcomers = []
         for j, p in enumerate(batch):
             p.cache, p.views, p.row, p.done = cache, views, j, len(p.ids)
-            self._prefilled(p, {e: x[j:j + 1] for e, x in logits.items()})
+            newcomers += self._prefilled(p, {e: x[j:j + 1] for e, x in logits.items()})
+        if newcomers:  # they join their group together
+            self._join(first.request.poe.kind, newcomers)
         return tokens
 
     def _prefill_chunk(self, p: Prefill) -> int:
@@ -469,11 +472,16 @@ class Engine:
         logits = self._exit_logits(p.cache, p.views, ids, self._prefill_exits(p.request.poe))
         p.done = end
         if p.done == len(p.ids):
-            self._prefilled(p, logits)
+            newcomers = self._prefilled(p, logits)
+            if newcomers:
+                self._join(p.request.poe.kind, newcomers)
         return end - start
 
-    def _prefilled(self, p: Prefill, logits: dict[int, torch.Tensor]) -> None:
-        """A prompt's last chunk ran (logits: {exit: (1, V)}): choose each row's first token and join a group."""
+    def _prefilled(self, p: Prefill, logits: dict[int, torch.Tensor]) -> list[tuple]:
+        """
+        A prompt's last chunk ran (logits: {exit: (1, V)}): choose each row's first token. Returns the rows still
+        running, as _join's entries.
+        """
         self.prefilling.remove(p)
         poe = p.request.poe
         for row in p.rows:
@@ -485,9 +493,7 @@ class Engine:
             else:
                 row.layer_runs += poe.layers
                 self._choose(row, self._scores(row, {e: logits[e][0] for e in poe.exits}))
-        live = [r for r in p.rows if r.finish is None]
-        if live:
-            self._join(poe.kind, [(r, p.cache, p.views, p.row) for r in live])
+        return [(r, p.cache, p.views, p.row) for r in p.rows if r.finish is None]
 
     def _join(self, kind: tuple, newcomers: list[tuple]) -> None:
         """
@@ -561,10 +567,9 @@ class Engine:
             if not keep:
                 del self.groups[kind]
                 continue
-            idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-            group.cache.batch_select_indices(idx)
+            group.cache.keep_rows(keep)
             for view in group.views.values():
-                view.batch_select_indices(idx)
+                view.keep_rows(keep)
             group.rows = [group.rows[i] for i in keep]
         for p in list(self.prefilling):
             if all(r.finish is not None for r in p.rows):

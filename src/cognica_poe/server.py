@@ -379,6 +379,36 @@ def chunk_head(rid: str, obj: str, created: int, model: str, include_usage: bool
     return head
 
 
+class AuthAndCount:
+    """
+    The API key check and the per-endpoint request counter, as plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware (`@app.middleware("http")`) relays every streamed chunk through an extra task and memory
+    stream, a cost paid per token of every streaming response.
+    """
+
+    def __init__(self, app, api_key: str | None, metrics: "Metrics"):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if self.api_key and path not in ("/health", "/metrics"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+                self.metrics.requests.labels(path, "401").inc()
+                response = APIError(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
+                                    code="invalid_api_key").response()
+                return await response(scope, receive, send)
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start" and path != "/metrics":
+                self.metrics.requests.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None = None,
                max_model_len: int | None = None, request_timeout: float | None = None) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the engine thread."""
@@ -411,19 +441,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     async def api_error(request: Request, exc: APIError):
         return exc.response()
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        path = request.url.path
-        if api_key and path not in ("/health", "/metrics"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                metrics.requests.labels(path, "401").inc()
-                return APIError(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
-                                code="invalid_api_key").response()
-        response = await call_next(request)
-        if path != "/metrics":
-            metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(AuthAndCount, api_key=api_key, metrics=metrics)
 
     @app.get("/health")
     async def health():
@@ -477,13 +495,16 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
             for part in chunk(None):  # opening chunks (chat: the role)
                 yield f"data: {json.dumps(part)}\n\n"
             while not gen.done:
-                c = await gen.next()
+                changed = [await gen.next()]
+                while not gen.queue.empty():  # events that queued up while we sent: one chunk per choice
+                    changed.append(await gen.next())
                 err = gen.failure() if gen.done else None
                 if err is not None:
                     yield f"data: {json.dumps(err.body())}\n\n"
                     break
-                for part in chunk(c) if c is not None else []:
-                    yield f"data: {json.dumps(part)}\n\n"
+                for c in dict.fromkeys(c for c in changed if c is not None):
+                    for part in chunk(c):
+                        yield f"data: {json.dumps(part)}\n\n"
             else:
                 for part in chunk("usage"):
                     yield f"data: {json.dumps(part)}\n\n"
