@@ -304,9 +304,10 @@ class SiblingSpecialists:
         for b in wanted:
             if b in self.peers:  # its rank keeps the branch's cache (a fresh one when a chunk starts at slot 0)
                 views[b] = None
-            elif b in self.devices:  # a cache of its own on its device, following this one
-                views[b] = mirror_cache(self.base.config, self.branches[b].config, cache.batch_size, cache.max_len,
-                                        self.base.gpt.dtype, self.devices[b])
+            elif b in self.devices:  # a cache of its own on its device (made on the stream that will use it)
+                with torch.cuda.stream(self.streams.get(b)):
+                    views[b] = mirror_cache(self.base.config, self.branches[b].config, cache.batch_size,
+                                            cache.max_len, self.base.gpt.dtype, self.devices[b])
             else:
                 views[b] = cache.extended(self.branches[b].config)
         return views
