@@ -101,3 +101,17 @@ def test_one_process_per_branch_matches_one_process_and_names_a_dead_rank(folder
         for p in procs:
             if p.is_alive():
                 p.kill()
+
+
+def test_distribute_needs_a_group_and_one_process_per_branch(folders, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    base_dir, stages = folders
+    sib = load_siblings(base_dir, stages, names=NAMES)
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match="no process group to join: run under torchrun"):
+        sib.distribute()
+    with pytest.raises(ValueError, match=r"^1 processes for 2 branches: .*\(torchrun --nproc-per-node 3\)$"):
+        sib.distribute(rank=0, world_size=1, init_method=f"file://{tmp_path / 'group'}")
+    assert not dist.is_initialized()  # the group it joined for nothing is left again
+    assert sib.generate_stage(torch.tensor([[0, 5]]), "code", max_new_tokens=2, stop_tokens=[]).shape == (1, 4)
