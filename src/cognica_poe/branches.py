@@ -363,16 +363,25 @@ class SiblingSpecialists:
         out = {}
         # branches on their own devices: copies in, then every branch's layers, then the logits back; three loops, so
         # no branch's copy waits for another's layers (on CPU the streams are plain calls)
+        device = cache.token_ids.device
+        main = torch.cuda.current_stream(device) if device.type == "cuda" else None
         for b in placed:
-            with torch.cuda.stream(self.streams.get(b)):
+            stream = self.streams.get(b)
+            if stream is not None and main is not None:  # the branch starts after the trunk's work so far
+                stream.wait_stream(main)
+            with torch.cuda.stream(stream):
                 mirror_slots(views[b], start, end, cache.token_ids[:, start:end], cache.positions[:, start:end],
                              cache.valid[:, :end], {i: cache.load_hidden(i, start, end) for i in self.stream_layers})
         for b in placed:
             with torch.cuda.stream(self.streams.get(b)):
                 out[b] = self.branch_logits(b, views[b], start, end, logits_to_keep)
-        for b in placed:  # a copy between devices makes the trunk's stream wait for it: the join
-            with torch.cuda.stream(self.streams.get(b)):
-                out[b] = out[b].to(cache.token_ids.device, non_blocking=True)
+        for b in placed:
+            stream = self.streams.get(b)
+            with torch.cuda.stream(stream):
+                out[b] = out[b].to(device, non_blocking=True)
+            if stream is not None and main is not None:  # the join: the trunk's stream waits for the branch's
+                main.wait_stream(stream)
+                out[b].record_stream(main)  # (made on the branch's stream when both share a device)
         for b in local:
             out[b] = self.branch_logits(b, views[b], start, end, logits_to_keep)
         for b, (works, logits) in pending.items():
@@ -542,9 +551,6 @@ def load_siblings(base: CognicaPoEForCausalLM | str, stage_folders: list[str], n
     if isinstance(base, (str, os.PathLike)):
         base = load_folder(os.path.realpath(base), parent_map, dtype)
     base.eval()
-    device_map = dict(device_map or {})
-    if "trunk" in device_map:
-        base.to(torch.device(device_map.pop("trunk")))
     folders = [os.path.realpath(f) for f in stage_folders]
     if not folders:
         raise ValueError("at least one stage folder is needed")
@@ -553,6 +559,12 @@ def load_siblings(base: CognicaPoEForCausalLM | str, stage_folders: list[str], n
         raise ValueError(f"{len(names)} names for {len(folders)} stage folders")
     if len(set(names)) != len(names):
         raise ValueError(f"branch names must be distinct, got {names} (pass names=)")
+    device_map = dict(device_map or {})
+    unknown = sorted(set(device_map) - {"trunk", *names})
+    if unknown:
+        raise ValueError(f"device_map names {unknown}: its keys are 'trunk' and the branch names {names}")
+    if "trunk" in device_map:
+        base.to(torch.device(device_map.pop("trunk")))
     heads, verified = shared_heads(base), set()
     branches = []
     for folder in folders:
@@ -560,9 +572,6 @@ def load_siblings(base: CognicaPoEForCausalLM | str, stage_folders: list[str], n
         check_branch(base, folder, config, parent_map, verified)
         delta = load_safetensors(os.path.join(folder, DELTA_FILE))
         branches.append(build_branch(base, config, delta, folder, heads))
-    unknown = sorted(set(device_map) - set(names))
-    if unknown:
-        raise ValueError(f"device_map names {unknown}: its keys are 'trunk' and the branch names {names}")
     devices = {names.index(name): torch.device(device) for name, device in device_map.items()}
     for b, device in devices.items():
         place_branch(branches[b], base.config.n_layer, device)
