@@ -24,12 +24,14 @@ def folders(tmp_path_factory):
 
 
 def same_everywhere(a, b, ids, mask) -> None:
-    """Every exit's logits within 1e-5 and the greedy tokens of composition and of each branch alone equal."""
+    """Every exit's logits within 1e-5; the tokens of composition (greedy, seeded sampling) and of each exit alone."""
     for x, y in zip(a.forward_exits(ids, attention_mask=mask), b.forward_exits(ids, attention_mask=mask)):
         assert (x - y).abs().max() < 1e-5
     kw = dict(max_new_tokens=8, stop_tokens=[], attention_mask=mask)
     compose = dict(stages=[3, "math", "code"], stage_weights=[0.5, 1.0, 2.0], **kw)
     assert torch.equal(a.generate_parallel_composition(ids, **compose), b.generate_parallel_composition(ids, **compose))
+    sampled = dict(compose, do_sample=True, temperature=1.5, top_k=50, seed=7)  # sampling stays with the trunk
+    assert torch.equal(a.generate_parallel_composition(ids, **sampled), b.generate_parallel_composition(ids, **sampled))
     for stage in ("math", "code", 1):
         assert torch.equal(a.generate_stage(ids, stage, **kw), b.generate_stage(ids, stage, **kw))
 
@@ -48,6 +50,19 @@ def test_branches_on_devices_of_their_own_match_one_device(folders):
     same_everywhere(placed, ref, ids, mask)
     with pytest.raises(ValueError, match=r"device_map names \['poetry'\].*'trunk' and the branch names"):
         load_siblings(base_dir, stages, names=NAMES, device_map={"poetry": "cpu"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the streams path)")
+def test_branches_on_cuda_streams_match_one_stream(folders):
+    """Each branch on a CUDA stream of its own (on the last GPU; with one GPU, the trunk's): the same results as the
+    branches run one after another on the trunk's GPU."""
+    base_dir, stages = folders
+    last = f"cuda:{torch.cuda.device_count() - 1}"
+    ref = load_siblings(base_dir, stages, names=NAMES, device_map={"trunk": "cuda:0"})
+    placed = load_siblings(base_dir, stages, names=NAMES, device_map={"trunk": "cuda:0", "math": last, "code": last})
+    assert set(placed.streams) == {0, 1}
+    ids, mask, _ = prompt_batch(3, [6, 11])
+    same_everywhere(placed, ref, ids.cuda(), mask.cuda())
 
 
 def branch_rank(rank: int, init_method: str, base_dir: str, stages: list[str], loaded) -> None:
