@@ -12,7 +12,8 @@ Stage-parallel benchmark. One part per run, chosen with --part:
     model: T_trunk + sum(T_branch) (sequential) vs T_trunk + max(T_branch) (concurrent). Both paths must produce
     the same tokens (checked). On CPU the concurrent figure needs a free core per branch process: with fewer
     cores the branch processes share them and the step costs more than the model says (`cores` in the JSON).
-    About a minute on 2 busy cores at the defaults (mostly starting the 3 branch processes).
+    Run time: the quick line below took about 1.5 minutes on 2 busy cores, mostly starting the 3 branch processes
+    (each imports torch); the defaults add a few hundred larger decode steps to that.
 
 (b) Training: single-process vs 2-stage pipeline: not written yet (its place is marked in PARTS below).
 
