@@ -398,7 +398,7 @@ class SiblingSpecialists:
     # one process per branch (torch.distributed)
 
     def post(self, b: int, cache: CognicaKVCache, start: int, end: int, logits_to_keep: int
-             ) -> tuple[list[dist.Work], torch.Tensor]:
+             ) -> "tuple[list[dist.Work], torch.Tensor]":
         """
         Rank 0: send branch b's rank the chunk (its slots' ids and positions, every slot's validity, the trunk's
         streams) and start receiving its logits. Returns the works to wait on and the logits' buffer.

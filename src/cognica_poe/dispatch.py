@@ -31,6 +31,8 @@ def join_group(timeout_s: float = 300.0, rank: int | None = None, world_size: in
     "tcp://host:port" or "file:///shared/path") set it up explicitly. timeout_s bounds every exchange. Returns True
     when this call created the group (the caller then leaves it with leave_group).
     """
+    if not dist.is_available() or not dist.is_gloo_available():
+        raise ValueError("this torch build has no torch.distributed with gloo: install a build that has it")
     if dist.is_initialized():
         return False
     if rank is None and "RANK" not in os.environ:
@@ -63,21 +65,21 @@ class Peer:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return RankFailed(f"{self} failed, exited or stopped answering: {first}")
 
-    def send(self, *tensors: torch.Tensor) -> list[dist.Work]:
+    def send(self, *tensors: torch.Tensor) -> "list[dist.Work]":
         """Start sending CPU tensors to this peer; wait on the returned works (the data must stay untouched)."""
         try:
             return [dist.isend(t, dst=self.rank) for t in tensors]
         except RuntimeError as e:
             raise self.failed(e) from e
 
-    def recv(self, *tensors: torch.Tensor) -> list[dist.Work]:
+    def recv(self, *tensors: torch.Tensor) -> "list[dist.Work]":
         """Start receiving into preallocated CPU tensors from this peer; wait on the returned works."""
         try:
             return [dist.irecv(t, src=self.rank) for t in tensors]
         except RuntimeError as e:
             raise self.failed(e) from e
 
-    def wait(self, works: list[dist.Work], timeout: datetime.timedelta | None = None) -> None:
+    def wait(self, works: "list[dist.Work]", timeout: datetime.timedelta | None = None) -> None:
         """Finish works started with this peer (timeout None: the group's)."""
         try:
             for work in works:
