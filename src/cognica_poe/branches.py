@@ -20,16 +20,19 @@ only). Decoding reuses the project's primitives: cache.claim, GPT.run_slots, com
 on the core GPTs (`.gpt`) of the base and the branches.
 """
 
+import copy
 import os
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from transformers import GenerationConfig
 
 from .cache import CognicaKVCache
 from .compose import composition_weights, log_op
 from .config import CognicaPoEConfig
+from .dispatch import IDLE, Peer, RankFailed, join_group, leave_group
 from .hf import CognicaPoEForCausalLM, load_folder
 from .packed import Linear, pack_linears
 from .sampling import SamplingParams, decode, is_int
@@ -39,6 +42,8 @@ from .weights import check_shapes, load_safetensors
 # config fields a branch must share with its base (anything else would change the shared trunk or the exits)
 SHARED_FIELDS = ("vocab_size", "sequence_len", "n_head", "n_kv_head", "n_embd", "window_pattern", "rope_theta",
                  "rotary_multiplier", "softcap", "qk_scale", "pad_vocab_size_to", "poe_mode", "poe_every")
+# rank 0's command to a branch rank: op, batch size, cache length, first slot, end slot, logits_to_keep
+RUN, STOP, HEADER = 1, 0, 6
 
 
 # -----------------------------------------------------------------------------
@@ -158,6 +163,70 @@ def build_branch(base: CognicaPoEForCausalLM, config: CognicaPoEConfig, delta: d
     return model.eval()
 
 
+@torch.no_grad()
+def place_branch(branch: CognicaPoEForCausalLM, n_base: int, device: torch.device) -> None:
+    """
+    Move a branch onto a device of its own: its own blocks, stage head and lambdas move; the shared tensors it reads
+    besides the trunk's stream (embedding and smear for x0, backout, the heads of its exit) are copied there, so only
+    the residual streams cross devices. The trunk's blocks stay referenced but never run on this device.
+    """
+    gpt = branch.gpt
+
+    def copied(module: nn.Module) -> nn.Module:  # deepcopy with each parameter already copied to the device
+        memo = {id(p): nn.Parameter(p.detach().to(device), requires_grad=False) for p in module.parameters()}
+        return copy.deepcopy(module, memo)
+
+    for i in range(n_base, branch.config.n_layer):
+        gpt.transformer.h[i].to(device)
+    gpt.lm_head_stage.to(device)
+    gpt.transformer.wte, gpt.lm_head, gpt.smear_gate = (copied(m) for m in (gpt.transformer.wte, gpt.lm_head,
+                                                                            gpt.smear_gate))
+    gpt.ancestor_heads = copied(gpt.ancestor_heads)
+    for name in ("resid_lambdas", "x0_lambdas", "smear_lambda", "backout_lambda"):
+        setattr(gpt, name, nn.Parameter(getattr(gpt, name).detach().to(device), requires_grad=False))
+
+
+def own_modules(branch: CognicaPoEForCausalLM, n_base: int) -> list[nn.Module]:
+    """The modules a branch holds alone: its new blocks and its stage head."""
+    gpt = branch.gpt
+    return [gpt.transformer.h[i] for i in range(n_base, branch.config.n_layer)] + [gpt.lm_head_stage]
+
+
+# -----------------------------------------------------------------------------
+# a branch's cache away from the trunk's (another device or another process)
+
+
+def mirror_cache(base_config: CognicaPoEConfig, config: CognicaPoEConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device) -> CognicaKVCache:
+    """
+    An empty cache for a branch that runs away from the trunk's cache: slot bookkeeping and kept streams of its own
+    (filled by mirror_slots) and keys for the branch's own layers only.
+    """
+    slots = CognicaKVCache(base_config, batch_size, max_len, dtype=dtype, device=device)
+    view = slots.extended(config)
+    for layer in slots.layers:  # the trunk's layers never run here: keep no keys for them
+        layer.keys = layer.values = layer.keys.new_empty(batch_size, layer.keys.size(1), 0, layer.keys.size(3))
+    return view
+
+
+def mirror_slots(view: CognicaKVCache, start: int, end: int, ids: torch.Tensor, positions: torch.Tensor,
+                 valid: torch.Tensor, streams: dict[int, torch.Tensor]) -> None:
+    """
+    Make a mirror_cache follow the trunk's cache for the chunk at slots [start, end): forget the slots from start
+    on (the trunk's cache may have been cropped), take the chunk's ids (B, T) and positions (B, T), the validity of
+    every slot so far (B, end) (rows may have invalidated slots) and the trunk's kept streams {layer: (B, T, C)}.
+    A compacted trunk cache is not mirrored.
+    """
+    device, dtype = view.token_ids.device, view.layers[-1].dtype
+    view.crop(start)
+    view.token_ids[:, start:end] = ids.to(device, non_blocking=True)
+    view.positions[:, start:end] = positions.to(device, non_blocking=True)
+    view.valid[:, :end] = valid.to(device, non_blocking=True)
+    view.n_slots = end
+    for layer, x in streams.items():
+        view.store_hidden(layer, start, x.to(device, dtype, non_blocking=True))
+
+
 # -----------------------------------------------------------------------------
 # the shared-trunk model
 
@@ -168,12 +237,22 @@ class SiblingSpecialists:
     0..n_base_exits-1, then one per branch in load order (also addressable by branch name). `branches[i]` is a full
     CognicaPoEForCausalLM for branch i (usable alone, e.g. its generate_speculative, but then with KV for its own copy
     of the trunk's layers).
+
+    Where branches run: by default on the trunk's device, one after another. Branches placed on devices of their own
+    (load_siblings' device_map) run concurrently, each on its device's CUDA stream, so a step costs the trunk plus
+    the slowest branch instead of the sum. After `distribute()` each branch runs in a process of its own
+    (torch.distributed), concurrently too.
     """
 
-    def __init__(self, base: CognicaPoEForCausalLM, branches: list[CognicaPoEForCausalLM], names: list[str]):
+    def __init__(self, base: CognicaPoEForCausalLM, branches: list[CognicaPoEForCausalLM], names: list[str],
+                 devices: dict[int, torch.device] | None = None):
         self.base = base
         self.branches = branches
         self.names = names
+        self.devices = devices or {}  # branch -> its own device (placed by load_siblings' device_map)
+        self.streams = {b: torch.cuda.Stream(d) for b, d in self.devices.items() if d.type == "cuda"}
+        self.peers: dict[int, Peer] = {}  # branch -> the rank that runs it (after distribute, on rank 0)
+        self.own_group = False  # distribute joined the process group (close leaves it)
 
     @property
     def n_base_exits(self) -> int:
@@ -220,8 +299,23 @@ class SiblingSpecialists:
         wanted = sorted({e - self.n_base_exits for e in exits if e >= self.n_base_exits})
         if wanted:
             cache.keep_hidden = True
-            cache.hidden_layers = {self.base.config.backout_layer, self.base.config.n_layer - 1}
-        return {b: cache.extended(self.branches[b].config) for b in wanted}
+            cache.hidden_layers = set(self.stream_layers)
+        views = {}
+        for b in wanted:
+            if b in self.peers:  # its rank keeps the branch's cache (a fresh one when a chunk starts at slot 0)
+                views[b] = None
+            elif b in self.devices:  # a cache of its own on its device (made on the stream that will use it)
+                with torch.cuda.stream(self.streams.get(b)):
+                    views[b] = mirror_cache(self.base.config, self.branches[b].config, cache.batch_size,
+                                            cache.max_len, self.base.gpt.dtype, self.devices[b])
+            else:
+                views[b] = cache.extended(self.branches[b].config)
+        return views
+
+    @property
+    def stream_layers(self) -> tuple[int, int]:
+        """The trunk layers whose output streams every branch starts from: the backout layer and the last one."""
+        return self.base.config.backout_layer, self.base.config.n_layer - 1
 
     def run(self, cache: CognicaKVCache, views: dict[int, CognicaKVCache], ids: torch.Tensor,
             attention_mask: torch.Tensor | None, exits: list[int], logits_to_keep: int = 1) -> list[torch.Tensor]:
@@ -238,12 +332,158 @@ class SiblingSpecialists:
         hidden = gpt.run_slots(cache, start, end, 0, last, base_layers, logits_to_keep)
         logits = {e: gpt.exit_logits(hidden[layer], layer) for e, layer in zip(
             [e for e in exits if e < nb], base_layers)}
-        for b, view in views.items():
-            branch = self.branches[b].gpt
-            top = branch.config.n_layer - 1
-            h = branch.run_slots(view, start, end, self.base.config.n_layer, top, [top], logits_to_keep)[top]
-            logits[nb + b] = branch.exit_logits(h, top)
+        for b, lg in self.run_branches(cache, views, start, end, logits_to_keep).items():
+            logits[nb + b] = lg
         return [logits[e] for e in exits]
+
+    def branch_logits(self, b: int, view: CognicaKVCache, start: int, end: int, logits_to_keep: int) -> torch.Tensor:
+        """Branch b's exit logits for slots [start, end) of its cache, running only the branch's own layers."""
+        branch = self.branches[b].gpt
+        top = branch.config.n_layer - 1
+        h = branch.run_slots(view, start, end, self.base.config.n_layer, top, [top], logits_to_keep)[top]
+        return branch.exit_logits(h, top)
+
+    def run_branches(self, cache: CognicaKVCache, views: dict[int, CognicaKVCache | None], start: int, end: int,
+                     logits_to_keep: int) -> dict[int, torch.Tensor]:
+        """
+        Every attached branch's exit logits {branch: (B, T', vocab)} for slots [start, end), once the trunk has run
+        them. Branches on other ranks get the trunk's streams first and work while this process runs the rest;
+        branches on devices of their own run concurrently, each on its device's stream; the others run here, one
+        after another. The result is on the trunk's device, ready on its current stream.
+        """
+        remote = [b for b in views if b in self.peers]
+        placed = [b for b in views if b in self.devices and b not in self.peers]
+        local = [b for b in views if b not in self.peers and b not in self.devices]
+        pending, failed = {}, None
+        for b in remote:  # a failed rank is reported once every healthy one has answered (none is left mid-message)
+            try:
+                pending[b] = self.post(b, cache, start, end, logits_to_keep)
+            except RankFailed as e:
+                failed = failed or e
+        out = {}
+        # branches on their own devices: copies in, then every branch's layers, then the logits back; three loops, so
+        # no branch's copy waits for another's layers (on CPU the streams are plain calls)
+        device = cache.token_ids.device
+        main = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        for b in placed:
+            stream = self.streams.get(b)
+            if stream is not None and main is not None:  # the branch starts after the trunk's work so far
+                stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                mirror_slots(views[b], start, end, cache.token_ids[:, start:end], cache.positions[:, start:end],
+                             cache.valid[:, :end], {i: cache.load_hidden(i, start, end) for i in self.stream_layers})
+        for b in placed:
+            with torch.cuda.stream(self.streams.get(b)):
+                out[b] = self.branch_logits(b, views[b], start, end, logits_to_keep)
+        for b in placed:
+            stream = self.streams.get(b)
+            with torch.cuda.stream(stream):
+                out[b] = out[b].to(device, non_blocking=True)
+            if stream is not None and main is not None:  # the join: the trunk's stream waits for the branch's
+                main.wait_stream(stream)
+                out[b].record_stream(main)  # (made on the branch's stream when both share a device)
+        for b in local:
+            out[b] = self.branch_logits(b, views[b], start, end, logits_to_keep)
+        for b, (works, logits) in pending.items():
+            try:
+                self.peers[b].wait(works)
+            except RankFailed as e:
+                failed = failed or e
+            out[b] = logits.to(cache.token_ids.device)
+        if failed:
+            raise failed
+        return {b: out[b] for b in views}
+
+    # -----------------------------------------------------------------------------
+    # one process per branch (torch.distributed)
+
+    def post(self, b: int, cache: CognicaKVCache, start: int, end: int, logits_to_keep: int
+             ) -> "tuple[list[dist.Work], torch.Tensor]":
+        """
+        Rank 0: send branch b's rank the chunk (its slots' ids and positions, every slot's validity, the trunk's
+        streams) and start receiving its logits. Returns the works to wait on and the logits' buffer.
+        """
+        B, T = cache.batch_size, end - start
+        header = torch.tensor([RUN, B, cache.max_len, start, end, logits_to_keep])
+        slots = torch.cat([cache.token_ids[:, start:end], cache.positions[:, start:end],
+                           cache.valid[:, :end].long()], dim=1).cpu()
+        x = torch.stack([cache.load_hidden(i, start, end) for i in self.stream_layers]).float().cpu()
+        logits = torch.empty(B, logits_to_keep or T, self.base.config.vocab_size)
+        peer = self.peers[b]
+        return peer.send(header, slots, x) + peer.recv(logits), logits
+
+    def serve(self, b: int) -> None:
+        """
+        Branch b's rank: run the branch for every chunk rank 0 sends, in a cache of its own that follows rank 0's,
+        until rank 0 sends STOP (or leaves: RankFailed naming rank 0).
+        """
+        driver = Peer(0, "the trunk")
+        device = self.devices.get(b, self.base.gpt.device)
+        header, view = torch.zeros(HEADER, dtype=torch.long), None
+        while True:
+            driver.wait(driver.recv(header), IDLE)
+            op, B, max_len, start, end, keep = header.tolist()
+            if op == STOP:
+                return
+            if start == 0 or view is None:  # a new request (or the old one cropped to nothing)
+                view = mirror_cache(self.base.config, self.branches[b].config, B, max_len, self.base.gpt.dtype,
+                                    device)
+            T = end - start
+            slots = torch.empty(B, 2 * T + end, dtype=torch.long)
+            x = torch.empty(len(self.stream_layers), B, T, self.base.config.n_embd)
+            driver.wait(driver.recv(slots, x))
+            ids, positions, valid = slots.split([T, T, end], dim=1)
+            mirror_slots(view, start, end, ids, positions, valid.bool(), dict(zip(self.stream_layers, x)))
+            logits = self.branch_logits(b, view, start, end, keep).float().cpu().contiguous()
+            driver.wait(driver.send(logits))
+
+    def distribute(self, timeout_s: float = 300.0, rank: int | None = None, world_size: int | None = None,
+                   init_method: str | None = None) -> bool:
+        """
+        Run each branch in a process of its own: rank 0 keeps the trunk and drives (decoding, sampling, the Log-OP),
+        rank b + 1 runs branch b. Every rank loads the same siblings and calls this. On rank 0 it returns True at
+        once, and every later forward_exits / generate_* runs the branches on their ranks, concurrently; a branch rank
+        that fails raises RankFailed naming it. On the other ranks it serves until rank 0 calls close() and returns
+        False. Each process frees the blocks it will not run. The process group: see dispatch.join_group (torchrun's
+        environment by default; timeout_s bounds every exchange).
+        """
+        created = join_group(timeout_s, rank, world_size, init_method)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if world != len(self.branches) + 1:
+            if created:
+                leave_group()
+            raise ValueError(f"{world} processes for {len(self.branches)} branches: run one process for the trunk "
+                             f"and one per branch (torchrun --nproc-per-node {len(self.branches) + 1})")
+        n = self.base.config.n_layer
+        if rank == 0:
+            self.own_group = created
+            self.peers = {b: Peer(b + 1, f"branch {name!r}") for b, name in enumerate(self.names)}
+            for branch in self.branches:
+                for module in own_modules(branch, n):
+                    module.to("meta")
+            return True
+        b = rank - 1
+        for module in [*self.base.gpt.transformer.h, *self.base.gpt.value_embeds.values()] + [
+                m for i, branch in enumerate(self.branches) if i != b for m in own_modules(branch, n)]:
+            module.to("meta")  # the trunk's blocks and the other branches' run elsewhere
+        try:
+            self.serve(b)
+        finally:
+            if created:
+                leave_group()
+        return False
+
+    def close(self) -> None:
+        """Rank 0: stop every branch rank (their distribute() returns) and leave the group distribute joined."""
+        for peer in self.peers.values():
+            try:
+                peer.wait(peer.send(torch.tensor([STOP] + [0] * (HEADER - 1))))
+            except RankFailed:
+                pass  # already gone
+        self.peers = {}
+        if self.own_group:
+            leave_group()
+            self.own_group = False
 
     @torch.no_grad()
     def forward_exits(self, input_ids: torch.Tensor, exits: list[int | str] | None = None,
@@ -298,11 +538,15 @@ class SiblingSpecialists:
 
 
 def load_siblings(base: CognicaPoEForCausalLM | str, stage_folders: list[str], names: list[str] | None = None,
-                  parent_map: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> SiblingSpecialists:
+                  parent_map: dict[str, str] | None = None, dtype: torch.dtype | None = None,
+                  device_map: dict[str, str | torch.device] | None = None) -> SiblingSpecialists:
     """
     Load stage folders that all branch from `base` (a model, or a base or stage folder to load) onto ONE copy of it.
     Each folder's parent must be this base: the base's own folder, or another folder holding identical weights (loaded
     once to compare). names default to the folders' names. Raises a ValueError naming any mismatch.
+    device_map: {"trunk": device, branch name: device, ...}: the trunk (the base) on one device, each named branch on
+    a device of its own (with its own copies of the embedding and heads it reads), run concurrently with the others;
+    unnamed branches stay on the trunk's device.
     """
     if isinstance(base, (str, os.PathLike)):
         base = load_folder(os.path.realpath(base), parent_map, dtype)
@@ -315,6 +559,12 @@ def load_siblings(base: CognicaPoEForCausalLM | str, stage_folders: list[str], n
         raise ValueError(f"{len(names)} names for {len(folders)} stage folders")
     if len(set(names)) != len(names):
         raise ValueError(f"branch names must be distinct, got {names} (pass names=)")
+    device_map = dict(device_map or {})
+    unknown = sorted(set(device_map) - {"trunk", *names})
+    if unknown:
+        raise ValueError(f"device_map names {unknown}: its keys are 'trunk' and the branch names {names}")
+    if "trunk" in device_map:
+        base.to(torch.device(device_map.pop("trunk")))
     heads, verified = shared_heads(base), set()
     branches = []
     for folder in folders:
@@ -322,4 +572,7 @@ def load_siblings(base: CognicaPoEForCausalLM | str, stage_folders: list[str], n
         check_branch(base, folder, config, parent_map, verified)
         delta = load_safetensors(os.path.join(folder, DELTA_FILE))
         branches.append(build_branch(base, config, delta, folder, heads))
-    return SiblingSpecialists(base, branches, names)
+    devices = {names.index(name): torch.device(device) for name, device in device_map.items()}
+    for b, device in devices.items():
+        place_branch(branches[b], base.config.n_layer, device)
+    return SiblingSpecialists(base, branches, names, devices)
