@@ -95,11 +95,11 @@ def train(cfg: TrainConfig) -> dict:
     """Train (or resume) a model as `cfg` says; returns a summary dict (losses, per-stage BPB, timings, paths)."""
     device = _resolve_device(cfg.device)
     rank, world = init_distributed(device.type)
+    if cfg.pipeline_parallel != 1:
+        _check_pipeline(cfg, world)
     if cfg.fsdp and world == 1:
         raise ValueError("--fsdp shards the model over the processes of a torchrun launch (e.g. torchrun "
                          "--nproc_per_node=8 -m cognica_poe.cli train --fsdp ...); this is a single process")
-    if cfg.pipeline_parallel != 1:
-        _check_pipeline(cfg, world)
     master = rank == 0
     check_out_dir(cfg)  # on every rank, before any rank writes (the first barrier is in _get_tokenizer)
     if cfg.export:  # the export at the end may replace only an earlier export: know it now, not after training
@@ -281,15 +281,15 @@ def _check_pipeline(cfg: TrainConfig, world: int) -> None:
     """--pipeline-parallel needs several processes and flat PoE (only its stages exchange no gradient)."""
     if cfg.pipeline_parallel < 1:
         raise ValueError(f"--pipeline-parallel must be 1 or more, got {cfg.pipeline_parallel}")
-    if world == 1:
-        raise ValueError("--pipeline-parallel splits the stages over the processes of a torchrun launch (e.g. "
-                         "torchrun --nproc-per-node=2 -m cognica_poe.cli train --pipeline-parallel 2 ...); this is "
-                         "a single process")
     if cfg.poe_mode != "flat":
         raise ValueError(f"--pipeline-parallel needs --poe-mode flat: with {cfg.poe_mode!r} gradients cross the "
                          "stages, so a pipeline rank could not train its stages alone")
     if cfg.fsdp:
         raise ValueError("--pipeline-parallel and --fsdp do not combine: pick one")
+    if world == 1:
+        raise ValueError("--pipeline-parallel splits the stages over the processes of a torchrun launch (e.g. "
+                         "torchrun --nproc-per-node=2 -m cognica_poe.cli train --pipeline-parallel 2 ...); this is "
+                         "a single process")
 
 
 def export_hf(gpt: GPT, tokenizer, out_dir: str, dtype: str = "bfloat16", sources: tuple = ()) -> str:

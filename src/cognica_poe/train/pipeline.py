@@ -93,6 +93,7 @@ class Pipeline:
             peers = [peer] if peer is not None else [r for r in dist.get_process_group_ranks(group or dist.group.WORLD)
                                                      if r != self.rank]
             why = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip().splitlines()[0])  # drop gloo's [source:line] prefix
+            why = why.split(". ")[0]  # and its advice after the first sentence
             who = "process " + " or ".join(map(str, peers))
             raise ConnectionError(f"process {self.rank} (pipeline rank {self.pipe_rank}, data rank {self.data_rank}) "
                                   f"lost {who} while {what}: {why}; the run stopped: continue it from its last "
