@@ -144,7 +144,7 @@ def losses(run) -> list[list[float]]:
     return [r["losses"] for r in read_metrics(run)]
 
 
-def assert_close_runs(a, b) -> None:
+def assert_close_runs(a, b, steps: int = STEPS) -> None:
     """
     Per-stage losses within 5e-3 at every step (reordered float sums of the shared gradients, amplified by Muon's
     bf16 Newton-Schulz, differ in the 4th decimal at most over these 20 steps); the final weights allclose (5e-3)
@@ -152,10 +152,10 @@ def assert_close_runs(a, b) -> None:
     steps: those within 5% in norm.
     """
     la, lb = losses(a), losses(b)
-    assert len(la) == len(lb) == STEPS and all(len(r) == 4 for r in la)
+    assert len(la) == len(lb) == steps and all(len(r) == 4 for r in la)
     for step, (x, y) in enumerate(zip(la, lb), 1):
         assert x == pytest.approx(y, abs=5e-3), step
-    wa, wb = (weights(os.path.join(r, "checkpoints", f"step_{STEPS:06d}")) for r in (a, b))
+    wa, wb = (weights(os.path.join(r, "checkpoints", f"step_{steps:06d}")) for r in (a, b))
     assert wa.keys() == wb.keys()
     for k in wa:
         if k == "transformer.wte.weight" or k.startswith("value_embeds."):
@@ -210,6 +210,24 @@ def test_killed_rank_is_reported_and_the_run_resumes(runs):
     assert losses(tmp / "killed") == losses(tmp / "pipe")
     wk, wp = (weights(os.path.join(tmp, d, "checkpoints", f"step_{STEPS:06d}")) for d in ("killed", "pipe"))
     assert all(torch.equal(wk[k], wp[k]) for k in wp)
+
+
+@pytest.mark.slow
+def test_pipeline_times_data_parallel(corpus, tok_dir, tmp_path):
+    """
+    4 processes = pipeline 2 x data 2: gradients equal one process's on the whole batch (each data rank holds half
+    the rows), and 8 steps of training follow one process's (half the rows per data rank, the same global batch).
+    """
+    steps = 8
+    cfg = lambda name, **kw: small_cfg(corpus, tok_dir, tmp_path / name, **{**KW, "num_steps": steps, **kw})  # noqa
+    run = cfg("pipe_dp", pipeline_parallel=2, device_batch_size=2, eval_every=4)
+    code, ranks, err = torchrun(tmp_path, "pp_dp", dict(tests=TESTS, pipe=2, runs=[run.__dict__]), nproc=4)
+    assert code == 0, "\n".join(ranks.values())[-4000:] + err[-2000:]
+    assert all(f"GRADS EQUAL {r}" in ranks[r] for r in range(4))
+    train(cfg("one", eval_every=4))
+    assert_close_runs(tmp_path / "one", tmp_path / "pipe_dp", steps)
+    bpb = [read_metrics(tmp_path / d, "eval")[-1]["bpb"] for d in ("one", "pipe_dp")]
+    assert bpb[0] == pytest.approx(bpb[1], abs=5e-3)
 
 
 def test_pipeline_needs_torchrun_and_flat(corpus, tok_dir, tmp_path):
