@@ -1,7 +1,7 @@
 """
 Training from scratch: the step loop (gradient accumulation, clipping, schedules, evaluation, logging), resume,
 the non-finite stop, the curves and the HF export at the end. The losses are in losses.py, multi-process
-training in distributed.py, checkpoints in checkpoints.py.
+training in distributed.py (data parallel, FSDP) and pipeline.py (stage-pipelined), checkpoints in checkpoints.py.
 
 A non-finite loss or gradient stops the run before the optimizer step, and non-finite weights stop it before they
 are saved, so the checkpoint the error names is good. A folder that holds another run (checkpoints/ or
