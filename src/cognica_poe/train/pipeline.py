@@ -20,10 +20,12 @@ What crosses ranks, exactly:
   they are SUMMED over the pipeline ranks (as pipelined LMs do for tied embeddings) and averaged over the data
   ranks, in one all-reduce over all processes; so every rank steps them identically and their copies stay equal.
   The blocks and value embeddings belong to one pipeline rank: averaged over its data ranks only. The loss vector
-  (one entry per stage) and, with --grad-clip, one squared norm cross the same way.
+  (one entry per stage) crosses like the shared gradients; with --grad-clip, one squared norm is summed over the
+  pipeline ranks.
 - at evaluations and checkpoints, rank 0 gathers the weights (and at checkpoints the optimizer state) that the
-  other pipeline ranks own (gather_object), so checkpoints are in the single-process format and any layout
-  resumes from any other (one process, data parallel, FSDP, another pipeline).
+  other pipeline ranks own (torch's gather_object, which pickles: the processes of one launch trust each other),
+  so checkpoints are in the single-process format and any layout resumes from any other (one process, data
+  parallel, FSDP, another pipeline).
 
 Every rank holds the whole model and a whole MuonAdamW (simple; the weights are not split across ranks): it steps
 only what it owns and the shared tensors (torch's optimizers skip a parameter without a gradient); its copies of
@@ -40,7 +42,8 @@ nothing flows back, so one send/recv per micro-batch is the whole schedule.
 
 A process that dies makes the others' next send, receive or all-reduce fail (a dropped connection): this is raised
 as one ConnectionError naming this process and the peer(s) it lost, and torchrun stops the rest; the run continues
-from its last checkpoint with --resume.
+from its last checkpoint with --resume. A process that hangs without dying holds the others until the process
+group's timeout (torch's default).
 """
 
 import contextlib
