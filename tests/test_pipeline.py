@@ -64,6 +64,11 @@ for kw in (dict(poe_every=1), dict(poe_every=4, n_layer=6)):
         else:
             assert p.grad is None, name
 print("GRADS EQUAL", rank, flush=True)
+for c in ARG.get("refused", []):  # a layout that does not fit: refused on every rank before anything is written
+    try:
+        train(TrainConfig(**c))
+    except ValueError as e:
+        print("REFUSED", e, flush=True)
 for c in ARG["runs"]:
     train(TrainConfig(**c))
 kill = ARG.get("kill")
@@ -135,12 +140,13 @@ def runs(corpus, tok_dir, tmp_path_factory):
     pipe_runs = [cfg("pipe", pipeline_parallel=2).__dict__, cfg("from_one", pipeline_parallel=2, resume=True).__dict__]
     kill = dict(rank=1, at=13, argv=argv_of(cfg("killed", pipeline_parallel=2)))
     first = torchrun(tmp, "first", dict(tests=TESTS, pipe=2, runs=pipe_runs, kill=kill))
-    second = torchrun(tmp, "second", dict(tests=TESTS, pipe=2, runs=[cfg("killed", pipeline_parallel=2,
-                                                                         resume=True).__dict__]))
+    refused = [cfg("refused", pipeline_parallel=3, n_layer=6).__dict__]  # 6 stages, but 3 does not divide 2
+    second = torchrun(tmp, "second", dict(tests=TESTS, pipe=2, refused=refused,
+                                          runs=[cfg("killed", pipeline_parallel=2, resume=True).__dict__]))
     assert second[0] == 0, second[1]
     copy_checkpoint(tmp / "pipe", 10, tmp / "to_one")
     train(cfg("to_one", resume=True))
-    return dict(tmp=tmp, first=first)
+    return dict(tmp=tmp, first=first, second=second)
 
 
 def losses(run) -> list[list[float]]:
@@ -236,6 +242,13 @@ def test_pipeline_times_data_parallel(corpus, tok_dir, tmp_path):
     assert bpb[0] == pytest.approx(bpb[1], abs=5e-3)
 
 
+def test_layout_that_does_not_fit_is_refused(runs):
+    _, ranks, _ = runs["second"]
+    for r in (0, 1):
+        assert "REFUSED --pipeline-parallel 3 does not divide the 2 processes of this launch" in ranks[r], ranks[r]
+    assert not os.path.exists(runs["tmp"] / "refused")
+
+
 def test_pipeline_needs_torchrun_and_flat(corpus, tok_dir, tmp_path):
     with pytest.raises(ValueError, match="torchrun"):
         train(small_cfg(corpus, tok_dir, tmp_path, pipeline_parallel=2))
@@ -245,3 +258,6 @@ def test_pipeline_needs_torchrun_and_flat(corpus, tok_dir, tmp_path):
         train(small_cfg(corpus, tok_dir, tmp_path, pipeline_parallel=2, poe_mode="hier"))
     with pytest.raises(ValueError, match="do not combine"):
         train(small_cfg(corpus, tok_dir, tmp_path, pipeline_parallel=2, fsdp=True))
+    with pytest.raises(ValueError, match="more than the model's 4 stages"):
+        train(small_cfg(corpus, tok_dir, tmp_path, pipeline_parallel=5))
+    assert not os.path.exists(tmp_path / "checkpoints") and not os.path.exists(tmp_path / "metrics.jsonl")

@@ -278,7 +278,8 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _check_pipeline(cfg: TrainConfig, world: int) -> None:
-    """--pipeline-parallel needs several processes and flat PoE (only its stages exchange no gradient)."""
+    """--pipeline-parallel needs flat PoE (only its stages exchange no gradient), at least as many stages as
+    pipeline ranks, and a torchrun launch whose process count it divides; checked before anything is written."""
     if cfg.pipeline_parallel < 1:
         raise ValueError(f"--pipeline-parallel must be 1 or more, got {cfg.pipeline_parallel}")
     if cfg.poe_mode != "flat":
@@ -286,10 +287,17 @@ def _check_pipeline(cfg: TrainConfig, world: int) -> None:
                          "stages, so a pipeline rank could not train its stages alone")
     if cfg.fsdp:
         raise ValueError("--pipeline-parallel and --fsdp do not combine: pick one")
+    n_stages = CognicaPoEConfig(**cfg.model_overrides()).poe_n_stages
+    if cfg.pipeline_parallel > n_stages:
+        raise ValueError(f"--pipeline-parallel {cfg.pipeline_parallel} is more than the model's {n_stages} stages: "
+                         f"use at most {n_stages} (or a smaller --poe-every)")
     if world == 1:
         raise ValueError("--pipeline-parallel splits the stages over the processes of a torchrun launch (e.g. "
                          "torchrun --nproc-per-node=2 -m cognica_poe.cli train --pipeline-parallel 2 ...); this is "
                          "a single process")
+    if world % cfg.pipeline_parallel:
+        raise ValueError(f"--pipeline-parallel {cfg.pipeline_parallel} does not divide the {world} processes of this "
+                         "launch: use a divisor of the process count (the processes it leaves are data parallel)")
 
 
 def export_hf(gpt: GPT, tokenizer, out_dir: str, dtype: str = "bfloat16", sources: tuple = ()) -> str:

@@ -106,12 +106,8 @@ class Pipeline:
 def setup_pipeline(gpt: GPT, n_pipe: int, rank: int, world: int, device_type: str) -> Pipeline:
     """Build the pipeline x data mesh (torch DeviceMesh) and this rank's share of the stages and parameters."""
     cfg = gpt.config
-    if world % n_pipe:
-        raise ValueError(f"--pipeline-parallel {n_pipe} does not divide the {world} processes of this launch: use a "
-                         "divisor of the process count (the rest are data parallel)")
-    if n_pipe > cfg.poe_n_stages:
-        raise ValueError(f"--pipeline-parallel {n_pipe} is more than the model's {cfg.poe_n_stages} stages: use at "
-                         f"most {cfg.poe_n_stages} (or a smaller --poe-every)")
+    if world % n_pipe or not 1 <= n_pipe <= cfg.poe_n_stages:  # the trainer says why first (loop._check_pipeline)
+        raise ValueError(f"{n_pipe} pipeline ranks do not fit {world} processes and {cfg.poe_n_stages} stages")
     from torch.distributed.device_mesh import init_device_mesh
 
     n_data = world // n_pipe
