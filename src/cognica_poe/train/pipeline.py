@@ -41,9 +41,9 @@ activation gradients back across ranks; here each rank has its own losses, the h
 nothing flows back, so one send/recv per micro-batch is the whole schedule.
 
 A process that dies makes the others' next send, receive or all-reduce fail (a dropped connection): this is raised
-as one ConnectionError naming this process and the peer(s) it lost, and torchrun stops the rest; the run continues
-from its last checkpoint with --resume. A process that hangs without dying holds the others until the process
-group's timeout (torch's default).
+as one ConnectionError naming this process and the peer(s) it lost (unless torchrun, which names the dead rank in
+its summary, stops this process first); the run continues from its last checkpoint with --resume. A process that
+hangs without dying holds the others until the process group's timeout (torch's default).
 """
 
 import contextlib
