@@ -36,7 +36,14 @@ from .distributed import (
 )
 from .losses import NonFiniteLossError, backward_step
 from .optim import MuonAdamW
-from .pipeline import finish_step, gather_to_first, pipeline_backward, pipeline_clip_grad_norm_, setup_pipeline
+from .pipeline import (
+    drop_others_state,
+    finish_step,
+    gather_to_first,
+    pipeline_backward,
+    pipeline_clip_grad_norm_,
+    setup_pipeline,
+)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -145,6 +152,8 @@ def train(cfg: TrainConfig) -> dict:
         if state["model_config"] != overrides:
             raise ValueError(f"the checkpoint's model {state['model_config']} differs from this run's {overrides}")
         apply_checkpoint(ckpt, gpt, optimizer)
+        if pipe:
+            drop_others_state(gpt, pipe, optimizer)
         del ckpt
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
@@ -171,7 +180,10 @@ def train(cfg: TrainConfig) -> dict:
             return None
         state = dict(step=step, loader=loader.state_dict(), rng=rng_state(), train_config=dataclasses.asdict(cfg),
                      model_config=overrides, elapsed=elapsed, smooth_loss=smooth)
-        return save_checkpoint(ckpt_root, step, gpt, optimizer, state, cfg.keep_checkpoints)
+        folder = save_checkpoint(ckpt_root, step, gpt, optimizer, state, cfg.keep_checkpoints)
+        if pipe:
+            drop_others_state(gpt, pipe, optimizer)
+        return folder
 
     bpb = evaluate() if (evaluates and step == 0) else []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()

@@ -27,9 +27,10 @@ What crosses ranks, exactly:
   so checkpoints are in the single-process format and any layout resumes from any other (one process, data
   parallel, FSDP, another pipeline).
 
-Every rank holds the whole model and a whole MuonAdamW (simple; the weights are not split across ranks): it steps
-only what it owns and the shared tensors (torch's optimizers skip a parameter without a gradient); its copies of
-other ranks' blocks go stale until rank 0 gathers them.
+Every rank holds the whole model and a MuonAdamW over all of it (simple; the weights are not split across ranks):
+it steps only what it owns and the shared tensors (torch's optimizers skip a parameter without a gradient), and
+keeps optimizer state only for those (other ranks' state, read from a checkpoint or gathered into one, is
+dropped); its copies of other ranks' blocks go stale until rank 0 gathers them.
 
 Schedule: per micro-batch, receive -> forward + backward of this rank's stages -> isend (waited for only at the
 step's end), so rank p works on micro-batch m while rank p + 1 works on m - 1: a forward-only pipeline, P - 1
@@ -213,3 +214,12 @@ def gather_to_first(gpt: GPT, pipe: Pipeline, optimizer: MuonAdamW | None = None
                     if state is not None:  # tensors shaped like the parameter go to its device (a step count stays)
                         opt.state[p] = {k: v.to(p.device) if torch.is_tensor(v) and v.shape == p.shape else v
                                         for k, v in state.items()}
+
+
+def drop_others_state(gpt: GPT, pipe: Pipeline, optimizer: MuonAdamW) -> None:
+    """Forget the optimizer state of parameters other pipeline ranks own (read from a checkpoint, or gathered for
+    one): this rank never steps them, and their owners hold the current state."""
+    for name, p in gpt.named_parameters():
+        if pipe.owner.get(name, pipe.pipe_rank) != pipe.pipe_rank:
+            for opt in optimizer.optimizers:
+                opt.state.pop(p, None)
