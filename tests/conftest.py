@@ -84,3 +84,15 @@ def corpus(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("corpus") / "small.txt"
     path.write_text(bundled_text(60_000), encoding="utf-8")
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(corpus, tmp_path_factory) -> str:
+    """A 512-id BPE tokenizer folder trained on `corpus`."""
+    from cognica_poe.tokenizer_train import train_bpe
+    from cognica_poe.train.data import iter_tokenizer_texts
+
+    tok = train_bpe(iter_tokenizer_texts(corpus), vocab_size=512)
+    out = str(tmp_path_factory.mktemp("tok"))
+    tok.save_pretrained(out)
+    return out

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 from cognica_poe.config import preset_config
 from cognica_poe.model import GPT
-from cognica_poe.tokenizer_train import train_bpe
 from cognica_poe.train import data as tdata
 from cognica_poe.train.checkpoints import load_checkpoint
 from cognica_poe.train.loop import TrainConfig, train
@@ -22,14 +21,6 @@ from cognica_poe.train.losses import NonFiniteLossError, backward_step, joint_st
 from cognica_poe.train.optim import lr_multiplier, muon_momentum, muon_weight_decay
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
-
-
-@pytest.fixture(scope="module")
-def tok_dir(corpus, tmp_path_factory) -> str:
-    tok = train_bpe(tdata.iter_tokenizer_texts(corpus), vocab_size=512)
-    out = str(tmp_path_factory.mktemp("tok"))
-    tok.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

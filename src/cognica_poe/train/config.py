@@ -80,6 +80,8 @@ class TrainConfig:
     device: str = option("auto", "auto (cuda if any, else cpu), cpu, cuda or cuda:N")
     compile: bool = option(False, "torch.compile every block")
     fsdp: bool = option(False, "shard the model over the processes of a torchrun launch (FSDP2)")
+    pipeline_parallel: int = option(1, "pipeline ranks of a torchrun launch (flat PoE): each trains a contiguous "
+                                       "range of stages; the processes split into this x data parallel")
 
     def model_overrides(self) -> dict:
         if self.preset not in PRESETS:

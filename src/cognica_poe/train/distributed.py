@@ -38,13 +38,18 @@ def init_distributed(device_type: str) -> tuple[int, int]:
     return 0, 1
 
 
-def allreduce_mean_(tensors: list[torch.Tensor]) -> None:
-    """Average tensors across ranks in place, through one flat buffer (gloo has no AVG op, so SUM / world)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def allreduce_mean_(tensors: list[torch.Tensor], group: dist.ProcessGroup | None = None,
+                    n_averaged: int | None = None) -> None:
+    """
+    Average tensors across the ranks of `group` (default: all) in place, through one flat buffer (gloo has no AVG
+    op, so SUM / n). n_averaged: divide by this instead of the group's size (a pipeline sums its shared gradients
+    over the pipeline ranks and averages them over the data ranks: SUM over all / data ranks).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat /= n_averaged or dist.get_world_size(group)
     offset = 0
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
@@ -71,14 +76,22 @@ def shard_model(gpt: GPT, device: torch.device) -> list[torch.nn.Parameter]:
     return replicated
 
 
-def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """torch.nn.utils.clip_grad_norm_ for a mix of FSDP shards (their squares summed over ranks) and replicas."""
-    grads = [p.grad for p in params if p.grad is not None]
-    sharded = sum((g.to_local().float().pow(2).sum() for g in grads if isinstance(g, DTensor)),
-                  torch.zeros((), device=grads[0].device))
+def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float, split: frozenset[int] = frozenset(),
+                    group: dist.ProcessGroup | None = None) -> float:
+    """
+    torch.nn.utils.clip_grad_norm_ for a mix of gradients split over the ranks of `group` (FSDP shards; in a
+    pipeline, the parameters one pipeline rank owns, ids in `split`: their squares summed over the group) and
+    replicas (counted once).
+    """
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
+    parts = [p.grad for p in params if isinstance(p.grad, DTensor) or id(p) in split]
+    rest = [p.grad for p in params if not (isinstance(p.grad, DTensor) or id(p) in split)]
+    split_sq = sum(((g.to_local() if isinstance(g, DTensor) else g).float().pow(2).sum() for g in parts),
+                   torch.zeros((), device=grads[0].device))
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sharded, op=dist.ReduceOp.SUM)
-    total = float(sum((g.float().pow(2).sum() for g in grads if not isinstance(g, DTensor)), sharded).sqrt())
+        dist.all_reduce(split_sq, op=dist.ReduceOp.SUM, group=group)
+    total = float(sum((g.float().pow(2).sum() for g in rest), split_sq).sqrt())
     coef = min(1.0, max_norm / (total + 1e-6))
     for g in grads:
         g.mul_(coef)
@@ -96,9 +109,9 @@ def full_model_state(gpt: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-
-def mean_over_ranks(vec: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """vec averaged over all ranks (float64, back on the CPU): every rank sees the same numbers."""
+def mean_over_ranks(vec: torch.Tensor, device: torch.device, n_averaged: int | None = None) -> torch.Tensor:
+    """vec averaged over all ranks (float64, back on the CPU): every rank sees the same numbers. n_averaged: divide
+    the sum by this instead (a pipeline's loss vector: each pipeline rank fills its own stages' entries)."""
     v = vec.to(device=device, dtype=torch.float64)
     dist.all_reduce(v, op=dist.ReduceOp.SUM)
-    return (v / dist.get_world_size()).cpu()
+    return (v / (n_averaged or dist.get_world_size())).cpu()

@@ -1,7 +1,7 @@
 """
 Training from scratch: the step loop (gradient accumulation, clipping, schedules, evaluation, logging), resume,
 the non-finite stop, the curves and the HF export at the end. The losses are in losses.py, multi-process
-training in distributed.py, checkpoints in checkpoints.py.
+training in distributed.py (data parallel, FSDP) and pipeline.py (stage-pipelined), checkpoints in checkpoints.py.
 
 A non-finite loss or gradient stops the run before the optimizer step, and non-finite weights stop it before they
 are saved, so the checkpoint the error names is good. A folder that holds another run (checkpoints/ or
@@ -36,6 +36,14 @@ from .distributed import (
 )
 from .losses import NonFiniteLossError, backward_step
 from .optim import MuonAdamW
+from .pipeline import (
+    drop_others_state,
+    finish_step,
+    gather_to_first,
+    pipeline_backward,
+    pipeline_clip_grad_norm_,
+    setup_pipeline,
+)
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -94,6 +102,8 @@ def train(cfg: TrainConfig) -> dict:
     """Train (or resume) a model as `cfg` says; returns a summary dict (losses, per-stage BPB, timings, paths)."""
     device = _resolve_device(cfg.device)
     rank, world = init_distributed(device.type)
+    if cfg.pipeline_parallel != 1:
+        _check_pipeline(cfg, world)
     if cfg.fsdp and world == 1:
         raise ValueError("--fsdp shards the model over the processes of a torchrun launch (e.g. torchrun "
                          "--nproc_per_node=8 -m cognica_poe.cli train --fsdp ...); this is a single process")
@@ -112,17 +122,19 @@ def train(cfg: TrainConfig) -> dict:
     overrides["vocab_size"] = len(tok)
     mcfg = CognicaPoEConfig(**overrides, bos_token_id=tok.bos_token_id, pad_token_id=tok.bos_token_id)
     gpt = GPT.from_config(mcfg, device=device, dtype=torch.float32, seed=cfg.seed)
+    pipe = setup_pipeline(gpt, cfg.pipeline_parallel, rank, world, device.type) if cfg.pipeline_parallel > 1 else None
+    data_rank, n_data = (pipe.data_rank, pipe.n_data) if pipe else (rank, world)  # pipeline ranks share batches
     T, B = mcfg.sequence_len, cfg.device_batch_size
-    total = cfg.total_batch_size if cfg.total_batch_size > 0 else B * T * world
-    if total % (B * T * world):
-        raise ValueError(f"total_batch_size {total} is not a multiple of device_batch_size * sequence_len * world "
-                         f"= {B * T * world}")
-    grad_accum = total // (B * T * world)
+    total = cfg.total_batch_size if cfg.total_batch_size > 0 else B * T * n_data
+    if total % (B * T * n_data):
+        raise ValueError(f"total_batch_size {total} is not a multiple of device_batch_size * sequence_len * "
+                         f"data-parallel processes = {B * T * n_data}")
+    grad_accum = total // (B * T * n_data)
     replicated = shard_model(gpt, device) if cfg.fsdp else list(gpt.parameters())  # FSDP averages the rest
     optimizer = MuonAdamW(gpt, total, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.scalar_lr,
                           cfg.weight_decay, cfg.batch_lr_scale)
     corpus = Corpus(cfg.data)
-    loader = PackedLoader(corpus, tok, B, T, "train", cfg.seed, rank, world, cfg.shuffle_block, device)
+    loader = PackedLoader(corpus, tok, B, T, "train", cfg.seed, data_rank, n_data, cfg.shuffle_block, device)
     evaluates = master or cfg.fsdp  # an FSDP forward needs every rank
     val_stream = token_stream(corpus, tok, "val", cfg.eval_tokens) if evaluates else None
     token_bytes = tok.token_bytes()
@@ -140,6 +152,8 @@ def train(cfg: TrainConfig) -> dict:
         if state["model_config"] != overrides:
             raise ValueError(f"the checkpoint's model {state['model_config']} differs from this run's {overrides}")
         apply_checkpoint(ckpt, gpt, optimizer)
+        if pipe:
+            drop_others_state(gpt, pipe, optimizer)
         del ckpt
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
@@ -160,11 +174,16 @@ def train(cfg: TrainConfig) -> dict:
         return bpb
 
     def save() -> str | None:
+        if pipe:  # rank 0 takes in the weights and optimizer state the other pipeline ranks own
+            gather_to_first(gpt, pipe, optimizer)
         if not (master or cfg.fsdp):  # under FSDP every rank takes part in gathering the shards
             return None
         state = dict(step=step, loader=loader.state_dict(), rng=rng_state(), train_config=dataclasses.asdict(cfg),
                      model_config=overrides, elapsed=elapsed, smooth_loss=smooth)
-        return save_checkpoint(ckpt_root, step, gpt, optimizer, state, cfg.keep_checkpoints)
+        folder = save_checkpoint(ckpt_root, step, gpt, optimizer, state, cfg.keep_checkpoints)
+        if pipe:
+            drop_others_state(gpt, pipe, optimizer)
+        return folder
 
     bpb = evaluate() if (evaluates and step == 0) else []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -183,17 +202,22 @@ def train(cfg: TrainConfig) -> dict:
     while step < cfg.num_steps:
         t0 = time.perf_counter()
         sched = optimizer.apply_schedule(step, cfg.num_steps, cfg.warmup_steps, cfg.warmdown_ratio, cfg.final_lr_frac)
-        sums = None
+        sums, sends = None, []
         for _ in range(grad_accum):
             x, y = loader.next_batch()
             with autocast:
-                micro = backward_step(gpt, x, y, cfg.poe_mode, cfg.poe_alpha, 1.0 / grad_accum)
+                if pipe:
+                    micro = pipeline_backward(gpt, pipe, x, y, cfg.poe_alpha, 1.0 / grad_accum, sends)
+                else:
+                    micro = backward_step(gpt, x, y, cfg.poe_mode, cfg.poe_alpha, 1.0 / grad_accum)
             sums = micro if sums is None else [a + b for a, b in zip(sums, micro)]
         loss_vec = torch.tensor(sums, dtype=torch.float64) / grad_accum
-        for p in gpt.parameters():  # every rank must reduce the same tensors
+        for p in pipe.params if pipe else gpt.parameters():  # every rank must reduce the same tensors
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if world > 1:
+        if pipe:  # a pipeline rank steps only what it trains (other ranks' blocks keep no gradient)
+            loss_vec = finish_step(pipe, sends, loss_vec, device)
+        elif world > 1:
             allreduce_mean_([p.grad for p in replicated])
             loss_vec = mean_over_ranks(loss_vec, device)  # a NaN on any rank stops every rank
         bad = [k for k, v in enumerate(loss_vec.tolist()) if not math.isfinite(v)]
@@ -203,7 +227,9 @@ def train(cfg: TrainConfig) -> dict:
                        "the optimizer step")
         if _nonfinite([p.grad for p in gpt.parameters()], device):  # e.g. a bf16 overflow under a finite loss
             raise stop(f"non-finite gradient at step {step + 1}; stopped before the optimizer step")
-        if cfg.grad_clip > 0 and cfg.fsdp:
+        if cfg.grad_clip > 0 and pipe:
+            pipeline_clip_grad_norm_(pipe, cfg.grad_clip)
+        elif cfg.grad_clip > 0 and cfg.fsdp:
             clip_grad_norm_(list(gpt.parameters()), cfg.grad_clip)
         elif cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(gpt.parameters(), cfg.grad_clip)
@@ -223,7 +249,10 @@ def train(cfg: TrainConfig) -> dict:
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{tok_s:,.0f} tok/s loss " + " ".join(f"{v:.3f}" for v in losses))
-        if evaluates and (step % cfg.eval_every == 0 or step == cfg.num_steps):
+        eval_due = step % cfg.eval_every == 0 or step == cfg.num_steps
+        if pipe and eval_due:  # rank 0 evaluates the whole current model
+            gather_to_first(gpt, pipe)
+        if evaluates and eval_due:
             bpb = evaluate()
             if bar is not None:
                 bar.write(f"step {step}: val bpb per stage " + " ".join(f"{v:.4f}" for v in bpb))
@@ -258,6 +287,29 @@ def train(cfg: TrainConfig) -> dict:
                 tokens=step * total, tok_per_s=step * total / max(elapsed, 1e-9), out_dir=cfg.out_dir,
                 checkpoint=last_ckpt, hf_dir=hf_dir, plot=plot, rank=rank, world_size=world,
                 n_params=gpt.num_params(), model_config=overrides)
+
+
+def _check_pipeline(cfg: TrainConfig, world: int) -> None:
+    """--pipeline-parallel needs flat PoE (only its stages exchange no gradient), at least as many stages as
+    pipeline ranks, and a torchrun launch whose process count it divides; checked before anything is written."""
+    if cfg.pipeline_parallel < 1:
+        raise ValueError(f"--pipeline-parallel must be 1 or more, got {cfg.pipeline_parallel}")
+    if cfg.poe_mode != "flat":
+        raise ValueError(f"--pipeline-parallel needs --poe-mode flat: with {cfg.poe_mode!r} gradients cross the "
+                         "stages, so a pipeline rank could not train its stages alone")
+    if cfg.fsdp:
+        raise ValueError("--pipeline-parallel and --fsdp do not combine: pick one")
+    n_stages = CognicaPoEConfig(**cfg.model_overrides()).poe_n_stages
+    if cfg.pipeline_parallel > n_stages:
+        raise ValueError(f"--pipeline-parallel {cfg.pipeline_parallel} is more than the model's {n_stages} stages: "
+                         f"use at most {n_stages} (or a smaller --poe-every)")
+    if world == 1:
+        raise ValueError("--pipeline-parallel splits the stages over the processes of a torchrun launch (e.g. "
+                         "torchrun --nproc-per-node=2 -m cognica_poe.cli train --pipeline-parallel 2 ...); this is "
+                         "a single process")
+    if world % cfg.pipeline_parallel:
+        raise ValueError(f"--pipeline-parallel {cfg.pipeline_parallel} does not divide the {world} processes of this "
+                         "launch: use a divisor of the process count (the processes it leaves are data parallel)")
 
 
 def export_hf(gpt: GPT, tokenizer, out_dir: str, dtype: str = "bfloat16", sources: tuple = ()) -> str:

@@ -63,28 +63,42 @@ def joint_stage_losses(gpt: GPT, idx: torch.Tensor, targets: torch.Tensor, detac
     return losses
 
 
-def flat_stagewise_backward(gpt: GPT, idx: torch.Tensor, targets: torch.Tensor, scale: float) -> list[float]:
+def flat_stage_range_backward(gpt: GPT, idx: torch.Tensor, targets: torch.Tensor, scale: float, stages: range,
+                              x: torch.Tensor | None = None, x_backout: torch.Tensor | None = None
+                              ) -> tuple[list[float], torch.Tensor, torch.Tensor | None]:
     """
-    Flat PoE, one stage at a time: forward stage k, backward (scale * loss_k) at once (freeing its activations),
-    pass h_k.detach() on. x0 is a leaf shared by all stages; its gradient goes into wte/smear at the end.
-    Returns the per-stage losses. Gradients equal joint_stage_losses(detach=True) summed times scale.
+    Flat PoE over `stages` (consecutive) only, one stage at a time: forward stage k, backward (scale * loss_k) at
+    once (freeing its activations), pass h_k.detach() on. x: the detached stream entering stages[0] (None: stages
+    start at 0 and x is x0); x_backout: the detached backout stream if its layer ran before stages[0]. x0 is
+    recomputed here from idx as a leaf shared by these stages; its gradient goes into wte/smear at the end (so a
+    pipeline rank that owns some stages sends only streams on, never a gradient back). Returns the stages' losses
+    and the detached streams leaving the last of them (x, x_backout), for the next stages.
     """
     x0, step = gpt.prepare(idx)  # (B, T, C), graph through wte and smear kept
     x0_leaf = x0.detach().requires_grad_()
-    x, x_backout, losses = x0_leaf, None, []
-    for layers in gpt.config.stage_layers():
-        last = layers[-1]
+    x = x0_leaf if x is None else x
+    all_layers, losses = gpt.config.stage_layers(), []
+    for k in stages:
+        layers = all_layers[k]
         for i in layers:
             x = gpt.run_layer(i, x, x0_leaf, idx, step)
             if i == gpt.config.backout_layer:
                 x_backout = x.detach()
-        loss = _exit_loss(gpt, x, last, x_backout, targets)
+        loss = _exit_loss(gpt, x, layers[-1], x_backout, targets)
         (loss * scale).backward()  # frees this stage's graph
         losses.append(loss.detach())
         x = x.detach()
     if x0_leaf.grad is not None:
         x0.backward(x0_leaf.grad)
-    return [float(v) for v in losses]
+    return [float(v) for v in losses], x, x_backout
+
+
+def flat_stagewise_backward(gpt: GPT, idx: torch.Tensor, targets: torch.Tensor, scale: float) -> list[float]:
+    """
+    Flat PoE over every stage (flat_stage_range_backward): returns the per-stage losses. Gradients equal
+    joint_stage_losses(detach=True) summed times scale.
+    """
+    return flat_stage_range_backward(gpt, idx, targets, scale, range(gpt.config.poe_n_stages))[0]
 
 
 def backward_step(gpt: GPT, idx: torch.Tensor, targets: torch.Tensor, mode: str, alpha: float,
