@@ -1,5 +1,6 @@
 """Stage placement: device maps in one process, and stages split over CPU processes (gloo) with rank 0 driving."""
 
+import json
 import multiprocessing
 import os
 import signal
@@ -8,11 +9,13 @@ import traceback
 
 import pytest
 import torch
-from conftest import perturbed_model
+from conftest import bundled_text, perturbed_model
 
-from cognica_poe.checkpoint import load_model
+from cognica_poe.checkpoint import export_hf_folder, load_model
+from cognica_poe.cli import main
 from cognica_poe.hf import CognicaPoEForCausalLM
 from cognica_poe.placement import Placement, place_device_map, split_stages, stage_devices
+from cognica_poe.tokenizer_train import train_bpe
 
 ALL_CPU = {f"stage:{s}": "cpu" for s in range(4)}
 PROMPTS = torch.tensor([[0, 0, 5, 9, 11, 3], [0, 7, 2, 8, 1, 4]])
@@ -112,6 +115,24 @@ def test_load_model_and_from_pretrained_take_a_device_map(tmp_path):
         torch.testing.assert_close(loaded.gpt(PROMPTS), want, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="'stage:9': this model has stages 0..3"):
         load_model(str(tmp_path), device_map={"stage:9": "cpu"})
+
+
+def test_cli_generate_takes_a_device_map(tmp_path, capsys):
+    tok = train_bpe(iter(bundled_text(20_000).split("\n\n")), vocab_size=300)
+    folder = export_hf_folder(perturbed_model(vocab_size=len(tok)), tok, str(tmp_path / "m"), dtype="float32")
+
+    def generate(*extra: str) -> tuple[int, str, str]:
+        rc = main(["generate", folder, "To be", "--max-new-tokens", "6", "--no-pack", *extra])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    for mode in ("full", "wand", "speculative", "compose"):
+        want = generate("--mode", mode)
+        assert want[0] == 0, want[2]
+        assert generate("--mode", mode, "--device-map", json.dumps(ALL_CPU))[:2] == want[:2], mode
+    rc, _, err = generate("--device-map", '{"stage:7": "cpu"}')
+    assert rc == 2 and err.strip().splitlines() == [
+        "cognica-poe generate: error: device_map key 'stage:7': this model has stages 0..3"], err
 
 
 # -----------------------------------------------------------------------------
