@@ -41,6 +41,8 @@ def every_mode(model: CognicaPoEForCausalLM) -> dict:
         "wand": wand, "used": torch.tensor(used),
         "speculative": model.generate_speculative(PROMPTS, draft_stage=0, k_draft=3, **kw),
         "compose": model.generate_parallel_composition(PROMPTS, stages=[0, 3], **kw),
+        "sampled": model.generate_speculative(PROMPTS, draft_stage=1, do_sample=True, seed=0, **kw),
+        "hidden": torch.stack(model(PROMPTS, attention_mask=MASK, output_hidden_states=True).hidden_states),
         "hf": model.generate(PROMPTS, attention_mask=MASK, max_new_tokens=6, do_sample=False, pad_token_id=0),
         "beams": model.generate(PROMPTS, attention_mask=MASK, max_new_tokens=4, num_beams=2, do_sample=False,
                                 pad_token_id=0),  # beam search reorders the cache's rows
