@@ -91,6 +91,23 @@ def test_device_map_parsing_and_errors():
             stage_devices(gpt, device_map)
 
 
+def test_auto_splits_the_stages_over_gpus_by_free_memory(monkeypatch):
+    """What "auto" and a CUDA map do with two GPUs' facts (this machine's torch.cuda answers replaced)."""
+    free = {0: 3 * 2**20, 1: 2**20}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (free[d], 2**30))
+    gpt = perturbed_model().gpt
+    cuda = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    assert stage_devices(gpt, "auto") == [cuda[0]] * 3 + [cuda[1]]
+    assert stage_devices(gpt, {**ALL_CPU, "stage:1": "cuda", "stage:2": "cuda:1"})[1:3] == cuda
+    with pytest.raises(ValueError, match=r"device_map\['stage:3'\] = 'cuda:2' but this machine has 2 CUDA device"):
+        stage_devices(gpt, {**ALL_CPU, "stage:3": "cuda:2"})
+    free = {0: 1000, 1: 1000}
+    with pytest.raises(ValueError, match="device_map='auto': the stages need"):
+        stage_devices(gpt, "auto")
+
+
 def test_split_stages_is_contiguous_and_proportional():
     assert split_stages([1, 1, 1, 1], [1, 1]) == [0, 0, 1, 1]
     assert split_stages([1, 1, 1, 1], [1, 1, 1]) == [0, 1, 1, 2]

@@ -149,6 +149,7 @@ class Placement:
         self.devices, self.owners, self.rank, self.home, self.comm = devices, owners, rank, home, comm
         # layers where a range of one (owner, device) begins: the layer loop moves or ships the streams there
         self.starts = {i for i in range(1, len(devices)) if (owners[i], devices[i]) != (owners[i - 1], devices[i - 1])}
+        self.ends = [min([s - 1 for s in self.starts if s > i] + [len(devices) - 1]) for i in range(len(devices))]
         self.workers = sorted(set(owners) - {rank})
         self._cache_ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._next_id = 0
@@ -181,8 +182,7 @@ class Placement:
         if owner == self.rank:
             d = self.devices[i]
             return x.to(d), x0.to(d), idx.to(d), step.to(d), None
-        end = min([s - 1 for s in sorted(self.starts) if s > i] + [last])
-        return x, x0, idx, step, self.run_remote(owner, i, end, x, x0, idx, step, need)
+        return x, x0, idx, step, self.run_remote(owner, i, min(self.ends[i], last), x, x0, idx, step, need)
 
     def run_remote(self, owner: int, first: int, last: int, x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor,
                    step: StepContext, need: set[int] | None) -> dict[int, torch.Tensor]:
