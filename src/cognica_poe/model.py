@@ -524,7 +524,8 @@ class GPT(nn.Module):
             streams.append(x)
         placement, remote = self.placement, None
         if placement is not None:  # the layer streams this call reads (None: every one)
-            need = None if streams is not None else wanted | {backout_layer} | (cache.hidden_layers if keep else set())
+            backout = {backout_layer} if any(self.applies_backout(e) for e in wanted) else set()
+            need = None if streams is not None else wanted | backout | (cache.hidden_layers if keep else set())
         for i in range(first, last + 1):
             if placement is not None and (i == first or i in placement.starts):  # the streams go where layer i lives
                 x, x0, idx, step, remote = placement.enter(i, last, x, x0, idx, step, need)
