@@ -83,7 +83,8 @@ def test_device_map_parsing_and_errors():
            ({"stage:0": "cpu", "stage:1": "cpu"}, "no device for stage:2, stage:3"),
            ({**ALL_CPU, "stage:1": "gpu7"}, "device_map['stage:1'] = 'gpu7' is not a device"),
            ({**ALL_CPU, "stage:1": "meta"}, "'meta' holds no weights"),
-           ('{"stage:0": cpu}', "device_map is not valid JSON")]
+           ('{"stage:0": cpu}', "device_map is not valid JSON"),
+           ("gpu7", "device_map = 'gpu7' is not a device")]
     if not torch.cuda.is_available():
         bad.append(({**ALL_CPU, "stage:2": "cuda:1"}, "CUDA is not available here"))
     for device_map, message in bad:

@@ -13,7 +13,7 @@ exits cost one small copy and no head is replicated. The KV cache keeps each lay
 
 In one process, `device_map` maps stages to devices: {"stage:0": "cuda:0", "stage:1": "cuda:1", ...} (every
 stage named), "auto" (contiguous stages split in proportion to each GPU's free memory; everything on cpu without
-CUDA), or one device.
+CUDA), or one device. Place a model last: moving it afterwards (model.to) would gather the stages again.
 
 Across processes (torchrun, or torch.multiprocessing in tests), rank r holds only the blocks of its contiguous
 stage range and their cache layers; rank 0 also holds the embedding and the heads and drives decoding, while the
@@ -48,21 +48,22 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # -----------------------------------------------------------------------------
 # device maps
 
-def parse_device(value, key: str) -> torch.device:
-    """One device a map names: it must exist here (cpu, or a CUDA index below the device count)."""
+def parse_device(value, key: str | None) -> torch.device:
+    """One device a map names (key: its stage key, None for a lone device): it must exist here (cpu, or a CUDA
+    index below the device count)."""
+    where = "device_map" if key is None else f"device_map[{key!r}]"
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device_map[{key!r}] = {value!r} is not a device (e.g. 'cpu', 'cuda:0')") from None
+        raise ValueError(f"{where} = {value!r} is not a device (e.g. 'cpu', 'cuda:0')") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device_map[{key!r}] = {value!r} but CUDA is not available here: use 'cpu' or 'auto'")
+            raise ValueError(f"{where} = {value!r} but CUDA is not available here: use 'cpu' or 'auto'")
         device = torch.device("cuda", device.index or 0)
         if device.index >= torch.cuda.device_count():
-            raise ValueError(f"device_map[{key!r}] = {value!r} but this machine has {torch.cuda.device_count()} "
-                             "CUDA device(s)")
+            raise ValueError(f"{where} = {value!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type == "meta":
-        raise ValueError(f"device_map[{key!r}] = 'meta' holds no weights: name a real device")
+        raise ValueError(f"{where} = 'meta' holds no weights: name a real device")
     return device
 
 
@@ -120,7 +121,7 @@ def stage_devices(gpt: GPT, device_map) -> list[torch.device]:
     if device_map == "auto":
         return auto_devices(gpt)
     if not isinstance(device_map, dict):
-        return [parse_device(device_map, "*")] * n
+        return [parse_device(device_map, None)] * n
     devices: list[torch.device | None] = [None] * n
     for key, value in device_map.items():
         name, _, index = str(key).partition(":")
