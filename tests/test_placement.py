@@ -153,6 +153,10 @@ def test_cli_generate_takes_a_device_map(tmp_path, capsys):
     rc, _, err = generate("--device-map", '{"stage:7": "cpu"}')
     assert rc == 2 and err.strip().splitlines() == [
         "cognica-poe generate: error: device_map key 'stage:7': this model has stages 0..3"], err
+    if "WORLD_SIZE" not in os.environ:
+        rc, _, err = generate("--device-map", "ranks")
+        assert rc == 2 and err.startswith("cognica-poe generate: error: stages over ranks need torch.distributed: "
+                                          "run under torchrun") and len(err.strip().splitlines()) == 1, err
 
 
 # -----------------------------------------------------------------------------

@@ -369,6 +369,9 @@ def distribute_stages(gpt: GPT, device: torch.device | str | None = None, timeou
     else cpu) and frees the rest. Rank 0 then decodes as usual and calls placement.stop() at the end; every other
     rank calls placement.serve(gpt).
     """
+    if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+        raise ValueError("stages over ranks need torch.distributed: run under torchrun (torchrun --nproc-per-node 2 "
+                         "-m cognica_poe.cli generate MODEL PROMPT --device-map ranks)")
     init_ranks(timeout_s=timeout_s)
     world, rank = dist.get_world_size(), dist.get_rank()
     if world < 2:
