@@ -359,6 +359,8 @@ def init_ranks(backend: str | None = None, timeout_s: float = 60.0) -> None:
     if dist.is_initialized():
         return
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":  # NCCL's communicators use the current device: this rank's GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
