@@ -9,7 +9,7 @@ import traceback
 
 import pytest
 import torch
-from conftest import bundled_text, perturbed_model
+from conftest import bundled_text, perturbed_model, specialize
 
 from cognica_poe.checkpoint import export_hf_folder, load_model
 from cognica_poe.cli import main
@@ -68,6 +68,24 @@ def test_device_map_all_cpu_keeps_every_mode_exact():
     place_device_map(model.gpt, ALL_CPU)
     assert isinstance(model.gpt.placement, Placement)
     assert_same(every_mode(model), want)
+
+
+def test_a_specialist_takes_a_device_map_over_its_own_stages_too():
+    spec = specialize(perturbed_model(), 2, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a fresh specialist is the identity with a zero head: move every tensor off its init
+        for p in spec.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    kw = dict(attention_mask=MASK, max_new_tokens=6)
+    want = (torch.stack(spec.gpt.forward_all_stages(PROMPTS, attention_mask=MASK)),
+            spec.generate_speculative(PROMPTS, draft_stage=1, **kw))
+    place_device_map(spec.gpt, {f"stage:{s}": "cpu" for s in range(5)})
+    got = (torch.stack(spec.gpt.forward_all_stages(PROMPTS, attention_mask=MASK)),
+           spec.generate_speculative(PROMPTS, draft_stage=1, **kw))
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=0)
+    assert torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="no device for stage:4"):
+        stage_devices(spec.gpt, ALL_CPU)
 
 
 def test_device_map_parsing_and_errors():
@@ -172,7 +190,7 @@ def rank_main(rank: int, world: int, port: int, ready, kill_done, results) -> No
     try:
         want = every_mode(perturbed_model()) if rank == 0 else None
         model = perturbed_model()
-        placement = distribute_stages(model.gpt, timeout_s=20)
+        placement = distribute_stages(model.gpt, timeout_s=120)  # ranks start at their own pace here
         if rank != 0:
             placement.serve(model.gpt)
             return
