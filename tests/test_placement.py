@@ -88,6 +88,20 @@ def test_a_specialist_takes_a_device_map_over_its_own_stages_too():
         stage_devices(spec.gpt, ALL_CPU)
 
 
+def test_an_extended_cache_still_compacts_and_reorders():
+    """A sibling branch's cache view (built without CognicaKVCache.__init__) has no placement to mirror to."""
+    base = perturbed_model()
+    cache = base.gpt.new_cache(2, 8)
+    view = cache.extended(specialize(base, 2, seed=0).config)
+    base.gpt(PROMPTS[:, :3], kv_cache=cache)
+    for layer in view.layers[4:]:
+        layer.length = 3
+    cache.invalidate(torch.tensor([0]), torch.tensor([1]), 2)
+    assert view.compact() == 3 and view.layer_len == [3] * 6
+    view.reorder_cache(torch.tensor([1, 0]))
+    assert view.batch_size == 2
+
+
 def test_device_map_parsing_and_errors():
     gpt = perturbed_model().gpt
     cpu = torch.device("cpu")

@@ -112,6 +112,8 @@ class CognicaKVLayer(CacheLayerMixin):
 class CognicaKVCache(Cache):
     """Preallocated per-layer KV cache with per-slot token ids, validity and rotary positions."""
 
+    placement = None  # set by a multi-process placement: compact and reorders are mirrored on the other ranks
+
     def __init__(self, config, batch_size: int, max_len: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", keep_hidden: bool = False,
                  layer_devices: list[torch.device] | None = None):
@@ -137,7 +139,6 @@ class CognicaKVCache(Cache):
         self.hidden: dict[int, torch.Tensor] = {}
         self.n_embd = config.n_embd
         self.stage_layers = config.stage_layers()
-        self.placement = None  # set by a multi-process placement: compact and reorders are mirrored on other ranks
 
     # -----------------------------------------------------------------------------
     # slot bookkeeping, shared by all layers
