@@ -25,6 +25,10 @@ its unused slots invalid (`invalidate`), and positions, masks and smear all skip
 cost slots only: `compact` squeezes them out (per row, the valid slots move to the right end in order), so a
 cache sized for one row's needs serves a batch whose rows advance at different paces.
 
+Placement. A model whose stages live on several devices (placement.py) gets a cache whose layer buffers live on
+their layer's devices; token ids, validity and positions stay with the embedding. Under a multi-process placement
+another rank's layers are shape-only (meta) buffers here, their fill levels still tracked; that rank holds the keys.
+
 This file is copied into exported remote-code folders: it imports only torch/transformers.
 """
 
@@ -126,15 +130,20 @@ class CognicaKVLayer(CacheLayerMixin):
 class CognicaKVCache(Cache):
     """Preallocated per-layer KV cache with per-slot token ids, validity and rotary positions."""
 
+    placement = None  # set by a multi-process placement: compact and reorders are mirrored on the other ranks
+
     def __init__(self, config, batch_size: int, max_len: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", keep_hidden: bool = False):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", keep_hidden: bool = False,
+                 layer_devices: list[torch.device] | None = None):
         max_len = max_len or config.sequence_len
         if max_len > config.rotary_seq_len:
             raise ValueError(f"cache length {max_len} exceeds the rotary table ({config.rotary_seq_len} positions, "
                              f"{config.rotary_multiplier}x sequence_len); raise sequence_len to go longer")
         windows = config.window_sizes()
-        layers = [CognicaKVLayer(batch_size, max_len, config.n_kv_head, config.head_dim, windows[i], dtype, device)
-                  for i in range(config.n_layer)]
+        # a placed model's layers live on several devices: each layer's keys live with it ("meta": another rank's)
+        layer_devices = layer_devices or [device] * config.n_layer
+        layers = [CognicaKVLayer(batch_size, max_len, config.n_kv_head, config.head_dim, windows[i], dtype,
+                                 layer_devices[i]) for i in range(config.n_layer)]
         super().__init__(layers=layers)
         self.max_len = max_len
         self.batch_size_ = batch_size
@@ -207,18 +216,25 @@ class CognicaKVCache(Cache):
         new_len = int(valid.sum(dim=1).max()) if n else 0
         # per row: the invalid slots, then the valid ones in order (a stable sort); the last new_len of them stay
         src = torch.sort(valid.to(torch.uint8), dim=1, stable=True).indices[:, n - new_len:]  # (B, new_len)
-        for layer in self.layers:
-            idx = src[:, None, :, None].expand(-1, layer.keys.size(1), -1, layer.keys.size(3))
-            layer.keys[:, :, :new_len] = layer.keys[:, :, :n].gather(2, idx)
-            layer.values[:, :, :new_len] = layer.values[:, :, :n].gather(2, idx)
-            layer.length = new_len
-        for h in self.hidden.values():
-            h[:, :new_len] = h[:, :n].gather(1, src[:, :, None].expand(-1, -1, h.size(2)))
+        self.gather_slots(src, n)
         for t in (self.token_ids, self.valid, self.positions):
             t[:, :new_len] = t[:, :n].gather(1, src)
         self.valid[:, new_len:] = False
         self.n_slots = new_len
         return new_len
+
+    def gather_slots(self, src: torch.Tensor, n: int) -> None:
+        """Every layer's keys/values and every kept stream: slots src (B, new_len) of [0, n) move to [0, new_len)."""
+        if self.placement is not None:  # the ranks holding other layers move theirs the same way
+            self.placement.compact(self, src, n)
+        new_len = src.size(1)
+        for layer in self.layers:
+            idx = src.to(layer.keys.device)[:, None, :, None].expand(-1, layer.keys.size(1), -1, layer.keys.size(3))
+            layer.keys[:, :, :new_len] = layer.keys[:, :, :n].gather(2, idx)
+            layer.values[:, :, :new_len] = layer.values[:, :, :n].gather(2, idx)
+            layer.length = new_len
+        for h in self.hidden.values():
+            h[:, :new_len] = h[:, :n].gather(1, src.to(h.device)[:, :, None].expand(-1, -1, h.size(2)))
 
     def stage_len(self, stage: int) -> int:
         """Slots filled by every layer of `stage`."""
@@ -262,6 +278,8 @@ class CognicaKVCache(Cache):
         self.crop(0)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.placement is not None:
+            self.placement.reorder(self, beam_idx)
         super().reorder_cache(beam_idx)
         for name in ("token_ids", "valid", "positions"):
             setattr(self, name, getattr(self, name).index_select(0, beam_idx.to(self.token_ids.device)))
@@ -313,6 +331,8 @@ class CognicaKVCache(Cache):
             layer.values = stack_rows([c.own_layers[i].values for c, _ in parts], idxs, 2, self.n_slots)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.placement is not None:
+            self.placement.reorder(self, torch.arange(self.batch_size_).repeat_interleave(repeats))
         super().batch_repeat_interleave(repeats)
         for name in ("token_ids", "valid", "positions"):
             setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))

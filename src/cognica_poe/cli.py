@@ -52,14 +52,16 @@ def need_file(path: str, what: str) -> str:
     return path
 
 
-def load_folder(path: str, dtype: str | None = None, pack: bool = False, quantize: dict | None = None):
+def load_folder(path: str, dtype: str | None = None, pack: bool = False, quantize: dict | None = None,
+                device_map=None):
     """(model, tokenizer) of an HF model folder (or a quantized one), checked before the weights load: its
-    config.json, and a tokenizer whose vocabulary is the model's. quantize: load_model's quantization keywords."""
+    config.json, and a tokenizer whose vocabulary is the model's. quantize: load_model's quantization keywords;
+    device_map: the stages' devices (placement.py)."""
     from .checkpoint import load_model, read_config
 
     quiet_loading()
     tok = load_tokenizer(path, read_config(path))
-    return load_model(path, dtype=dtype, pack=pack, **(quantize or {})), tok
+    return load_model(path, dtype=dtype, pack=pack, device_map=device_map, **(quantize or {})), tok
 
 
 def quantize_options(args: argparse.Namespace) -> dict:
@@ -182,8 +184,8 @@ def add_backend_arg(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     if args.backend == "mlx":
-        if args.quantize:
-            raise ValueError("--quantize runs on the torch backend (leave out --backend mlx)")
+        if args.quantize or args.device_map:
+            raise ValueError("--quantize and --device-map run on the torch backend (leave out --backend mlx)")
         return mlx_backend().generate(args)
     check_model_folder(args.model)
     import time
@@ -192,14 +194,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from .checkpoint import read_config
 
+    placement = None
     if args.siblings:  # stage folders that branch from MODEL, on one shared trunk
         from .branches import load_siblings
         from .checkpoint import parse_dtype
 
         if args.mode not in ("stage", "compose"):
             raise ValueError("--siblings works with --mode stage or --mode compose")
-        if args.quantize:
-            raise ValueError("--quantize works on one model folder, not with --siblings")
+        if args.quantize or args.device_map:
+            raise ValueError("--quantize and --device-map work on one model folder, not with --siblings")
         tok = load_tokenizer(args.model, read_config(args.model))
         for folder in args.siblings:
             read_config(folder)
@@ -208,8 +211,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
             model.pack_weights()
         n_exits = model.n_exits
     else:
-        model, tok = load_folder(args.model, dtype=args.dtype, pack=not args.no_pack, quantize=quantize_options(args))
+        ranks = args.device_map == "ranks"  # under torchrun: one contiguous stage range per process
+        model, tok = load_folder(args.model, dtype=args.dtype, pack=not args.no_pack, quantize=quantize_options(args),
+                                 device_map=None if ranks else args.device_map)
         n_exits = model.poe_n_stages
+        if ranks:
+            from .placement import distribute_stages
+
+            placement = distribute_stages(model.gpt)
+            if placement.rank != 0:  # the others run their stages for rank 0, which decodes and prints
+                placement.serve(model.gpt)
+                return
     ids = torch.tensor([[tok.bos_token_id] + tok(args.prompt, split_special_tokens=True)["input_ids"]])  # all text
     sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0 else 1.0,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_new_tokens=args.max_new_tokens,
@@ -236,6 +248,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         out = model.generate_parallel_composition(ids, stages=args.stages or list(range(n_exits)),
                                                   stage_weights=args.stage_weights, streamer=stream, **sampling)
     elapsed = time.perf_counter() - t0
+    if placement is not None:  # release the other ranks
+        placement.stop()
     n = out.size(1) - ids.size(1)
     if args.stream:
         print()
@@ -729,6 +743,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample from the smallest set of tokens holding this probability (default: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
+    p.add_argument("--device-map", default=None,
+                   help='the stages\' devices: JSON \'{"stage:0": "cuda:0", "stage:1": "cuda:1", ...}\' naming every '
+                        'stage, "auto" (split over the GPUs by free memory; cpu without CUDA), one device, or "ranks" '
+                        "(under torchrun: one contiguous stage range per process, rank 0 prints)")
     add_backend_arg(p)
     add_pack_arg(p)
     add_quantize_arg(p)

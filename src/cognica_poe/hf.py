@@ -24,6 +24,7 @@ from .cache import CognicaKVCache
 from .compose import generate_parallel_composition
 from .config import CognicaPoEConfig
 from .model import GPT
+from .placement import place_device_map
 from .prefix import generate_stage
 from .sampling import warn_if_missing_bos
 from .specialist import is_stage_folder, load_stage_folder
@@ -70,7 +71,16 @@ class CognicaPoEForCausalLM(CognicaPoEPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """transformers' loader, after checking a local folder's weights tensor by tensor (errors name the keys)."""
+        """
+        transformers' loader, after checking a local folder's weights tensor by tensor (errors name the keys).
+        device_map places the stages ({"stage:0": "cuda:0", ...}, "auto" or one device: placement.py), not
+        transformers' per-module map: the layer loop moves only the residual stream between stages.
+        """
+        device_map = kwargs.pop("device_map", None)
+        if device_map is not None:
+            model = cls.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            place_device_map(model.gpt, device_map)
+            return model
         path = str(pretrained_model_name_or_path)
         weights = os.path.join(path, "model.safetensors")
         if os.path.isfile(os.path.join(path, "quantization.json")):  # quantize.py's layout, not transformers'
@@ -318,11 +328,17 @@ def load_base_gpt(path: str, dtype: torch.dtype | None) -> GPT:
 
 
 def load_folder(path: str, parent_map: dict[str, str] | None = None, dtype: torch.dtype | None = None,
-                load_base: Callable[[str, torch.dtype | None], GPT] = load_base_gpt) -> CognicaPoEForCausalLM:
+                load_base: Callable[[str, torch.dtype | None], GPT] = load_base_gpt,
+                device_map=None) -> CognicaPoEForCausalLM:
     """
     The one loader of a model folder, in eval mode: a base folder, or a stage folder assembled on its ancestors
-    (parents resolve offline: specialist.resolve_parent; parent_map maps repo ids to folders).
+    (parents resolve offline: specialist.resolve_parent; parent_map maps repo ids to folders). device_map: where
+    the stages run (placement.py).
     """
     if is_stage_folder(path):
-        return CognicaPoEForCausalLM.from_gpt(load_stage_folder(path, load_base, parent_map, dtype)).eval()
-    return CognicaPoEForCausalLM.from_pretrained(path, **({} if dtype is None else {"dtype": dtype})).eval()
+        model = CognicaPoEForCausalLM.from_gpt(load_stage_folder(path, load_base, parent_map, dtype)).eval()
+    else:
+        model = CognicaPoEForCausalLM.from_pretrained(path, **({} if dtype is None else {"dtype": dtype})).eval()
+    if device_map is not None:
+        place_device_map(model.gpt, device_map)
+    return model

@@ -14,8 +14,14 @@ trained); the last exit is the standard forward. `forward_all_stages` returns an
 KV cache: an optional CognicaKVCache (cache.py). Slots are absolute columns; rotary positions come from the
 attention mask (left padding), pads are masked out of every attention and never smeared into a real token.
 
+Placement (placement.py): a model may keep its stages on several devices, or in several processes; the layer loop
+moves the residual stream, x0 and the backout stream where the next layer lives, or ships them to the rank that
+holds it. Embedding, smear and heads stay on the first stage's device, so exits and sampling happen there.
+
 This file is copied into exported remote-code folders: it imports only torch/transformers and siblings.
 """
+
+import copy
 
 import torch
 import torch.nn as nn
@@ -190,6 +196,20 @@ class StepContext:
         self.k_valid = k_valid  # (B, start + T) real-token mask of the keys
         self.padded = padded  # some key slot is a pad
         self._masks: dict[int, tuple[torch.Tensor | None, bool]] = {}
+        self._moved: dict[torch.device, StepContext] = {}
+
+    def to(self, device: torch.device) -> "StepContext":
+        """This context on `device`, made once per device: the layers a placed model keeps there read this copy."""
+        if self.rotary_cos.device == device:
+            return self
+        if device not in self._moved:
+            moved = copy.copy(self)
+            for name in ("rotary_cos", "rotary_sin", "q_pos", "k_pos", "k_valid"):
+                t = getattr(self, name)
+                setattr(moved, name, None if t is None else t.to(device))
+            moved._masks, moved._moved = {}, {}
+            self._moved[device] = moved
+        return self._moved[device]
 
     def mask_for(self, layer_idx: int) -> tuple[torch.Tensor | None, bool]:
         """(attn_mask, is_causal) for SDPA at this layer's window."""
@@ -245,6 +265,7 @@ class GPT(nn.Module):
                                                  for e in config.specialist_ends[:-1]})
         self.window_sizes = config.window_sizes()
         self._rotary: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.placement = None  # placement.Placement: the device, or the rank, of each layer (None: all here)
 
     @classmethod
     def from_config(cls, config: CognicaPoEConfig, device: torch.device | str = "cpu",
@@ -308,7 +329,8 @@ class GPT(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None, keep_hidden: bool = False) -> CognicaKVCache:
         """An empty KV cache for this model's dtype and device (keep_hidden: also keep stage-boundary streams)."""
         return CognicaKVCache(self.config, batch_size, max_len, dtype=self.dtype, device=self.device,
-                              keep_hidden=keep_hidden)
+                              keep_hidden=keep_hidden,
+                              layer_devices=None if self.placement is None else self.placement.devices)
 
     def share_rotary_from(self, other: "GPT") -> None:
         """Use other's rotary tables (one copy per device for models of the same attention geometry)."""
@@ -403,7 +425,7 @@ class GPT(nn.Module):
     def run_layer(self, i: int, x: torch.Tensor, x0: torch.Tensor, idx: torch.Tensor,
                   step: StepContext) -> torch.Tensor:
         """Layer i: lambda blend with x0, then the block."""
-        x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+        x = self.resid_lambdas[i].to(x.device, x.dtype) * x + self.x0_lambdas[i].to(x.device, x.dtype) * x0
         ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
         return self.transformer.h[i](x, ve, step)
 
@@ -414,7 +436,7 @@ class GPT(nn.Module):
         stage head folded in, and the leaf's exit adds its own lm_head_stage per head_mode (dual/base/spec).
         """
         cfg = self.config
-        x = norm(h)
+        x = norm(h.to(self.device))  # a placed model's heads live with the embedding
         layer = cfg.n_layer - 1 if layer is None else layer
         head = self.lm_head
         if cfg.specialist_ends and layer >= cfg.specialist_ends[0]:
@@ -500,8 +522,15 @@ class GPT(nn.Module):
         out = {}
         if streams is not None:
             streams.append(x)
+        placement, remote = self.placement, None
+        if placement is not None:  # the layer streams this call reads (None: every one)
+            backout = {backout_layer} if any(self.applies_backout(e) for e in wanted) else set()
+            need = None if streams is not None else wanted | backout | (cache.hidden_layers if keep else set())
         for i in range(first, last + 1):
-            x = self.run_layer(i, x, x0, idx, step)
+            if placement is not None and (i == first or i in placement.starts):  # the streams go where layer i lives
+                x, x0, idx, step, remote = placement.enter(i, last, x, x0, idx, step, need)
+            # remote: the streams another rank sent back for its layers
+            x = self.run_layer(i, x, x0, idx, step) if remote is None else remote.get(i)
             if streams is not None:
                 streams.append(x)
             if i == backout_layer:  # kept for backout at the last exit
@@ -512,7 +541,7 @@ class GPT(nn.Module):
                 h = x[:, -logits_to_keep:] if logits_to_keep else x
                 if self.applies_backout(i):
                     xb = x_backout[:, -logits_to_keep:] if logits_to_keep else x_backout
-                    h = h - self.backout_lambda.to(h.dtype) * xb
+                    h = h - self.backout_lambda.to(h.device, h.dtype) * xb.to(h.device)
                 out[i] = h
         return out
 
