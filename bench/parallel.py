@@ -15,10 +15,23 @@ Stage-parallel benchmark. One part per run, chosen with --part:
     Run time: the quick line below took about 1.5 minutes on 2 busy cores, mostly starting the 3 branch processes
     (each imports torch); the defaults add a few hundred larger decode steps to that.
 
-(b) Training: single-process vs 2-stage pipeline: not written yet (its place is marked in PARTS below).
+(b) Training throughput of stage-pipelined flat PoE (`cognica-poe train --pipeline-parallel`): one process vs a 2-rank
+    pipeline, and pipeline 2 x data 2 where the machine has 4 cores; one thread per process; the same model, data
+    and global batch (tokens per optimizer step) everywhere.
 
+    Each variant is a real training run (train(), under torchrun for the parallel ones) on the bundled corpus with one
+    tokenizer trained here first; tokens/s = tokens per optimizer step / median step time (metrics.jsonl's `dt`,
+    after --warmup steps; evaluation and checkpoints are outside the timed steps). With M micro-batches per step and P
+    pipeline ranks, the forward-only pipeline's ideal speed-up over one process is P * M / (M + P - 1) (P - 1
+    micro-batches of fill and drain per step), less what each rank repeats or adds: the embedding (every rank
+    recomputes x0), the all-reduce of the shared gradients (embeddings, lm_head, scalars), and stages that split
+    unevenly. Reported with the measured figures.
+    Run time: --train-preset tiny --steps 3 took 2-3 minutes on 2 busy cores.
+
+    python bench/parallel.py                                           # both parts, default shapes
     python bench/parallel.py --part a                                  # defaults: 8 + 3 x 4 layers, n_embd 512
     python bench/parallel.py --part a --n-layer 4 --branch-layers 2 --n-embd 256 --new-tokens 8 --runs 1  # quick
+    python bench/parallel.py --part b --train-preset tiny --steps 3    # quick
 
 The last line printed is one JSON document (the part, the shape, the figures, the machine, threads per process).
 """
@@ -28,6 +41,7 @@ import json
 import multiprocessing as mp
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +56,8 @@ from cognica_poe.checkpoint import export_hf_folder, save_stage_folder  # noqa: 
 from cognica_poe.config import CognicaPoEConfig  # noqa: E402
 from cognica_poe.eval.speed import machine  # noqa: E402
 from cognica_poe.specialist import add_specialist  # noqa: E402
+from cognica_poe.tokenizer_train import train_bpe  # noqa: E402
+from cognica_poe.train.data import iter_tokenizer_texts  # noqa: E402
 
 NAMES = ["math", "code", "tool"]
 
@@ -174,14 +190,69 @@ def sibling_dispatch(args) -> dict:
             "model_concurrent_s": model_con, "model_speedup": model_seq / model_con, "same_tokens": True}
 
 
-# (b) training: single-process vs 2-stage pipeline goes here (a function of args returning a dict, added to PARTS)
+# -----------------------------------------------------------------------------
+# (b) training: single-process vs 2-stage pipeline (+ data parallel where cores allow)
 
-PARTS = {"a": sibling_dispatch}
+SRC = os.path.join(HERE, "..", "src")
+RUN = ("import json, sys\nfrom cognica_poe.train.loop import TrainConfig, train\n"
+       "train(TrainConfig(**json.loads(sys.argv[1])))\n")
+
+
+def run_variant(work: str, name: str, nproc: int, pipeline: int, cfg: dict, warmup: int) -> dict:
+    """One training run in nproc processes (one thread each); its tokens/s from the median timed step."""
+    script = os.path.join(work, "run.py")
+    with open(script, "w") as f:
+        f.write(RUN)
+    cfg = dict(cfg, out_dir=os.path.join(work, name), pipeline_parallel=pipeline)
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  f"--nproc-per-node={nproc}"]
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(launch + [script, json.dumps(cfg)], env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    with open(os.path.join(cfg["out_dir"], "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if r["type"] == "train"]
+    dt = statistics.median(r["dt"] for r in rows[warmup:])
+    return dict(processes=nproc, pipeline=pipeline, data=nproc // pipeline, step_s=dt,
+                tok_per_s=cfg["total_batch_size"] / dt, final_losses=rows[-1]["losses"])
+
+
+def measure_training(args: argparse.Namespace, work: str) -> dict:
+    """Every variant's run in `work` (a tokenizer first); the summary."""
+    tok_dir = os.path.join(work, "tok")
+    train_bpe(iter_tokenizer_texts(None), args.train_vocab).save_pretrained(tok_dir)
+    cfg = dict(preset=args.train_preset, sequence_len=args.train_seq, tokenizer=tok_dir,
+               device_batch_size=args.train_batch,
+               total_batch_size=args.micro * args.train_batch * args.train_seq, num_steps=args.warmup + args.steps,
+               eval_every=10**9, eval_tokens=4 * (args.train_seq + 1), progress=False, export=False, seed=0)
+    results = {"single": run_variant(work, "single", 1, 1, cfg, args.warmup)}
+    print(f"single process: {results['single']['tok_per_s']:,.0f} tok/s", flush=True)
+    results["pipeline_2"] = run_variant(work, "pipeline_2", 2, 2, cfg, args.warmup)
+    print(f"pipeline 2: {results['pipeline_2']['tok_per_s']:,.0f} tok/s", flush=True)
+    if args.data_parallel == "yes" or (args.data_parallel == "auto" and (os.cpu_count() or 1) >= 4):
+        if args.micro % 2:
+            raise SystemExit("--micro must be even to split the batch over 2 data ranks")
+        results["pipeline_2_x_data_2"] = run_variant(work, "pipeline_2_x_data_2", 4, 2, cfg, args.warmup)
+        print(f"pipeline 2 x data 2: {results['pipeline_2_x_data_2']['tok_per_s']:,.0f} tok/s", flush=True)
+    single = results["single"]["tok_per_s"]
+    summary = dict(preset=args.train_preset, seq=args.train_seq, rows_per_micro_batch=args.train_batch,
+                   micro_batches=args.micro, tokens_per_step=cfg["total_batch_size"], timed_steps=args.steps,
+                   variants=results, speedup={k: v["tok_per_s"] / single for k, v in results.items()},
+                   ideal_pipeline_2_speedup=2 * args.micro / (args.micro + 1))
+    return summary
+
+
+def pipeline_training(args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="parallel_train_") as work:
+        return measure_training(args, work)
+
+
+PARTS = {"a": sibling_dispatch, "b": pipeline_training}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=sorted(PARTS), required=True)
+    p.add_argument("--part", choices=sorted(PARTS) + ["all"], default="all")
     p.add_argument("--n-layer", type=int, default=8, help="the base's layers (the trunk)")
     p.add_argument("--branch-layers", type=int, default=4, help="layers of each of the 3 branches")
     p.add_argument("--n-embd", type=int, default=512)
@@ -194,15 +265,28 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--cpu", action="store_true", help="stay on CPU when a GPU is present")
+    p.add_argument("--train-preset", default="small", help="(b) model size (train --preset)")
+    p.add_argument("--train-seq", type=int, default=256, help="(b) sequence length")
+    p.add_argument("--train-batch", type=int, default=4, help="(b) rows per micro-batch")
+    p.add_argument("--micro", type=int, default=8, help="(b) micro-batches per optimizer step (one process)")
+    p.add_argument("--train-vocab", type=int, default=2048, help="(b) ids of the tokenizer trained for the runs")
+    p.add_argument("--steps", type=int, default=6, help="(b) timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="(b) untimed steps first")
+    p.add_argument("--data-parallel", choices=["auto", "yes", "no"], default="auto",
+                   help="(b) also run pipeline 2 x data 2 (auto: when the machine has 4 or more cores)")
     args = p.parse_args()
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2 (the step time is the difference to one token)")
     t0 = time.perf_counter()
-    result = PARTS[args.part](args)
-    shape = {k: getattr(args, k) for k in ("n_layer", "branch_layers", "n_embd", "vocab", "poe_every", "batch",
-                                           "prompt_tokens", "new_tokens", "runs")}
-    print(json.dumps({"part": args.part, "shape": shape, **result, "threads_per_process": args.threads,
-                      "cores": os.cpu_count(), "machine": machine(), "seconds": round(time.perf_counter() - t0, 1)}))
+    out = {"bench": "parallel", "part": args.part}
+    if args.part in ("a", "all"):
+        shape = {k: getattr(args, k) for k in ("n_layer", "branch_layers", "n_embd", "vocab", "poe_every", "batch",
+                                               "prompt_tokens", "new_tokens", "runs")}
+        out["sibling_dispatch"] = {"shape": shape, **sibling_dispatch(args), "threads_per_process": args.threads}
+    if args.part in ("b", "all"):
+        out["pipeline_training"] = {**pipeline_training(args), "threads_per_process": 1}
+    print(json.dumps({**out, "cores": os.cpu_count(), "machine": machine(),
+                      "seconds": round(time.perf_counter() - t0, 1)}))
 
 
 if __name__ == "__main__":
