@@ -22,6 +22,7 @@ from transformers import GenerationConfig
 
 from .atomic import atomic_file, atomic_folder, write_json
 from .config import CognicaPoEConfig, preset_config
+from .cpu import apply_packing
 from .folders import check_model_folder, is_folder_name
 from .hf import CognicaPoEForCausalLM, load_folder
 from .model import GPT
@@ -235,14 +236,15 @@ def read_config(path: str) -> CognicaPoEConfig:
 
 
 def load_model(path_or_preset: str, dtype: str | torch.dtype | None = None, device: str = "cpu",
-               seed: int = 0, pack: bool = False, quantize: str | None = None, group_size: int = 128,
+               seed: int = 0, pack: bool | str = False, quantize: str | None = None, group_size: int = 128,
                quantize_heads: bool = True) -> CognicaPoEForCausalLM:
     """
     An HF folder (ours or a released one), a quantized folder (`cognica-poe quantize`), or a preset name (randomly
     initialised, for shapes and speed), in eval mode. pack: also give the large matrices prepacked copies for CPU
-    inference (model.pack_weights()). quantize: "int8" or "int4" weight-only quantization of the block matrices
-    (and the heads unless quantize_heads is False; int4 in groups of group_size inputs): see quantize.py. A quantized
-    folder loads as saved; asking it for another quantization is an error.
+    inference (model.pack_weights()): True always, "auto" where a probe says they decode faster here (cpu.py).
+    quantize: "int8" or "int4" weight-only quantization of the block matrices (and the heads unless quantize_heads
+    is False; int4 in groups of group_size inputs): see quantize.py. A quantized folder loads as saved; asking it
+    for another quantization is an error.
     """
     bits = parse_quantize(quantize)
     if is_folder_name(path_or_preset) and is_quantized_folder(path_or_preset):
@@ -261,8 +263,7 @@ def load_model(path_or_preset: str, dtype: str | torch.dtype | None = None, devi
         model = CognicaPoEForCausalLM.from_gpt(gpt).eval()
     if bits is not None:
         quantize_model(model.gpt, bits, group_size, quantize_heads)
-    if pack:
-        model.pack_weights()  # only what stays float (a quantized matrix is never packed)
+    apply_packing(model, pack)  # only what stays float (a quantized matrix is never packed)
     return model
 
 

@@ -19,8 +19,8 @@ The `cognica-poe` command line.
     cognica-poe tokenizer train --out DIR      a BPE tokenizer from a corpus
 
 `cognica-poe COMMAND --help` lists a command's flags with their defaults; `--threads N` sets torch's CPU threads
-for the commands that compute. Errors from bad input are printed as one clear line and exit with status 2;
-nothing is written.
+for the commands that compute (default: the physical cores). Errors from bad input are printed as one clear line
+and exit with status 2; nothing is written.
 """
 
 import argparse
@@ -195,6 +195,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.siblings:  # stage folders that branch from MODEL, on one shared trunk
         from .branches import load_siblings
         from .checkpoint import parse_dtype
+        from .cpu import apply_packing
 
         if args.mode not in ("stage", "compose"):
             raise ValueError("--siblings works with --mode stage or --mode compose")
@@ -204,11 +205,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         for folder in args.siblings:
             read_config(folder)
         model = load_siblings(args.model, args.siblings, dtype=parse_dtype(args.dtype) if args.dtype else None)
-        if not args.no_pack:
-            model.pack_weights()
+        apply_packing(model, args.pack)
         n_exits = model.n_exits
     else:
-        model, tok = load_folder(args.model, dtype=args.dtype, pack=not args.no_pack, quantize=quantize_options(args))
+        model, tok = load_folder(args.model, dtype=args.dtype, pack=args.pack, quantize=quantize_options(args))
         n_exits = model.poe_n_stages
     ids = torch.tensor([[tok.bos_token_id] + tok(args.prompt, split_special_tokens=True)["input_ids"]])  # all text
     sampling = dict(do_sample=args.temperature > 0, temperature=args.temperature if args.temperature > 0 else 1.0,
@@ -310,7 +310,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             raise ValueError("--quantize runs on the torch backend (leave out --backend mlx)")
         return mlx_backend().chat(args)
     check_model_folder(args.model)
-    model, tok = load_folder(args.model, dtype=args.dtype, pack=not args.no_pack, quantize=quantize_options(args))
+    model, tok = load_folder(args.model, dtype=args.dtype, pack=args.pack, quantize=quantize_options(args))
     max_length = args.max_length or model.config.rotary_seq_len
     if max_length > model.config.rotary_seq_len:
         raise ValueError(f"--max-length {max_length} exceeds {model.config.rotary_multiplier} x sequence_len "
@@ -419,10 +419,10 @@ def cmd_report(args: argparse.Namespace) -> None:
                 prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
             except UnicodeDecodeError as e:
                 raise ValueError(f"--prompts file {args.prompts} is not UTF-8 text ({e.reason})") from None
-    model, tok = load_folder(args.model, dtype=args.dtype, pack=not args.no_pack, quantize=quantize_options(args))
+    model, tok = load_folder(args.model, dtype=args.dtype, pack=args.pack, quantize=quantize_options(args))
     baseline = base_tok = None
     if args.baseline:
-        baseline, base_tok = load_folder(args.baseline, dtype=args.dtype, pack=not args.no_pack)
+        baseline, base_tok = load_folder(args.baseline, dtype=args.dtype, pack=args.pack)
     name = os.path.basename(os.path.normpath(args.model))
     r = build_report(model, tok, args.data, prompts, baseline, base_tok, report_settings(args), name=name,
                      progress=lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -443,6 +443,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import register_auto_classes
+    from .cpu import apply_packing
     from .eval.report import build_report, write_report
     from .extras import require
     from .train.loop import train
@@ -463,8 +464,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
           + ", ".join(f"stage {s}: {b:.4f}" for s, b in enumerate(summary["stage_bpb"])))
     folder = summary["hf_dir"]
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    if not args.no_pack:
-        model.pack_weights()
+    apply_packing(model, args.pack)
     tok = AutoTokenizer.from_pretrained(folder)
     print(f"exported {folder} ({', '.join(sorted(os.listdir(folder)))}) and loaded it back with "
           f"AutoModelForCausalLM: {model.num_parameters():,} parameters, {model.poe_n_stages} stages ending at "
@@ -627,7 +627,8 @@ def add_command(sub, name: str, help: str) -> argparse.ArgumentParser:
 
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads for torch (torch.set_num_threads; default: torch's own choice)")
+                   help="CPU threads for torch (default: $OMP_NUM_THREADS, else the physical cores this process may "
+                        "use: SMT siblings once, within its CPU affinity and cgroup quota)")
 
 
 def exit_arg(text: str) -> int | str:
@@ -636,8 +637,11 @@ def exit_arg(text: str) -> int | str:
 
 
 def add_pack_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-pack", action="store_true", help="keep plain weights only (packing adds a prepacked copy of "
-                                                          "each large matrix for faster CPU decoding)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--pack", dest="pack", action="store_const", const=True, default="auto",
+                   help="always prepack the large matrices for CPU decoding (default: only where a short probe, "
+                        "cached per CPU, dtype and threads, finds the packed product faster)")
+    g.add_argument("--no-pack", dest="pack", action="store_const", const=False, help="keep plain weights only")
 
 
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
@@ -666,7 +670,6 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="cognica-poe", description=__doc__, formatter_class=TopHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cognica-poe {__version__}")
-    parser.set_defaults(threads=None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = add_command(sub, "info", "parameters, stages, boundaries and memory of a model folder or preset")
@@ -863,14 +866,14 @@ def build_parser() -> argparse.ArgumentParser:
             except ImportError as e:
                 raise ValueError(f"--ray needs Ray Serve ({e}): pip install 'cognica-poe[ray]'") from None
             serve_ray(args.model, args.siblings, args.host, args.port, args.api_key, args.replicas or 1,
-                      args.threads or 1, dtype=args.dtype, pack=not args.no_pack, max_batch=args.max_batch,
+                      args.threads or 1, dtype=args.dtype, pack=args.pack, max_batch=args.max_batch,
                       max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                       request_timeout=args.request_timeout, max_model_len=args.max_model_len,
                       served_model_name=args.served_model_name, quantize=quantize_options(args))
             return
         from .server import serve
 
-        serve(args.model, args.siblings, args.host, args.port, args.api_key, args.dtype, not args.no_pack,
+        serve(args.model, args.siblings, args.host, args.port, args.api_key, args.dtype, args.pack,
               args.max_batch, args.max_queue, args.prefill_chunk, args.request_timeout, args.max_model_len,
               args.served_model_name, quantize_options(args))
 
@@ -892,7 +895,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the base's model id (default: the folder name)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
     p.add_argument("--ray", action="store_true", help="serve N replicas on Ray Serve (the cluster of $RAY_ADDRESS or "
-                                                      "`ray start`, else a local instance; --threads CPUs each)")
+                                                      "`ray start`, else a local instance; --threads CPUs each, "
+                                                      "default 1)")
     p.add_argument("--replicas", type=positive_int, default=None, help="replicas behind the endpoint (with --ray; "
                                                                        "default 1)")
     add_pack_arg(p)
@@ -905,10 +909,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.threads is not None:
-            import torch
+        if "threads" in vars(args):  # a command that computes: its --threads, else the physical cores
+            from .cpu import set_threads
 
-            torch.set_num_threads(args.threads)
+            set_threads(args.threads)
         args.func(args)
     except (ValueError, OSError, ModuleNotFoundError) as e:  # bad input, a missing file or package: one line
         print(f"cognica-poe {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
