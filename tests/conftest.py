@@ -84,3 +84,11 @@ def corpus(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("corpus") / "small.txt"
     path.write_text(bundled_text(60_000), encoding="utf-8")
     return str(path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache_dir(tmp_path_factory) -> str:
+    """The weight-layout probe's cache (cpu.py) lives in a folder of this session, not in the user's ~/.cache."""
+    path = str(tmp_path_factory.mktemp("xdg_cache"))
+    os.environ["XDG_CACHE_HOME"] = path
+    return path

@@ -639,7 +639,7 @@ def exit_arg(text: str) -> int | str:
 def add_pack_arg(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--pack", dest="pack", action="store_const", const=True, default="auto",
-                   help="always prepack the large matrices for CPU decoding (default: only where a short probe, "
+                   help="always prepack the large matrices for CPU decoding (default: auto, where a short probe, "
                         "cached per CPU, dtype and threads, finds the packed product faster)")
     g.add_argument("--no-pack", dest="pack", action="store_const", const=False, help="keep plain weights only")
 
