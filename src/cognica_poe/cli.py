@@ -34,7 +34,7 @@ import typing
 from . import __version__
 from .folders import check_model_folder, is_folder_name
 from .presets import PRESETS
-from .train.config import SFTConfig, TrainConfig
+from .train.config import AUTOCAST_CHOICES, SFTConfig, TrainConfig
 
 # torch and transformers are imported inside the commands, so `--help` and `--version` answer at once
 DEMO_MARK = ".cognica-poe-demo"  # marks a folder the demo created, which a later demo may replace
@@ -540,7 +540,8 @@ def dataclass_from_args(cls: type, args: argparse.Namespace):
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (--num-steps, --poe-mode, --resume, ...), defaults from TrainConfig."""
-    add_dataclass_args(parser, TrainConfig, choices={"poe_mode": ("flat", "hier", "none")})
+    add_dataclass_args(parser, TrainConfig, choices={"poe_mode": ("flat", "hier", "none"),
+                                                     "autocast": AUTOCAST_CHOICES})
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
