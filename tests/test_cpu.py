@@ -158,3 +158,16 @@ def test_the_real_probe_measures_both_layouts(cache):
     assert isinstance(r["pack"], bool) and r["plain_GBps"] > 0 and r["packed_GBps"] > 0
     layouts = cpu.layouts()  # what the bench JSONs carry: one entry per dtype, "packed" or "plain"
     assert layouts["float32"]["layout"] in ("packed", "plain") and set(layouts) == {"float32", "bfloat16"}
+
+
+@needs_packing
+def test_auto_layout_of_a_sibling_family_follows_the_probe(cache, monkeypatch):
+    """A SiblingSpecialists family (not a module) is packed as its base's dtype says."""
+    from cognica_poe.branches import SiblingSpecialists
+
+    base = perturbed_model(n_layer=2, n_embd=256, n_head=2, n_kv_head=1, poe_every=1)
+    fake_probe(monkeypatch, pack=False)
+    assert cpu.apply_packing(SiblingSpecialists(base, [], []), "auto", like=base) == 0 == count_packed(base)
+    os.remove(cache)
+    fake_probe(monkeypatch, pack=True)
+    assert cpu.apply_packing(SiblingSpecialists(base, [], []), "auto", like=base) == count_packed(base) > 0

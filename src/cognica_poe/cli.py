@@ -205,7 +205,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         for folder in args.siblings:
             read_config(folder)
         model = load_siblings(args.model, args.siblings, dtype=parse_dtype(args.dtype) if args.dtype else None)
-        apply_packing(model, args.pack)
+        apply_packing(model, args.pack, like=model.base)
         n_exits = model.n_exits
     else:
         model, tok = load_folder(args.model, dtype=args.dtype, pack=args.pack, quantize=quantize_options(args))

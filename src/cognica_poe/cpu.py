@@ -200,15 +200,16 @@ def packs(model: torch.nn.Module) -> bool:
     return p is not None and p.device.type == "cpu" and packing_choice(p.dtype)["pack"]
 
 
-def apply_packing(model: torch.nn.Module, pack: bool | str) -> int:
+def apply_packing(model, pack: bool | str, like: torch.nn.Module | None = None) -> int:
     """
     Pack model's large matrices for CPU inference (model.pack_weights()) as asked: True always, False never,
-    "auto" when packing_choice says it pays for the model's dtype here. Returns how many matrices are packed.
+    "auto" when packing_choice says it pays for the dtype of `like` (default: the model itself; a SiblingSpecialists
+    family, not a module, passes its base) here. Returns how many matrices are packed.
     """
     if pack not in PACK_CHOICES:
         raise ValueError(f"pack must be True, False or 'auto', got {pack!r}")
     if pack == "auto":
-        pack = packs(model)
+        pack = packs(model if like is None else like)
     return model.pack_weights() if pack else 0
 
 

@@ -610,7 +610,7 @@ def build(model_path: str, siblings: list[str] | None = None, dtype: str | None 
             raise ValueError("--quantize works on one model folder, not with --siblings")
 
         family = load_siblings(model_path, siblings, dtype=parse_dtype(dtype) if dtype else None)
-        apply_packing(family, pack)
+        apply_packing(family, pack, like=family.base)
         engine = Engine(family.base, family, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
     else:
         model = load_model(model_path, dtype=dtype, pack=pack, **(quantize or {}))
