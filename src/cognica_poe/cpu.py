@@ -20,7 +20,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -139,8 +138,9 @@ def probe_key(dtype: torch.dtype, threads: int | None = None) -> str:
 def probe_packing(dtype: torch.dtype, runs: int = PROBE_RUNS) -> dict:
     """
     Time y = W x over PROBE_MATRICES matrices of PROBE_SHAPE with plain F.linear and with packed copies, the two
-    alternating so a slow spell hits both; the median of `runs` passes each, after a warm-up pass. pack: whether
-    packed is at least PACK_MARGIN faster. GB/s = weight bytes read per second.
+    alternating so a slow spell hits both; the fastest of `runs` passes each (the one least disturbed by other
+    processes: the answer is cached, so it should describe the machine, not the moment), after a warm-up pass.
+    pack: whether packed is at least PACK_MARGIN faster. GB/s = weight bytes read per second.
     """
     rows, cols = PROBE_SHAPE
     with torch.no_grad():
@@ -157,9 +157,13 @@ def probe_packing(dtype: torch.dtype, runs: int = PROBE_RUNS) -> dict:
                 fn()
                 times[k].append(time.perf_counter() - t0)
     nbytes = PROBE_MATRICES * rows * cols * mats[0].element_size()
-    plain, pack = statistics.median(times["plain"]), statistics.median(times["packed"])
+    plain, pack = min(times["plain"]), min(times["packed"])
+    try:  # how busy the machine was while it measured, for whoever reads the cache
+        load = round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # no load average on Windows
+        load = None
     return {"pack": pack <= (1 - PACK_MARGIN) * plain, "plain_GBps": round(nbytes / plain / 1e9, 2),
-            "packed_GBps": round(nbytes / pack / 1e9, 2), "shape": [PROBE_MATRICES, rows, cols]}
+            "packed_GBps": round(nbytes / pack / 1e9, 2), "shape": [PROBE_MATRICES, rows, cols], "load_1m": load}
 
 
 def read_cache(path: str) -> dict:
