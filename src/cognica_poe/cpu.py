@@ -5,11 +5,13 @@ Threads. A matrix-vector product is limited by memory bandwidth, and two hardwar
 vector units and caches: one torch thread per physical core is the useful maximum. `physical_cores` counts the
 cores of the CPUs this process may run on (its affinity mask), SMT siblings once, capped by a cgroup CPU quota
 (a container limited to 2 CPUs of a 64-core host gets 2); `set_threads` is what the CLI, the server and the
-benches call.
+benches call, with that count by default unless $OMP_NUM_THREADS says otherwise (torchrun sets it to 1 for
+several processes per machine, so they do not oversubscribe the cores).
 
-Weight layout. Prepacked oneDNN weights (packed.py) tripled fp32 decode speed on one CPU and slowed it on
-another, so whether to pack is measured, not assumed: `probe_packing` times matrix-vector products of one
-representative shape, plain F.linear against packed, alternating. The answer depends on the CPU, the torch build
+Weight layout. Prepacked oneDNN weights (packed.py) make decoding much faster on some CPUs and slower on others
+(the packed kernel's speed depends on the CPU's vector extensions), so whether to pack is measured, not assumed:
+`probe_packing` times matrix-vector products of one representative shape, plain F.linear against packed,
+alternating. The answer depends on the CPU, the torch build
 (its oneDNN), the dtype and the thread count, and is cached under those in a small JSON file in the user's cache
 folder ($XDG_CACHE_HOME/cognica-poe, else ~/.cache/cognica-poe), so a load measures once per machine and setting.
 A cache file that cannot be read is ignored and rewritten; one that cannot be written leaves the probe's answer
