@@ -11,11 +11,11 @@ several processes per machine, so they do not oversubscribe the cores).
 Weight layout. Prepacked oneDNN weights (packed.py) make decoding much faster on some CPUs and slower on others
 (the packed kernel's speed depends on the CPU's vector extensions), so whether to pack is measured, not assumed:
 `probe_packing` times matrix-vector products of one representative shape, plain F.linear against packed,
-alternating. The answer depends on the CPU, the torch build
-(its oneDNN), the dtype and the thread count, and is cached under those in a small JSON file in the user's cache
-folder ($XDG_CACHE_HOME/cognica-poe, else ~/.cache/cognica-poe), so a load measures once per machine and setting.
-A cache file that cannot be read is ignored and rewritten; one that cannot be written leaves the probe's answer
-for this process only. `apply_packing(model, "auto")` packs when the probe says it pays; True and False force it.
+alternating. The answer depends on the CPU, the torch build (its oneDNN), the dtype and the thread count, and is
+cached under those in a small JSON file in the user's cache folder ($XDG_CACHE_HOME/cognica-poe, else
+~/.cache/cognica-poe), so a load measures once per machine and setting. A cache file that cannot be read is ignored
+and rewritten; one that cannot be written leaves the probe's answer for this process only. `apply_packing(model,
+"auto")` packs when the probe says it pays; True and False force it.
 """
 
 import json
