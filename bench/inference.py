@@ -10,7 +10,8 @@ d24-shaped model (random weights): full-depth cached decode, with prepacked weig
 default) and with plain ones, vs a transformers LlamaForCausalLM of the same width/depth/heads/vocab
 (intermediate 4x) under its own generate(); achieved weight bandwidth; matrix-vector bandwidth measured over
 >= 1 GB of weights, plain F.linear and prepacked; in bf16 also decode steps after a long prompt (--long-prompt),
-where attention over the cache matters. Both parts run every mode with packed weights, as `cognica-poe report`.
+where attention over the cache matters. Part 1 runs every mode with the weight layout the CLI picks (packed where
+the probe of cpu.py finds it faster; "weight_layout" says which ran, and the machine block gives the probe's figures).
 
 Every speed is a median of >= 3 runs in this process; token counts are stated. The last line printed is one
 JSON object with every figure and the machine.
@@ -31,6 +32,7 @@ import time
 
 import torch
 
+from cognica_poe.cpu import set_threads
 from cognica_poe.eval.speed import machine, median_time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,7 +51,7 @@ def load_trained(dtype: str):
 
     out = os.path.join(tempfile.mkdtemp(prefix="bench-d8-"), "hf")
     convert_nanochat(D8, out, dtype="float32", allow_pickle=True)
-    return load_model(out, dtype=dtype, pack=True), CognicaPoETokenizer.from_pretrained(out)
+    return load_model(out, dtype=dtype, pack="auto"), CognicaPoETokenizer.from_pretrained(out)  # as the CLI
 
 
 def heldout_docs() -> list[str]:
@@ -74,7 +76,7 @@ def trained_part(dtype: str, new_tokens: int, runs: int) -> dict:
     bounds = calibrate_wand_bounds(model.gpt, documents_stream(docs[: len(docs) // 2], tok, 40_000), seq_len=256)
     prompts = [[tok.bos_token_id] + tok.encoding.encode_ordinary(d)[:24] for d in docs[len(docs) // 2:][:4]]
     res = {"model": "poe-d8-classics (8 layers, 256 wide, 4 exits)", "dtype": dtype, "calibrated_p99_bounds": bounds,
-           "packed_matrices": count_packed(model)}
+           "packed_matrices": count_packed(model), "weight_layout": "packed" if count_packed(model) else "plain"}
     res.update(measure_modes(model, prompts, bounds, new_tokens, runs, safeties=(0.1, 0.25, 0.5, 1.0, 2.0),
                              ks=(1, 2, 3, 4, 5, 6), draft_stages=(0, 1)))
     return res
@@ -232,10 +234,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--long-prompt", type=int, default=1024,
                         help="part 2, bf16: also time decode steps after a prompt this long (0 = skip)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the physical cores)")
     parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: run one part in a subprocess
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args.threads = set_threads(args.threads)
     if args.part:  # each heavy part runs in its own process so memory from one never slows the next
         kind, dtype = args.part.split(":")
         out = trained_part(dtype, args.new_tokens, args.runs) if kind == "trained" else \

@@ -10,7 +10,8 @@ COGNICA_POE_SHARED points at the reference files; otherwise, or with --shape, a 
 
 Per model and backend: greedy cached decode of --new-tokens tokens after a --prompt-tokens prompt, at stage 0 and
 at full depth; a decode step's time is the time from the first streamed token to the last over the steps between
-(prefill is left out), the median of --runs runs after a warm-up. PyTorch runs as the CLI does (prepacked weights).
+(prefill is left out), the median of --runs runs after a warm-up. PyTorch runs as the CLI does (its --threads
+default, and prepacked weights where cpu.py's probe finds them faster: "torch_weight_layout" says which ran).
 The last line printed is one JSON document, also saved under bench/results/ (named after the device).
 
     python bench/mlx.py                                  # the d8 reference (or the `small` shape), fp32
@@ -37,8 +38,10 @@ import torch  # noqa: E402
 
 import cognica_poe.mlx as poe_mlx  # noqa: E402
 from cognica_poe.checkpoint import export_hf_folder, load_model  # noqa: E402
+from cognica_poe.cpu import set_threads  # noqa: E402
 from cognica_poe.eval.speed import machine  # noqa: E402
 from cognica_poe.nanochat import convert_nanochat  # noqa: E402
+from cognica_poe.packed import count_packed  # noqa: E402
 
 
 def model_folder(shape: str | None, dtype: str) -> tuple[str, str]:
@@ -71,7 +74,7 @@ def decode_ms(generate, new_tokens: int, runs: int) -> float:
 
 def measure(folder: str, dtype: str, prompt_tokens: int, new_tokens: int, runs: int) -> dict:
     mlx_model = poe_mlx.load(folder, dtype=dtype)
-    torch_model = load_model(folder, dtype=dtype, pack=True)
+    torch_model = load_model(folder, dtype=dtype, pack="auto")
     vocab = mlx_model.config.vocab_size
     prompt = [mlx_model.config.bos_token_id or 0] + torch.randint(
         0, vocab, (prompt_tokens - 1,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -90,6 +93,7 @@ def measure(folder: str, dtype: str, prompt_tokens: int, new_tokens: int, runs: 
                         "stage0_speedup": round(full / stage0, 2)}
     out["mlx_over_torch_full"] = round(out["torch"]["full_ms_per_token"] / out["mlx"]["full_ms_per_token"], 2)
     out["mlx_over_torch_stage0"] = round(out["torch"]["stage0_ms_per_token"] / out["mlx"]["stage0_ms_per_token"], 2)
+    out["torch_weight_layout"] = "packed" if count_packed(torch_model) else "plain"
     return out
 
 
@@ -102,7 +106,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", default=None, help="result file (default: bench/results/mlx-<device>-<date>.json)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the physical cores)")
     args = parser.parse_args()
+    set_threads(args.threads)
 
     folder, description = model_folder(args.shape, args.dtype)
     t0 = time.perf_counter()

@@ -94,15 +94,15 @@ def transformers_server(folder: str, port: int, threads: int) -> None:
     with the processor's Rust tokenizer, so: our classes go into the Auto classes and onto the module it reads, and
     the processor is the folder's tokenizer.json as a PreTrainedTokenizerFast (our tokenizer is tiktoken-backed).
     """
-    import torch
     from transformers import PreTrainedTokenizerFast
     from transformers.cli.serve import Serve
     from transformers.cli.serving import model_manager
 
     import cognica_poe
+    from cognica_poe.cpu import set_threads
     from cognica_poe.hf import CognicaPoEForCausalLM
 
-    torch.set_num_threads(threads)
+    set_threads(threads)
     cognica_poe.register_auto_classes()
     model_manager.transformers.CognicaPoEForCausalLM = CognicaPoEForCausalLM  # the module it reads
     model_manager.ModelManager._load_processor = lambda self, mid, gguf_file=None: (
@@ -234,6 +234,7 @@ def run_transformers(folder: str, prompts: list[str], args) -> dict:
 
 
 def main() -> None:
+    from cognica_poe.cpu import set_threads
     from cognica_poe.eval.speed import machine
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -243,11 +244,13 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=64, help="requests per level")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds per level before no new request starts")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads of each server")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads of each server (default: the "
+                                                            "physical cores)")
     p.add_argument("--no-transformers", action="store_true", help="skip the run against `transformers serve`")
     p.add_argument("--note", default=None, help="a line saved in the JSON (e.g. what else ran on the machine)")
     p.add_argument("--out", default=None, help="result JSON (default: bench/results/serve-cpu-<cpu>-<date>.json)")
     args = p.parse_args()
+    args.threads = set_threads(args.threads)  # the servers' count; machine() below states it too
 
     from inference import D8
 

@@ -96,3 +96,11 @@ def tok_dir(corpus, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("tok"))
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache_dir(tmp_path_factory) -> str:
+    """The weight-layout probe's cache (cpu.py) lives in a folder of this session, not in the user's ~/.cache."""
+    path = str(tmp_path_factory.mktemp("xdg_cache"))
+    os.environ["XDG_CACHE_HOME"] = path
+    return path

@@ -341,6 +341,8 @@ def test_every_flag_has_help_and_shows_its_default():
 
 
 def test_threads_flag_on_every_computing_command(folder, monkeypatch, capsys):
+    from cognica_poe.cpu import default_threads
+
     parsers = dict(all_parsers(build_parser()))
     for name in ("generate", "chat", "calibrate", "eval bpb", "eval core", "report", "demo", "sft", "train",
                  "stage new"):
@@ -350,7 +352,7 @@ def test_threads_flag_on_every_computing_command(folder, monkeypatch, capsys):
     assert cli(capsys, "generate", folder, "x", "--max-new-tokens", "2", "--threads", "3")[0] == 0
     assert calls == [3]
     assert cli(capsys, "generate", folder, "x", "--max-new-tokens", "2")[0] == 0
-    assert calls == [3]  # default: torch's own
+    assert calls == [3, default_threads()]  # default: the physical cores (or $OMP_NUM_THREADS)
 
 
 def test_progress_bars_and_default_corpus_note(folder, capsys):

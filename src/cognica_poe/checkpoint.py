@@ -22,6 +22,7 @@ from transformers import GenerationConfig
 
 from .atomic import atomic_file, atomic_folder, write_json
 from .config import CognicaPoEConfig, preset_config
+from .cpu import apply_packing
 from .folders import check_model_folder, is_folder_name
 from .hf import CognicaPoEForCausalLM, load_folder
 from .model import GPT
@@ -236,15 +237,16 @@ def read_config(path: str) -> CognicaPoEConfig:
 
 
 def load_model(path_or_preset: str, dtype: str | torch.dtype | None = None, device: str = "cpu",
-               seed: int = 0, pack: bool = False, quantize: str | None = None, group_size: int = 128,
+               seed: int = 0, pack: bool | str = False, quantize: str | None = None, group_size: int = 128,
                quantize_heads: bool = True, device_map=None) -> CognicaPoEForCausalLM:
     """
     An HF folder (ours or a released one), a quantized folder (`cognica-poe quantize`), or a preset name (randomly
     initialised, for shapes and speed), in eval mode. pack: also give the large matrices prepacked copies for CPU
-    inference (model.pack_weights()). quantize: "int8" or "int4" weight-only quantization of the block matrices
-    (and the heads unless quantize_heads is False; int4 in groups of group_size inputs): see quantize.py. A quantized
-    folder loads as saved; asking it for another quantization is an error. device_map: the stages' devices instead
-    of `device` ({"stage:0": "cuda:0", "stage:1": "cuda:1", ...}, "auto" or one device; see placement.py).
+    inference (model.pack_weights()): True always, "auto" where a probe says they decode faster here (cpu.py).
+    quantize: "int8" or "int4" weight-only quantization of the block matrices (and the heads unless quantize_heads
+    is False; int4 in groups of group_size inputs): see quantize.py. A quantized folder loads as saved; asking it
+    for another quantization is an error. device_map: the stages' devices instead of `device` ({"stage:0":
+    "cuda:0", "stage:1": "cuda:1", ...}, "auto" or one device; see placement.py).
     """
     bits = parse_quantize(quantize)
     if is_folder_name(path_or_preset) and is_quantized_folder(path_or_preset):
@@ -265,8 +267,7 @@ def load_model(path_or_preset: str, dtype: str | torch.dtype | None = None, devi
         quantize_model(model.gpt, bits, group_size, quantize_heads)
     if device_map is not None:
         place_device_map(model.gpt, device_map)
-    if pack:
-        model.pack_weights()  # only what stays float (a quantized matrix is never packed)
+    apply_packing(model, pack)  # only what stays float (a quantized matrix is never packed)
     return model
 
 

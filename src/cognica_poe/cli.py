@@ -19,8 +19,8 @@ The `cognica-poe` command line.
     cognica-poe tokenizer train --out DIR      a BPE tokenizer from a corpus
 
 `cognica-poe COMMAND --help` lists a command's flags with their defaults; `--threads N` sets torch's CPU threads
-for the commands that compute. Errors from bad input are printed as one clear line and exit with status 2;
-nothing is written.
+for the commands that compute (default: the physical cores). Errors from bad input are printed as one clear line
+and exit with status 2; nothing is written.
 """
 
 import argparse
@@ -34,7 +34,7 @@ import typing
 from . import __version__
 from .folders import check_model_folder, is_folder_name
 from .presets import PRESETS
-from .train.config import SFTConfig, TrainConfig
+from .train.config import AUTOCAST_CHOICES, SFTConfig, TrainConfig
 
 # torch and transformers are imported inside the commands, so `--help` and `--version` answer at once
 DEMO_MARK = ".cognica-poe-demo"  # marks a folder the demo created, which a later demo may replace
@@ -52,7 +52,7 @@ def need_file(path: str, what: str) -> str:
     return path
 
 
-def load_folder(path: str, dtype: str | None = None, pack: bool = False, quantize: dict | None = None,
+def load_folder(path: str, dtype: str | None = None, pack: bool | str = False, quantize: dict | None = None,
                 device_map=None):
     """(model, tokenizer) of an HF model folder (or a quantized one), checked before the weights load: its
     config.json, and a tokenizer whose vocabulary is the model's. quantize: load_model's quantization keywords;
@@ -198,6 +198,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.siblings:  # stage folders that branch from MODEL, on one shared trunk
         from .branches import load_siblings
         from .checkpoint import parse_dtype
+        from .cpu import apply_packing
 
         if args.mode not in ("stage", "compose"):
             raise ValueError("--siblings works with --mode stage or --mode compose")
@@ -207,12 +208,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         for folder in args.siblings:
             read_config(folder)
         model = load_siblings(args.model, args.siblings, dtype=parse_dtype(args.dtype) if args.dtype else None)
-        if not args.no_pack:
-            model.pack_weights()
+        apply_packing(model, args.pack, like=model.base)
         n_exits = model.n_exits
     else:
         ranks = args.device_map == "ranks"  # under torchrun: one contiguous stage range per process
-        model, tok = load_folder(args.model, dtype=args.dtype, pack=not args.no_pack, quantize=quantize_options(args),
+        model, tok = load_folder(args.model, dtype=args.dtype, pack=args.pack, quantize=quantize_options(args),
                                  device_map=None if ranks else args.device_map)
         n_exits = model.poe_n_stages
         if ranks:
@@ -324,7 +324,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             raise ValueError("--quantize runs on the torch backend (leave out --backend mlx)")
         return mlx_backend().chat(args)
     check_model_folder(args.model)
-    model, tok = load_folder(args.model, dtype=args.dtype, pack=not args.no_pack, quantize=quantize_options(args))
+    model, tok = load_folder(args.model, dtype=args.dtype, pack=args.pack, quantize=quantize_options(args))
     max_length = args.max_length or model.config.rotary_seq_len
     if max_length > model.config.rotary_seq_len:
         raise ValueError(f"--max-length {max_length} exceeds {model.config.rotary_multiplier} x sequence_len "
@@ -433,10 +433,10 @@ def cmd_report(args: argparse.Namespace) -> None:
                 prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
             except UnicodeDecodeError as e:
                 raise ValueError(f"--prompts file {args.prompts} is not UTF-8 text ({e.reason})") from None
-    model, tok = load_folder(args.model, dtype=args.dtype, pack=not args.no_pack, quantize=quantize_options(args))
+    model, tok = load_folder(args.model, dtype=args.dtype, pack=args.pack, quantize=quantize_options(args))
     baseline = base_tok = None
     if args.baseline:
-        baseline, base_tok = load_folder(args.baseline, dtype=args.dtype, pack=not args.no_pack)
+        baseline, base_tok = load_folder(args.baseline, dtype=args.dtype, pack=args.pack)
     name = os.path.basename(os.path.normpath(args.model))
     r = build_report(model, tok, args.data, prompts, baseline, base_tok, report_settings(args), name=name,
                      progress=lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -457,6 +457,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import register_auto_classes
+    from .cpu import apply_packing
     from .eval.report import build_report, write_report
     from .extras import require
     from .train.loop import train
@@ -477,8 +478,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
           + ", ".join(f"stage {s}: {b:.4f}" for s, b in enumerate(summary["stage_bpb"])))
     folder = summary["hf_dir"]
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    if not args.no_pack:
-        model.pack_weights()
+    apply_packing(model, args.pack)
     tok = AutoTokenizer.from_pretrained(folder)
     print(f"exported {folder} ({', '.join(sorted(os.listdir(folder)))}) and loaded it back with "
           f"AutoModelForCausalLM: {model.num_parameters():,} parameters, {model.poe_n_stages} stages ending at "
@@ -554,7 +554,8 @@ def dataclass_from_args(cls: type, args: argparse.Namespace):
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (--num-steps, --poe-mode, --resume, ...), defaults from TrainConfig."""
-    add_dataclass_args(parser, TrainConfig, choices={"poe_mode": ("flat", "hier", "none")})
+    add_dataclass_args(parser, TrainConfig, choices={"poe_mode": ("flat", "hier", "none"),
+                                                     "autocast": AUTOCAST_CHOICES})
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
@@ -641,7 +642,8 @@ def add_command(sub, name: str, help: str) -> argparse.ArgumentParser:
 
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads for torch (torch.set_num_threads; default: torch's own choice)")
+                   help="CPU threads for torch (default: $OMP_NUM_THREADS, else the physical cores this process may "
+                        "use: SMT siblings once, within its CPU affinity and cgroup quota)")
 
 
 def exit_arg(text: str) -> int | str:
@@ -650,8 +652,11 @@ def exit_arg(text: str) -> int | str:
 
 
 def add_pack_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-pack", action="store_true", help="keep plain weights only (packing adds a prepacked copy of "
-                                                          "each large matrix for faster CPU decoding)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--pack", dest="pack", action="store_const", const=True, default="auto",
+                   help="always prepack the large matrices for CPU decoding (default: auto, where a short probe, "
+                        "cached per CPU, dtype and threads, finds the packed product faster)")
+    g.add_argument("--no-pack", dest="pack", action="store_const", const=False, help="keep plain weights only")
 
 
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
@@ -680,7 +685,6 @@ def add_report_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="cognica-poe", description=__doc__, formatter_class=TopHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cognica-poe {__version__}")
-    parser.set_defaults(threads=None)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = add_command(sub, "info", "parameters, stages, boundaries and memory of a model folder or preset")
@@ -881,14 +885,14 @@ def build_parser() -> argparse.ArgumentParser:
             except ImportError as e:
                 raise ValueError(f"--ray needs Ray Serve ({e}): pip install 'cognica-poe[ray]'") from None
             serve_ray(args.model, args.siblings, args.host, args.port, args.api_key, args.replicas or 1,
-                      args.threads or 1, dtype=args.dtype, pack=not args.no_pack, max_batch=args.max_batch,
+                      args.threads or 1, dtype=args.dtype, pack=args.pack, max_batch=args.max_batch,
                       max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                       request_timeout=args.request_timeout, max_model_len=args.max_model_len,
                       served_model_name=args.served_model_name, quantize=quantize_options(args))
             return
         from .server import serve
 
-        serve(args.model, args.siblings, args.host, args.port, args.api_key, args.dtype, not args.no_pack,
+        serve(args.model, args.siblings, args.host, args.port, args.api_key, args.dtype, args.pack,
               args.max_batch, args.max_queue, args.prefill_chunk, args.request_timeout, args.max_model_len,
               args.served_model_name, quantize_options(args))
 
@@ -910,7 +914,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the base's model id (default: the folder name)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
     p.add_argument("--ray", action="store_true", help="serve N replicas on Ray Serve (the cluster of $RAY_ADDRESS or "
-                                                      "`ray start`, else a local instance; --threads CPUs each)")
+                                                      "`ray start`, else a local instance; --threads CPUs each, "
+                                                      "default 1)")
     p.add_argument("--replicas", type=positive_int, default=None, help="replicas behind the endpoint (with --ray; "
                                                                        "default 1)")
     add_pack_arg(p)
@@ -923,10 +928,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.threads is not None:
-            import torch
+        if "threads" in vars(args):  # a command that computes: its --threads, else the physical cores
+            from .cpu import set_threads
 
-            torch.set_num_threads(args.threads)
+            set_threads(args.threads)
         args.func(args)
     except (ValueError, OSError, ModuleNotFoundError) as e:  # bad input, a missing file or package: one line
         print(f"cognica-poe {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -2,9 +2,10 @@
 Prepacked weights for CPU inference.
 
 A decode step multiplies one token's vector by every weight matrix once, so its speed is the speed of
-matrix-vector products. On CPU, `F.linear` with a plain (out, in) weight reaches well under half the memory
+matrix-vector products. On many CPUs, `F.linear` with a plain (out, in) weight reaches well under half the memory
 bandwidth that oneDNN reaches with the same weight stored once in its own blocked layout (bench/inference.py
-measures both). `Linear` is nn.Linear plus that stored copy: `pack()` makes it, and the forward uses it for
+measures both); on others the packed product is the slower one, so the command line packs where a probe at load
+finds it faster (cpu.py). `Linear` is nn.Linear plus that stored copy: `pack()` makes it, and the forward uses it for
 inference (autograd off) on CPU in the weight's dtype. bf16 results are bitwise those of F.linear; fp32 ones agree
 to rounding (a different summation order).
 

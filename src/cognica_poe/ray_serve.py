@@ -29,7 +29,7 @@ REPLICA_HEADER = "X-Replica-Id"
 
 
 def build_app(model: str, siblings: list[str] | None = None, api_key: str | None = None, dtype: str | None = None,
-              pack: bool = True, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 64,
+              pack: bool | str = "auto", max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 64,
               request_timeout: float | None = 600.0, max_model_len: int | None = None,
               served_model_name: str | None = None, replicas: int = 1, threads: int = 1,
               quantize: dict | None = None):
@@ -49,9 +49,9 @@ def build_app(model: str, siblings: list[str] | None = None, api_key: str | None
 
     def replica_app():
         """Runs in the replica: one torch thread per reserved CPU, the model, the engine and the app."""
-        import torch
+        from .cpu import set_threads
 
-        torch.set_num_threads(threads)
+        set_threads(threads)
         engine, tok, name = build(model, siblings, dtype, pack, max_batch, max_queue, prefill_chunk, quantize)
         app = create_app(engine, tok, served_model_name or name, api_key, max_model_len, request_timeout)
         replica_id = serve.get_replica_context().replica_id.unique_id

@@ -611,12 +611,14 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 # the command
 
 
-def build(model_path: str, siblings: list[str] | None = None, dtype: str | None = None, pack: bool = True,
+def build(model_path: str, siblings: list[str] | None = None, dtype: str | None = None, pack: bool | str = "auto",
           max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 64,
           quantize: dict | None = None) -> tuple[Engine, object, str]:
     """Load the model (and its siblings on the same trunk) and its tokenizer; the engine, not yet started.
-    quantize: load_model's quantization keywords (quantize="int8" | "int4", group_size, quantize_heads)."""
+    quantize: load_model's quantization keywords (quantize="int8" | "int4", group_size, quantize_heads). pack: True,
+    False or "auto" (cpu.apply_packing)."""
     from .checkpoint import load_model, parse_dtype
+    from .cpu import apply_packing
     from .tokenizer import CognicaPoETokenizer
 
     if not os.path.isdir(model_path):
@@ -629,8 +631,7 @@ def build(model_path: str, siblings: list[str] | None = None, dtype: str | None 
             raise ValueError("--quantize works on one model folder, not with --siblings")
 
         family = load_siblings(model_path, siblings, dtype=parse_dtype(dtype) if dtype else None)
-        if pack:
-            family.pack_weights()
+        apply_packing(family, pack, like=family.base)
         engine = Engine(family.base, family, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
     else:
         model = load_model(model_path, dtype=dtype, pack=pack, **(quantize or {}))
@@ -657,7 +658,7 @@ def check_max_model_len(config, max_model_len: int | None) -> None:
 
 
 def serve(model_path: str, siblings: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, dtype: str | None = None, pack: bool = True, max_batch: int = 16,
+          api_key: str | None = None, dtype: str | None = None, pack: bool | str = "auto", max_batch: int = 16,
           max_queue: int = 64, prefill_chunk: int = 64, request_timeout: float | None = 600.0,
           max_model_len: int | None = None, served_model_name: str | None = None,
           quantize: dict | None = None) -> None:

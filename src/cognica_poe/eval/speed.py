@@ -16,18 +16,16 @@ from collections.abc import Callable
 
 import torch
 
+from ..cpu import cpu_name, layouts, physical_cores
+
 
 def machine() -> dict:
-    """The CPU/GPU, threads and versions a measurement ran on."""
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    """The CPU/GPU, threads, versions and CPU weight layouts ("auto"'s choice per dtype, with the probe's GB/s) a
+    measurement ran on."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "gpu": gpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "cuda": torch.cuda.is_available()}
+    return {"cpu": cpu_name(), "gpu": gpu, "threads": torch.get_num_threads(), "physical_cores": physical_cores(),
+            "torch": torch.__version__, "python": platform.python_version(), "cuda": torch.cuda.is_available(),
+            "weight_layout": layouts()}
 
 
 def median_run(fn: Callable[[], object], runs: int = 3) -> tuple[float, object]:

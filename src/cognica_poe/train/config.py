@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from ..presets import PRESETS
 
+AUTOCAST_CHOICES = ("auto", "bf16", "none")
+
 
 def option(default, help: str):
     """A field with a default and the help text its command-line flag shows."""
@@ -79,6 +81,8 @@ class TrainConfig:
     seed: int = option(42, "seed of the weights and the data order")
     device: str = option("auto", "auto (cuda if any, else cpu), cpu, cuda or cuda:N")
     compile: bool = option(False, "torch.compile every block")
+    autocast: str = option("auto", "mixed precision of training: bf16 (autocast; fp32 weights and optimizer "
+                                   "state), none (fp32), auto (bf16 on CUDA, none on CPU)")
     fsdp: bool = option(False, "shard the model over the processes of a torchrun launch (FSDP2)")
     pipeline_parallel: int = option(1, "pipeline ranks of a torchrun launch (flat PoE): each trains a contiguous "
                                        "range of stages; the processes split into this x data parallel")

@@ -24,7 +24,7 @@ from ..bpb import stage_bpb
 from ..config import CognicaPoEConfig
 from ..model import GPT
 from .checkpoints import apply_checkpoint, resume_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig
+from .config import AUTOCAST_CHOICES, TrainConfig
 from .data import Corpus, PackedLoader, iter_tokenizer_texts, token_stream
 from .distributed import (
     allreduce_mean_,
@@ -45,6 +45,10 @@ from .pipeline import (
     setup_pipeline,
 )
 
+# what autocast "auto" means on CPU: bench/train.py measures bf16 autocast against fp32 (speed, per-stage losses);
+# "bf16" here makes it the CPU default
+CPU_AUTOCAST = "none"
+
 
 def _resolve_device(name: str) -> torch.device:
     """"auto" = cuda if any, else cpu; under torchrun a bare "cuda" means this process's GPU (LOCAL_RANK)."""
@@ -54,6 +58,20 @@ def _resolve_device(name: str) -> torch.device:
     if device.index is not None and device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+def autocast_context(mode: str, device: torch.device):
+    """
+    The context of every training forward and backward: bf16 autocast ("bf16"), none ("none"), or "auto": bf16 on
+    CUDA, CPU_AUTOCAST on CPU. Autocast keeps fp32 master weights and optimizer state; matrix products run in bf16.
+    """
+    if mode not in AUTOCAST_CHOICES:
+        raise ValueError(f"autocast {mode!r} is not one of {', '.join(AUTOCAST_CHOICES)}")
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else CPU_AUTOCAST
+    if mode == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _get_tokenizer(cfg: TrainConfig, rank: int, vocab_size: int):
@@ -101,6 +119,7 @@ def _read_metrics(path: str, upto_step: int) -> list[str]:
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) a model as `cfg` says; returns a summary dict (losses, per-stage BPB, timings, paths)."""
     device = _resolve_device(cfg.device)
+    autocast = autocast_context(cfg.autocast, device)
     rank, world = init_distributed(device.type)
     if cfg.pipeline_parallel != 1:
         _check_pipeline(cfg, world)
@@ -186,7 +205,6 @@ def train(cfg: TrainConfig) -> dict:
         return folder
 
     bpb = evaluate() if (evaluates and step == 0) else []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     bar = None
     if cfg.progress and master:
         from tqdm.auto import tqdm
