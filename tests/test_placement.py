@@ -169,6 +169,15 @@ def test_load_model_and_from_pretrained_take_a_device_map(tmp_path):
         load_model(str(tmp_path), device_map={"stage:9": "cpu"})
 
 
+def test_transformers_whole_model_map_is_one_device(tmp_path):
+    """{"": device} is transformers' and accelerate's map for a whole model on one device (lm-eval passes it)."""
+    model = perturbed_model()
+    model.save_pretrained(tmp_path)
+    loaded = CognicaPoEForCausalLM.from_pretrained(tmp_path, device_map={"": "cpu"})
+    torch.testing.assert_close(loaded.gpt(PROMPTS), model.gpt(PROMPTS), atol=1e-5, rtol=0)
+    assert stage_devices(model.gpt, {"": "cpu"}) == [torch.device("cpu")] * 4
+
+
 def test_cli_generate_takes_a_device_map(tmp_path, capsys):
     tok = train_bpe(iter(bundled_text(20_000).split("\n\n")), vocab_size=300)
     folder = export_hf_folder(perturbed_model(vocab_size=len(tok)), tok, str(tmp_path / "m"), dtype="float32")

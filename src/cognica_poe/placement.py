@@ -111,13 +111,16 @@ def auto_devices(gpt: GPT) -> list[torch.device]:
 
 def stage_devices(gpt: GPT, device_map) -> list[torch.device]:
     """One device per stage from a device_map: {"stage:N": device, ...} naming every stage, "auto", or one device
-    (a JSON object string is read as the map). Unknown keys, stages out of range or missing: a ValueError."""
+    (also as transformers writes it, {"": device}; a JSON object string is read as the map). Unknown keys, stages
+    out of range or missing: a ValueError."""
     n = gpt.config.poe_n_stages
     if isinstance(device_map, str) and device_map.lstrip().startswith("{"):
         try:
             device_map = json.loads(device_map)
         except json.JSONDecodeError as e:
             raise ValueError(f"device_map is not valid JSON ({e}): write e.g. '{{\"stage:0\": \"cuda:0\"}}'") from None
+    if isinstance(device_map, dict) and list(device_map) == [""]:  # transformers' map of a whole model: one device
+        device_map = device_map[""]
     if device_map == "auto":
         return auto_devices(gpt)
     if not isinstance(device_map, dict):
