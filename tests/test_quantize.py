@@ -141,6 +141,16 @@ def test_int4_refuses_a_group_size_that_does_not_divide_and_leaves_the_model_as_
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
+@pytest.mark.parametrize("group", [8, 16])
+def test_int4_refuses_a_group_size_the_kernel_cannot_run_before_anything_changes(group):
+    """torch's int4 CPU kernel takes groups of 32, 64, 128 or 256 only: any other size is refused at quantize time
+    (it used to quantize, then fail inside the first forward)."""
+    model = perturbed_model()
+    with pytest.raises(ValueError, match=rf"int4 group size {group}: choose 32, 64, 128 or 256"):
+        quantize_model(model.gpt, "int4", group)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
 def test_cli_quantize_then_generate(tmp_path, capsys):
     from cognica_poe.tokenizer_train import train_bpe
 

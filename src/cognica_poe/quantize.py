@@ -34,6 +34,7 @@ from .model import GPT, MLP, CausalSelfAttention
 
 QUANTIZE_MODES = {"int8": 8, "int4": 4}
 DEFAULT_GROUP_SIZE = 128
+INT4_GROUP_SIZES = (32, 64, 128, 256)
 QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "cognica-poe-weight-only"
@@ -175,7 +176,7 @@ class QuantizedLinear(nn.Module):
 
 
 def check_int4_shape(out_features: int, in_features: int, group_size: int | None) -> None:
-    """The int4 kernel's limits: in divisible by the group size, out by 16."""
+    """The int4 kernel's limits: in divisible by the group size, out by 16, the group size one it takes."""
     if group_size is None or group_size < 2 or group_size % 2:
         raise ValueError(f"int4 needs an even group size >= 2, got {group_size}")
     if in_features % group_size:
@@ -184,6 +185,9 @@ def check_int4_shape(out_features: int, in_features: int, group_size: int | None
     if out_features % 16:
         raise ValueError(f"int4: a matrix has {out_features} outputs, not a multiple of 16 (the CPU kernel's "
                          "tile); use int8")
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group size {group_size}: choose {', '.join(map(str, INT4_GROUP_SIZES[:-1]))} or "
+                         f"{INT4_GROUP_SIZES[-1]} (the sizes torch's int4 CPU kernel takes; --group-size)")
 
 
 def quantized_names(gpt: GPT, heads: bool = True) -> list[str]:
