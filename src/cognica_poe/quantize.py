@@ -10,6 +10,11 @@ What is quantized: every block matrix (attention's c_q, c_k, c_v, c_proj and the
 asked not to, the heads (lm_head, a specialist's lm_head_stage and folded ancestor heads). The embeddings (wte,
 value embeddings: lookups, not products) and the two tiny gates (ve_gate, smear_gate) stay in the model's dtype.
 
+int4 rounds each weight to the nearest level of its group by default; given calibration text, GPTQ rounds the
+columns one at a time and spreads each one's error over the columns still to round, against the inputs the float
+model sees on that text (closer outputs for the same bits and the same layout). int8's per-channel rounding is close
+enough without it.
+
 A quantized matrix is a `QuantizedLinear`, which is not an nn.Linear: packing (packed.py) never sees it, so a
 matrix is either quantized or packed, never both. Training refuses a quantized model (there is no float weight to
 update): quantize a trained model, never train a quantized one.
