@@ -26,7 +26,7 @@ JSON object with every figure and the machine.
     python bench/inference.py                 # everything (about 5 minutes on 2 CPU cores)
     python bench/inference.py --scale d12     # part 2 on a smaller shape
     python bench/inference.py --skip-scale    # parts 1 and 3
-    python bench/inference.py --skip-trained --skip-scale --scale d12   # part 3 alone, smaller (about 3 minutes)
+    python bench/inference.py --skip-trained --skip-scale --scale d12   # part 3 alone, smaller (5 minutes, 2 cores)
     python bench/inference.py --skip-llama-cpp    # part 3 without llama.cpp
 """
 

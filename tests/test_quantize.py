@@ -176,6 +176,7 @@ INT4_GAP = "plain round-to-nearest int4 falls short of 95% top-1 agreement on po
 
 # GPTQ (calibrated on 16k tokens of the training split, groups of 32, lm_head kept in bf16) closes most of int4's gap
 # (exits at 95.4, 95.6, 95.1, 94.9% when this was written); the last exit still falls a hair short of 95%
+D8_QUANTIZED = {}
 INT4_GPTQ_GAP = "int4 GPTQ reaches 95% top-1 agreement at three of four exits of poe-d8-classics (issue 13, open)"
 
 
@@ -194,12 +195,15 @@ def test_d8_quantized_quality_against_bf16(d8_model, mode, bpb_tol, min_agree, g
 
     model, tok = d8_model
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    quant = copy.deepcopy(bf16)
-    if gptq:
-        calibration = token_stream(Corpus(shared_path("data")), tok, "train", max_tokens=64 * 256)
-        quantize_model(quant.gpt, mode, 32, heads=False, calibration=calibration.view(64, 256))
-    else:
-        quantize_model(quant.gpt, mode, 64)
+    if (mode, gptq) not in D8_QUANTIZED:  # the passing and the xfail case of a recipe share one quantization
+        quant = copy.deepcopy(bf16)
+        if gptq:
+            calibration = token_stream(Corpus(shared_path("data")), tok, "train", max_tokens=64 * 256)
+            quantize_model(quant.gpt, mode, 32, heads=False, calibration=calibration.view(64, 256))
+        else:
+            quantize_model(quant.gpt, mode, 64)
+        D8_QUANTIZED[mode, gptq] = quant
+    quant = D8_QUANTIZED[mode, gptq]
     stream = token_stream(Corpus(shared_path("data")), tok, "val", max_tokens=4096)
     tb = tok.token_bytes()
     ref = evaluate_bpb(bf16.gpt, stream, tb, seq_len=256, batch_size=8)["stages"]
