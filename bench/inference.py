@@ -10,15 +10,26 @@ d24-shaped model (random weights): full-depth cached decode, with prepacked weig
 default) and with plain ones, vs a transformers LlamaForCausalLM of the same width/depth/heads/vocab
 (intermediate 4x) under its own generate(); achieved weight bandwidth; matrix-vector bandwidth measured over
 >= 1 GB of weights, plain F.linear and prepacked; in bf16 also decode steps after a long prompt (--long-prompt),
-where attention over the cache matters. Part 1 runs every mode with the weight layout the CLI picks (packed where
-the probe of cpu.py finds it faster; "weight_layout" says which ran, and the machine block gives the probe's figures).
+where attention over the cache matters. Parts 1 and 2 run every mode with the weight layout the CLI picks (packed
+where the probe of cpu.py finds it faster; "weight_layout" says which ran, and the machine block gives the probe's
+figures).
+Part 3, quantized weights at the same shape (random weights): ours at bf16 (packed), int8 and int4 (quantize.py's
+defaults) against llama.cpp at BF16, Q8_0 and Q4_0 on a random-weight Llama of the same width, depth, heads and
+vocabulary (Llama's own MLP width, 8/3 x, so both read the same weight bytes per token; written with the gguf
+package, its own Q8_0 / Q4_0 quantizers, a placeholder vocabulary): decode tok/s (16-token prompt, --new-tokens
+greedy tokens), GB/s of weights each side reads per token, prefill tok/s of a --prefill-tokens prompt, batch 1,
+the same threads, runs alternating ours / theirs; beside them this machine's memory bandwidth (torch: a sum over 1
+GiB). llama.cpp comes from llama-cpp-python built from its PyPI source for this CPU by `bash
+bench/setup_llama_cpp.sh` (never a project dependency); without it part 3 runs ours alone and says so.
 
 Every speed is a median of >= 3 runs in this process; token counts are stated. The last line printed is one
 JSON object with every figure and the machine.
 
     python bench/inference.py                 # everything (about 5 minutes on 2 CPU cores)
     python bench/inference.py --scale d12     # part 2 on a smaller shape
-    python bench/inference.py --skip-scale    # part 1 only
+    python bench/inference.py --skip-scale    # parts 1 and 3
+    python bench/inference.py --skip-trained --skip-scale --scale d12   # part 3 alone, smaller (5 minutes, 2 cores)
+    python bench/inference.py --skip-llama-cpp    # part 3 without llama.cpp
 """
 
 import argparse
@@ -84,6 +95,19 @@ def trained_part(dtype: str, new_tokens: int, runs: int) -> dict:
 
 # -----------------------------------------------------------------------------
 # part 2: speed at scale
+
+
+def timed(fns: dict, runs: int) -> dict:
+    """Median wall time of each fn; the models' runs alternate, so a slow spell of this shared machine hits all."""
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(runs):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def gemv_bandwidth(dtype: torch.dtype, packed: bool, total_bytes: float = 1.2e9, runs: int = 3) -> float:
@@ -166,24 +190,12 @@ def scale_part(preset: str, dtype_name: str, new_tokens: int, runs: int, long_pr
     def llama_generate(prompt: torch.Tensor, n: int):
         return lambda: llama.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-    def timed(fns: dict) -> dict:
-        """Median wall time of each fn; the models' runs alternate, so a slow spell of this shared machine hits all."""
-        times = {k: [] for k in fns}
-        for fn in fns.values():
-            fn()  # warm-up
-        for _ in range(runs):
-            for k, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
-        return {k: statistics.median(v) for k, v in times.items()}
-
     t = timed({"full": ours(True, lambda: model.generate_stage(ids, stage=last, **kw)),
                "full_plain": ours(False, lambda: model.generate_stage(ids, stage=last, **kw)),
                "llama": llama_generate(ids, new_tokens),
                "hf_generate": ours(True, lambda: model.generate(ids, max_new_tokens=new_tokens,
                                                                 min_new_tokens=new_tokens, do_sample=False)),
-               "stage0": ours(True, lambda: model.generate_stage(ids, stage=0, **kw))})
+               "stage0": ours(True, lambda: model.generate_stage(ids, stage=0, **kw))}, runs)
     res = {"shape": preset, "dtype": dtype_name, "new_tokens": new_tokens, "prompt_tokens": 16, "runs": runs,
            "params": model.gpt.num_params(), "packed_matrices": n_packed,
            "weight_bytes_read_per_token": read_params * bytes_per_param,
@@ -207,7 +219,7 @@ def scale_part(preset: str, dtype_name: str, new_tokens: int, runs: int, long_pr
                    "full_prefill": ours(True, lambda: model.generate_stage(long_ids, stage=last, max_new_tokens=1,
                                                                            **long_kw)),
                    "llama": llama_generate(long_ids, new_tokens),
-                   "llama_prefill": llama_generate(long_ids, 1)})
+                   "llama_prefill": llama_generate(long_ids, 1)}, runs)
         step = {k: (t[k] - t[f"{k}_prefill"]) / (new_tokens - 1) for k in ("full", "llama")}
         res["long_context"] = {
             "prompt_tokens": long_prompt, "new_tokens": new_tokens,
@@ -225,6 +237,222 @@ def scale_part(preset: str, dtype_name: str, new_tokens: int, runs: int, long_pr
     return res
 
 
+# -----------------------------------------------------------------------------
+# part 3: quantized weights, with llama.cpp as the yardstick
+
+LLAMA_CPP_TYPES = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}  # ours -> llama.cpp's counterpart
+
+
+def llama_cpp_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", "gguf"))
+
+
+def llama_ffn(n_embd: int) -> int:
+    """Llama's own MLP width (2/3 of 4x, rounded up to 256): its three MLP matrices (gate, up, down) then hold as many
+    weights as our two 4x ones, so both sides read the same bytes per token at the same precision."""
+    return -(-(8 * n_embd // 3) // 256) * 256
+
+
+def write_llama_ggufs(cfg, paths: dict[str, str], quantize_heads: bool, seed: int = 0) -> dict[str, int]:
+    """
+    One random-weight Llama of cfg's width, depth, heads and vocabulary (MLP width llama_ffn) written with the gguf
+    package in every type of paths ({"BF16": path, "Q8_0": ..., "Q4_0": ...}; Q8_0 and Q4_0 by gguf's own
+    quantizers): each matrix is drawn once (normal, std 0.02) and stored in every file. The block matrices and
+    token_embd take the file's type; output.weight too when quantize_heads (as our lm_head), else BF16.
+    llama.cpp needs a vocabulary, a speed bench no real one: vocab_size SentencePiece-style entries (<unk>, <s>,
+    </s>, the 256 byte tokens, then placeholders "t<i>"). Returns each file's bytes of weights one decode step reads
+    (every block matrix and output.weight; norms and the one embedding row are left out, as on our side).
+    """
+    import gguf
+    import numpy as np
+
+    types = gguf.GGMLQuantizationType
+    d, ffn = cfg.n_embd, llama_ffn(cfg.n_embd)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [f"t{i}" for i in range(cfg.vocab_size - len(tokens))]
+    token_types = [2, 3, 3] + [6] * 256 + [1] * (cfg.vocab_size - 259)  # unknown, control, byte, normal
+    writers = {}
+    for name, path in paths.items():
+        w = gguf.GGUFWriter(path, "llama")
+        w.add_context_length(cfg.sequence_len)
+        w.add_embedding_length(d)
+        w.add_block_count(cfg.n_layer)
+        w.add_feed_forward_length(ffn)
+        w.add_head_count(cfg.n_head)
+        w.add_head_count_kv(cfg.n_kv_head)
+        w.add_rope_dimension_count(d // cfg.n_head)
+        w.add_layer_norm_rms_eps(1e-6)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores([-float(i) for i in range(cfg.vocab_size)])
+        w.add_token_types(token_types)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        writers[name] = w
+    rng = np.random.default_rng(seed)
+    read = dict.fromkeys(paths, 0)
+
+    def add(tensor_name: str, shape: tuple[int, ...], read_per_token: bool = True, head: bool = False) -> None:
+        if len(shape) == 1:  # a norm's gain: F32 in every file
+            for w in writers.values():
+                w.add_tensor(tensor_name, np.ones(shape, dtype=np.float32))
+            return
+        x = rng.standard_normal(shape, dtype=np.float32) * 0.02
+        for name, w in writers.items():
+            qtype = types[name] if quantize_heads or not head else types.BF16
+            data = gguf.quants.quantize(x, qtype)
+            w.add_tensor(tensor_name, data, raw_dtype=qtype)
+            read[name] += data.nbytes if read_per_token else 0
+
+    add("token_embd.weight", (cfg.vocab_size, d), read_per_token=False)
+    for i in range(cfg.n_layer):
+        add(f"blk.{i}.attn_norm.weight", (d,))
+        add(f"blk.{i}.attn_q.weight", (d, d))
+        add(f"blk.{i}.attn_k.weight", (cfg.n_kv_head * d // cfg.n_head, d))
+        add(f"blk.{i}.attn_v.weight", (cfg.n_kv_head * d // cfg.n_head, d))
+        add(f"blk.{i}.attn_output.weight", (d, d))
+        add(f"blk.{i}.ffn_norm.weight", (d,))
+        add(f"blk.{i}.ffn_gate.weight", (ffn, d))
+        add(f"blk.{i}.ffn_up.weight", (ffn, d))
+        add(f"blk.{i}.ffn_down.weight", (d, ffn))
+    add("output_norm.weight", (d,))
+    add("output.weight", (cfg.vocab_size, d), head=True)
+    for w in writers.values():
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return read
+
+
+def llama_cpp_greedy(llm, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding on llama.cpp the way ours decodes: the prompt in one batch, then n - 1 one-token steps, each
+    token the argmax of the last position's logits."""
+    import llama_cpp
+    import numpy as np
+
+    llm.reset()  # the cache from position 0
+    llm.eval(prompt)
+    out = []
+    for i in range(n):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        out.append(int(logits.argmax()))
+        if i < n - 1:
+            llm.eval(out[-1:])
+    return out
+
+
+def memory_bandwidth(gib: float = 1.0, runs: int = 5) -> dict:
+    """This machine's memory bandwidth as torch reaches it with the bench's threads: a sum over gib GiB of fp32
+    (reads only, what a decode step does to its weights) and a copy of it (read + write)."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    y = torch.empty_like(x)
+    read = x.numel() * 4 / median_time(lambda: x.sum(), runs) / 1e9
+    copy = 2 * x.numel() * 4 / median_time(lambda: y.copy_(x), runs) / 1e9
+    return {"read_GBps": read, "copy_GBps": copy, "bytes": x.numel() * 4}
+
+
+def matrix_bytes(gpt) -> int:
+    """Bytes of the matrices one decode step reads in full: every block matrix and the heads, as stored (int8 /
+    int4 with their scales, or float)."""
+    from cognica_poe.quantize import quantized_names
+
+    mods = [gpt.get_submodule(n) for n in quantized_names(gpt, heads=True)]
+    return sum(t.numel() * t.element_size() for m in mods for t in [*m.parameters(False), *m.buffers(False)])
+
+
+def quant_part(preset: str, new_tokens: int, runs: int, prefill_tokens: int, llama_cpp: bool) -> dict:
+    """
+    Ours at bf16 (packed), int8 and int4 (quantize.py's defaults) against llama.cpp at BF16, Q8_0 and Q4_0 on a
+    same-shape random-weight Llama, batch 1, the same threads: decode tok/s (a 16-token prompt, new_tokens
+    greedy tokens) with the GB/s of weights each side reads per token, and prefill tok/s of a prefill_tokens
+    prompt; all runs alternate. Beside them: this machine's memory bandwidth.
+    """
+    import copy
+    import shutil
+
+    from cognica_poe.config import preset_config
+    from cognica_poe.hf import CognicaPoEForCausalLM
+    from cognica_poe.model import GPT
+    from cognica_poe.quantize import DEFAULT_GROUP_SIZE, quantize_model
+
+    cfg = preset_config(preset, bos_token_id=0, pad_token_id=0, eos_token_id=[0])
+    res = {"shape": preset, "new_tokens": new_tokens, "prompt_tokens": 16, "prefill_tokens": prefill_tokens,
+           "runs": runs, "threads": torch.get_num_threads(), "int4_group_size": DEFAULT_GROUP_SIZE,
+           "memory": memory_bandwidth()}
+    ours, read = {}, {}
+    base = GPT.from_config(cfg, seed=0).to(torch.bfloat16)
+    for kind in ("int4", "int8", "bf16"):  # bf16 last: the quantized ones are copies of it
+        gpt = base if kind == "bf16" else copy.deepcopy(base)
+        if kind != "bf16":
+            quantize_model(gpt, kind)
+        read[kind] = matrix_bytes(gpt)
+        ours[kind] = CognicaPoEForCausalLM.from_gpt(gpt).eval()
+        ours[kind].pack_weights()  # what stays float (bf16: every matrix)
+    heads = not isinstance(ours["int4"].gpt.lm_head, torch.nn.Linear)
+    theirs, their_read, gguf_dir = {}, {}, None
+    if llama_cpp:
+        from llama_cpp import Llama
+
+        gguf_dir = tempfile.mkdtemp(prefix="bench-gguf-")
+        paths = {t: os.path.join(gguf_dir, f"llama-{preset}-{t}.gguf") for t in LLAMA_CPP_TYPES.values()}
+        their_read = write_llama_ggufs(cfg, paths, quantize_heads=heads)
+        for t, path in paths.items():
+            theirs[t] = Llama(model_path=path, n_ctx=prefill_tokens + new_tokens + 16, n_batch=prefill_tokens,
+                              n_ubatch=prefill_tokens, n_threads=res["threads"], n_threads_batch=res["threads"],
+                              verbose=False)
+        res["llama_cpp_setup"] = {"version": __import__("llama_cpp").__version__, "ffn": llama_ffn(cfg.n_embd),
+                            "output_weight": "file type" if heads else "BF16",
+                            "vocab": "placeholder SentencePiece entries (speed only)"}
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, cfg.vocab_size, (1, 16), generator=gen)
+    long_ids = torch.randint(3, cfg.vocab_size, (1, prefill_tokens), generator=gen)
+    ids[0, 0] = long_ids[0, 0] = 0  # BOS
+    last = cfg.poe_n_stages - 1
+
+    def ours_fn(kind: str, prompt: torch.Tensor, n: int):
+        return lambda: ours[kind].generate_stage(prompt, stage=last, max_new_tokens=n, stop_tokens=[])
+
+    def theirs_fn(t: str, prompt: torch.Tensor, n: int):
+        return lambda: llama_cpp_greedy(theirs[t], prompt[0].tolist(), n)
+
+    for phase, prompt, n in (("decode", ids, new_tokens), ("prefill", long_ids, 1)):
+        fns = {}
+        for kind, t in LLAMA_CPP_TYPES.items():  # alternating: ours, theirs, ours, theirs...
+            fns[f"ours_{kind}"] = ours_fn(kind, prompt, n)
+            if t in theirs:
+                fns[f"llama_cpp_{t}"] = theirs_fn(t, prompt, n)
+        times = timed(fns, runs)
+        for kind, t in LLAMA_CPP_TYPES.items():
+            for side, key, nbytes in (("ours", kind, read[kind]), ("llama_cpp", t, their_read.get(t))):
+                if f"{side}_{key}" not in times:
+                    continue
+                row = res.setdefault(side, {}).setdefault(key, {})
+                if phase == "decode":
+                    row["decode_tok_s"] = n / times[f"{side}_{key}"]
+                    row["weight_bytes_read_per_token"] = nbytes
+                    row["weight_GBps"] = row["decode_tok_s"] * nbytes / 1e9
+                else:
+                    row["prefill_tok_s"] = prompt.size(1) / times[f"{side}_{key}"]
+    ratios = {f"ours_{k}_vs_ours_bf16_decode": res["ours"][k]["decode_tok_s"] / res["ours"]["bf16"]["decode_tok_s"]
+              for k in ("int8", "int4")}
+    for kind, t in LLAMA_CPP_TYPES.items():
+        if t in theirs:
+            for phase in ("decode", "prefill"):
+                ratios[f"ours_{kind}_vs_llama_cpp_{t}_{phase}"] = \
+                    res["ours"][kind][f"{phase}_tok_s"] / res["llama_cpp"][t][f"{phase}_tok_s"]
+    res["ratios"] = ratios
+    res["weight_GBps_vs_memory_read"] = {f"{side}_{key}": row["weight_GBps"] / res["memory"]["read_GBps"]
+                                         for side in ("ours", "llama_cpp") for key, row in res.get(side, {}).items()}
+    theirs.clear()
+    if gguf_dir:
+        shutil.rmtree(gguf_dir)  # the bench's own temporary files
+    return res
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", default="d24", help="preset for part 2 (default d24)")
@@ -235,21 +463,33 @@ def main() -> None:
     parser.add_argument("--long-prompt", type=int, default=1024,
                         help="part 2, bf16: also time decode steps after a prompt this long (0 = skip)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the physical cores)")
+    parser.add_argument("--skip-quant", action="store_true", help="skip part 3 (int8 / int4 and llama.cpp)")
+    parser.add_argument("--skip-llama-cpp", action="store_true",
+                        help="part 3 without llama.cpp (skipped by itself when llama-cpp-python is not installed)")
+    parser.add_argument("--prefill-tokens", type=int, default=512, help="part 3: the prompt length of prefill")
     parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: run one part in a subprocess
     args = parser.parse_args()
     args.threads = set_threads(args.threads)
     if args.part:  # each heavy part runs in its own process so memory from one never slows the next
         kind, dtype = args.part.split(":")
-        out = trained_part(dtype, args.new_tokens, args.runs) if kind == "trained" else \
-            scale_part(args.scale, dtype, args.new_tokens, args.runs, args.long_prompt if dtype == "bf16" else 0)
+        if kind == "quant":
+            out = quant_part(args.scale, args.new_tokens, args.runs, args.prefill_tokens, not args.skip_llama_cpp)
+        else:
+            out = trained_part(dtype, args.new_tokens, args.runs) if kind == "trained" else \
+                scale_part(args.scale, dtype, args.new_tokens, args.runs, args.long_prompt if dtype == "bf16" else 0)
         print(json.dumps(out))
         return
     results = {"machine": machine()}
+    if not args.skip_quant and not args.skip_llama_cpp and not llama_cpp_installed():
+        args.skip_llama_cpp = True
+        results["llama_cpp"] = "skipped: llama-cpp-python / gguf not installed (bash bench/setup_llama_cpp.sh)"
+        print(results["llama_cpp"], flush=True)
     parts = ([] if args.skip_trained else ["trained:fp32", "trained:bf16"]) + \
-        ([] if args.skip_scale else ["scale:bf16", "scale:fp32"])
+        ([] if args.skip_scale else ["scale:bf16", "scale:fp32"]) + ([] if args.skip_quant else ["quant:bf16"])
     for part in parts:
         cmd = [sys.executable, __file__, "--part", part, "--scale", args.scale, "--new-tokens", str(args.new_tokens),
-               "--runs", str(args.runs), "--threads", str(args.threads), "--long-prompt", str(args.long_prompt)]
+               "--runs", str(args.runs), "--threads", str(args.threads), "--long-prompt", str(args.long_prompt),
+               "--prefill-tokens", str(args.prefill_tokens)] + (["--skip-llama-cpp"] if args.skip_llama_cpp else [])
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

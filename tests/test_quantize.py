@@ -141,6 +141,16 @@ def test_int4_refuses_a_group_size_that_does_not_divide_and_leaves_the_model_as_
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
 
 
+@pytest.mark.parametrize("group", [8, 16])
+def test_int4_refuses_a_group_size_the_kernel_cannot_run_before_anything_changes(group):
+    """torch's int4 CPU kernel takes groups of 32, 64, 128 or 256 only: any other size is refused at quantize time
+    (it used to quantize, then fail inside the first forward)."""
+    model = perturbed_model()
+    with pytest.raises(ValueError, match=rf"int4 group size {group}: choose 32, 64, 128 or 256"):
+        quantize_model(model.gpt, "int4", group)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
 def test_cli_quantize_then_generate(tmp_path, capsys):
     from cognica_poe.tokenizer_train import train_bpe
 
@@ -164,12 +174,20 @@ def test_cli_quantize_then_generate(tmp_path, capsys):
 INT4_GAP = "plain round-to-nearest int4 falls short of 95% top-1 agreement on poe-d8-classics (issue 13, open)"
 
 
-@pytest.mark.parametrize("mode,bpb_tol,min_agree", [
-    ("int8", 0.005, 0.98), ("int4", 0.03, 0.85),
-    pytest.param("int4", 0.03, 0.95, marks=pytest.mark.xfail(strict=True, reason=INT4_GAP))])
-def test_d8_quantized_quality_against_bf16(d8_model, mode, bpb_tol, min_agree):
+# GPTQ (calibrated on 16k tokens of the training split, groups of 32, lm_head kept in bf16) closes most of int4's gap
+# (exits at 95.4, 95.6, 95.1, 94.9% when this was written); the last exit still falls a hair short of 95%
+D8_QUANTIZED = {}
+INT4_GPTQ_GAP = "int4 GPTQ reaches 95% top-1 agreement at three of four exits of poe-d8-classics (issue 13, open)"
+
+
+@pytest.mark.parametrize("mode,bpb_tol,min_agree,gptq", [
+    ("int8", 0.005, 0.98, False), ("int4", 0.03, 0.85, False),
+    pytest.param("int4", 0.03, 0.95, False, marks=pytest.mark.xfail(strict=True, reason=INT4_GAP)),
+    ("int4", 0.01, 0.94, True),
+    pytest.param("int4", 0.03, 0.95, True, marks=pytest.mark.xfail(strict=True, reason=INT4_GPTQ_GAP))])
+def test_d8_quantized_quality_against_bf16(d8_model, mode, bpb_tol, min_agree, gptq):
     """poe-d8-classics' validation text: per-exit BPB within 0.5% (int8) / 3% (int4) of bf16, greedy top-1
-    agreement with bf16 at every exit."""
+    agreement with bf16 at every exit. gptq: int4 calibrated on the training split (groups of 32, lm_head bf16)."""
     import copy
 
     from cognica_poe.bpb import evaluate_bpb
@@ -177,8 +195,15 @@ def test_d8_quantized_quality_against_bf16(d8_model, mode, bpb_tol, min_agree):
 
     model, tok = d8_model
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    quant = copy.deepcopy(bf16)
-    quantize_model(quant.gpt, mode, 64)
+    if (mode, gptq) not in D8_QUANTIZED:  # the passing and the xfail case of a recipe share one quantization
+        quant = copy.deepcopy(bf16)
+        if gptq:
+            calibration = token_stream(Corpus(shared_path("data")), tok, "train", max_tokens=64 * 256)
+            quantize_model(quant.gpt, mode, 32, heads=False, calibration=calibration.view(64, 256))
+        else:
+            quantize_model(quant.gpt, mode, 64)
+        D8_QUANTIZED[mode, gptq] = quant
+    quant = D8_QUANTIZED[mode, gptq]
     stream = token_stream(Corpus(shared_path("data")), tok, "val", max_tokens=4096)
     tb = tok.token_bytes()
     ref = evaluate_bpb(bf16.gpt, stream, tb, seq_len=256, batch_size=8)["stages"]
@@ -190,3 +215,76 @@ def test_d8_quantized_quality_against_bf16(d8_model, mode, bpb_tol, min_agree):
         for s, (a, b) in enumerate(zip(bf16.gpt.forward_all_stages(x), quant.gpt.forward_all_stages(x))):
             agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
             assert agree >= min_agree, (s, agree)
+
+
+def test_gptq_int4_moves_the_outputs_on_its_calibration_inputs_less_than_plain_rounding():
+    """GPTQ minimises the error of X W^T over the inputs it was calibrated on (correlated, of unequal scale, as
+    a model's are), where plain rounding minimises the weights' own error."""
+    from cognica_poe.quantize import gptq_int4, int4_weight
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g) * 0.05
+    x = torch.randn(512, 16, generator=g) @ torch.randn(16, 128, generator=g) + 0.1 * torch.randn(512, 128,
+                                                                                                 generator=g)
+    x = x * torch.linspace(0.2, 3, 128)  # some inputs carry more than others
+
+    def dequant(q, s, z):
+        return ((q.float().view(64, -1, 32) - 8) * s[..., None] + z[..., None]).view(64, 128)
+
+    rtn, gptq = dequant(*int4_weight(w, 32)), dequant(*gptq_int4(w, x.t() @ x, 32))
+    q, _, _ = gptq_int4(w, x.t() @ x, 32)
+    assert q.min() >= 0 and q.max() <= 15
+    err_rtn, err_gptq = (x @ (rtn - w).t()).norm(), (x @ (gptq - w).t()).norm()
+    assert err_gptq < 0.7 * err_rtn, (err_gptq, err_rtn)
+    # through the kernel, with the hessian as quantize_model gathers it, the same matrix comes back
+    lin = torch.nn.Linear(128, 64, bias=False)
+    lin.weight.data = w
+    m = QuantizedLinear.from_linear(lin, 4, 32, hessian=x.t() @ x)
+    torch.testing.assert_close(m(x), x @ gptq.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_model_with_calibration_tokens_uses_gptq_and_stays_closer_to_the_float_model():
+    model = perturbed_model()
+    g = torch.Generator().manual_seed(2)
+    calib = torch.randint(1, 512, (4, 32), generator=g)
+    calib[:, 0] = 0
+    ids, mask = batch()
+    with torch.no_grad():
+        ref = torch.stack(model.gpt.forward_all_stages(calib))
+        plain, gptq = perturbed_model(), perturbed_model()
+        quantize_model(plain.gpt, "int4", GROUP)
+        quantize_model(gptq.gpt, "int4", GROUP, calibration=calib)
+        err_plain = (torch.stack(plain.gpt.forward_all_stages(calib)) - ref).norm()
+        err_gptq = (torch.stack(gptq.gpt.forward_all_stages(calib)) - ref).norm()
+    assert err_gptq < err_plain, (err_gptq, err_plain)
+    assert torch.equal(gptq.generate_speculative(ids, draft_stage=0, k_draft=2, attention_mask=mask, max_new_tokens=5,
+                                                 stop_tokens=[]),
+                       gptq.generate_stage(ids, stage=3, attention_mask=mask, max_new_tokens=5, stop_tokens=[]))
+
+
+def test_cli_quantize_with_calibration_text(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from cognica_poe.tokenizer_train import train_bpe
+
+    text = bundled_text(60_000)
+    tok = train_bpe(iter(text.split("\n\n")), vocab_size=512)
+    src = export_hf_folder(perturbed_model(vocab_size=len(tok)), tok, str(tmp_path / "float"), dtype="float32")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text[:20_000], encoding="utf-8")
+    plain, gptq = str(tmp_path / "plain"), str(tmp_path / "gptq")
+    assert main(["quantize", src, plain, "--bits", "4", "--group-size", str(GROUP)]) == 0
+    assert main(["quantize", src, gptq, "--bits", "4", "--group-size", str(GROUP), "--calibration", str(calib),
+                 "--calibration-tokens", "2048"]) == 0
+    a, b = load_file(os.path.join(plain, "model.safetensors")), load_file(os.path.join(gptq, "model.safetensors"))
+    assert a.keys() == b.keys() and not torch.equal(a["transformer.h.0.mlp.c_fc.qweight"],
+                                                    b["transformer.h.0.mlp.c_fc.qweight"])
+    assert main(["generate", gptq, "Hello", "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    assert main(["quantize", src, str(tmp_path / "q8"), "--bits", "8", "--calibration", str(calib)]) == 2
+    assert "--calibration applies to --bits 4" in capsys.readouterr().err
+    (tmp_path / "short.txt").write_text("Too short.", encoding="utf-8")
+    assert main(["quantize", src, str(tmp_path / "q4"), "--bits", "4", "--group-size", str(GROUP),
+                 "--calibration", str(tmp_path / "short.txt")]) == 2
+    assert "calibration needs at least" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "q8") and not os.path.exists(tmp_path / "q4")

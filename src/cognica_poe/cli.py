@@ -161,7 +161,23 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     if is_quantized_folder(args.model):
         raise ValueError(f"{args.model} is already quantized: quantize its float folder")
     opts = dict(quantize=f"int{args.bits}", group_size=args.group_size, quantize_heads=not args.no_quantize_heads)
-    model, tok = load_folder(args.model, dtype=args.dtype, quantize=opts)
+    if args.calibration is None:
+        model, tok = load_folder(args.model, dtype=args.dtype, quantize=opts)
+    else:  # GPTQ: the float model reads the text first
+        import torch
+
+        from .quantize import quantize_model
+
+        if args.bits != 4:
+            raise ValueError("--calibration applies to --bits 4 (int8's per-channel rounding needs none): drop it")
+        model, tok = load_folder(args.model, dtype=args.dtype)
+        ids = text_tokens(args.calibration, tok, args.calibration_tokens)[:args.calibration_tokens]
+        seq = min(256, model.config.sequence_len)
+        if len(ids) < seq:
+            raise ValueError(f"{args.calibration} holds {len(ids)} tokens; calibration needs at least {seq}: pass "
+                             "more text")
+        calibration = torch.tensor(ids[: len(ids) // seq * seq]).view(-1, seq)
+        quantize_model(model.gpt, 4, args.group_size, not args.no_quantize_heads, calibration=calibration)
     out = save_quantized(model, tok, args.out, overwrite=args.overwrite, sources=(args.model,))
     print(f"wrote {out}: int{args.bits} weights" + (f" in groups of {args.group_size}" if args.bits == 4 else ""))
 
@@ -259,6 +275,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
           file=sys.stderr)
 
 
+def text_tokens(path: str, tok, max_tokens: int) -> list[int]:
+    """[BOS] + tokens of each document (blank-line separated) of a UTF-8 text file, until at least max_tokens."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): pass a text file") from None
+    stream = []
+    for doc in docs:
+        stream += [tok.bos_token_id] + tok.encoding.encode_ordinary(doc)
+        if len(stream) >= max_tokens:
+            break
+    return stream
+
+
 def cmd_calibrate(args: argparse.Namespace) -> None:
     """p99 WAND bounds from a text file, stored in the model folder's config.json: only that field changes (the
     folder's dtype and every other field stay), and the file is replaced atomically."""
@@ -270,16 +301,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from .wand import calibrate_wand_bounds
 
     model, tok = load_folder(args.model, dtype="float32")  # computed in float32; the folder keeps its own dtype
-    try:
-        with open(args.data, encoding="utf-8") as f:
-            docs = [d.strip() for d in f.read().split("\n\n") if d.strip()]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{args.data} is not UTF-8 text ({e.reason} at byte {e.start}): pass a text file") from None
-    stream = []
-    for doc in docs:
-        stream += [tok.bos_token_id] + tok.encoding.encode_ordinary(doc)
-        if len(stream) >= args.max_tokens:
-            break
+    stream = text_tokens(args.data, tok, args.max_tokens)
     with tqdm(desc="calibrate", unit=" windows") as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
@@ -713,6 +735,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, choices=[8, 4], default=8, help="bits per weight")
     add_group_args(p)
     p.add_argument("--dtype", default=None, help="dtype of the scales and the float tensors (default: the folder's)")
+    p.add_argument("--calibration", metavar="TEXT",
+                   help="int4: round by GPTQ against the inputs the model sees on this UTF-8 text (closer outputs "
+                        "than plain rounding, same folder layout; text like the model's, not its evaluation text)")
+    p.add_argument("--calibration-tokens", type=positive_int, default=16384, help="tokens of --calibration read")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only a model folder)")
     add_threads_arg(p)
     p.set_defaults(func=cmd_quantize)

@@ -10,6 +10,11 @@ What is quantized: every block matrix (attention's c_q, c_k, c_v, c_proj and the
 asked not to, the heads (lm_head, a specialist's lm_head_stage and folded ancestor heads). The embeddings (wte,
 value embeddings: lookups, not products) and the two tiny gates (ve_gate, smear_gate) stay in the model's dtype.
 
+int4 rounds each weight to the nearest level of its group by default; given calibration text, GPTQ rounds the
+columns one at a time and spreads each one's error over the columns still to round, against the inputs the float
+model sees on that text (closer outputs for the same bits and the same layout). int8's per-channel rounding is close
+enough without it.
+
 A quantized matrix is a `QuantizedLinear`, which is not an nn.Linear: packing (packed.py) never sees it, so a
 matrix is either quantized or packed, never both. Training refuses a quantized model (there is no float weight to
 update): quantize a trained model, never train a quantized one.
@@ -34,6 +39,7 @@ from .model import GPT, MLP, CausalSelfAttention
 
 QUANTIZE_MODES = {"int8": 8, "int4": 4}
 DEFAULT_GROUP_SIZE = 128
+INT4_GROUP_SIZES = (32, 64, 128, 256)
 QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "cognica-poe-weight-only"
@@ -73,6 +79,97 @@ def int4_weight(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.T
     return q, scales, zeros
 
 
+def int4_group_fit(g: torch.Tensor, ratios: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)) -> tuple:
+    """
+    The (scales, zeros) (out,) of one int4 group g (out, G) with the least squared error: each of the group's ends
+    pulled in by every pair of ratios (clipping a rare large weight buys a finer step for the rest), the scale and
+    zero then refitted by least squares to the rounded values. GPTQ's group fit; returns (scales, zeros).
+    """
+    lo0, hi0 = g.amin(-1), g.amax(-1)
+    best = None
+    for r_lo in ratios:
+        for r_hi in ratios:
+            lo, hi = lo0 * r_lo, hi0 * r_hi
+            s = ((hi - lo) / 15).clamp_min(1e-6)
+            q = torch.round((g - lo[:, None]) / s[:, None]).clamp(0, 15) - 8
+            # least squares of g ~ s * q + z over the group, kept where the rounded values are not all equal
+            n, sq, sqq = g.size(1), q.sum(-1), (q * q).sum(-1)
+            det = n * sqq - sq * sq
+            ok = det > 0.5
+            s = torch.where(ok, (n * (q * g).sum(-1) - sq * g.sum(-1)) / det.clamp_min(1), s)
+            z = torch.where(ok, (g.sum(-1) - s * sq) / n, lo + 8 * s)
+            err = ((s[:, None] * q + z[:, None] - g) ** 2).sum(-1)
+            if best is None:
+                best = [err, s, z]
+            else:
+                better = err < best[0]
+                best = [torch.where(better, a, b) for a, b in zip((err, s, z), best)]
+    return best[1], best[2]
+
+
+@torch.no_grad()
+def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: float = 0.01,
+              block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    GPTQ (Frantar et al., 2022) in int4_weight's layout: the columns are rounded one at a time and each column's
+    rounding error is spread over the columns not yet rounded, through the inverse of hessian = X^T X of the
+    inputs X the matrix saw on calibration text, so that the layer's outputs on such inputs move least (plain
+    rounding minimises the weights' error instead). Each group's scale and zero are fitted (int4_group_fit) when its
+    first column comes up, to the weights as the earlier errors left them. Returns (q, scales, zeros).
+    """
+    w = w.detach().float().clone()
+    out, inp = w.shape
+    h = hessian.float().clone()
+    dead = h.diagonal() == 0  # inputs never seen: their weights cannot matter on such text
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * h.diagonal().mean() * torch.eye(inp, device=h.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros(out, inp, dtype=torch.int32, device=w.device)
+    scales = torch.zeros(out, inp // group_size, device=w.device)
+    zeros = torch.zeros_like(scales)
+    block = max(group_size, block // group_size * group_size)  # whole groups per block
+    for b0 in range(0, inp, block):
+        b1 = min(b0 + block, inp)
+        wb, err = w[:, b0:b1].clone(), torch.zeros(out, b1 - b0, device=w.device)
+        hb = hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            if (b0 + i) % group_size == 0:
+                g = (b0 + i) // group_size
+                scales[:, g], zeros[:, g] = int4_group_fit(wb[:, i:i + group_size])
+            s, z = scales[:, (b0 + i) // group_size], zeros[:, (b0 + i) // group_size]
+            qi = torch.round((wb[:, i] - z) / s + 8).clamp(0, 15)
+            q[:, b0 + i] = qi.to(torch.int32)
+            e = (wb[:, i] - (s * (qi - 8) + z)) / hb[i, i]
+            wb[:, i:] -= e[:, None] * hb[i, i:][None]
+            err[:, i] = e
+        w[:, b1:] -= err @ hinv[b0:b1, b1:]  # the block's errors, spread over the columns after it at once
+    return q, scales, zeros
+
+
+@torch.no_grad()
+def input_moments(gpt: GPT, names: list[str], tokens: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """X^T X (fp32, in x in) of the inputs each named matrix sees while gpt reads tokens (B, T) through every exit:
+    GPTQ's hessian. A matrix that never ran (a head no exit uses) gets zeros."""
+    moments, hooks = {}, []
+    for name in names:
+        m = gpt.get_submodule(name)
+        moments[name] = torch.zeros(m.in_features, m.in_features, device=tokens.device)
+
+        def hook(module, inputs, output, name=name):
+            x = inputs[0].reshape(-1, inputs[0].size(-1)).float()
+            moments[name] += x.t() @ x
+
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        for b in range(0, tokens.size(0), batch_size):
+            gpt.forward_all_stages(tokens[b:b + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+    return moments
+
+
 def nibbles(q: torch.Tensor) -> torch.Tensor:
     """int 0..15 (out, in) -> uint8 (out, in / 2), column 2j in the high nibble (the saved layout)."""
     return (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8)
@@ -109,8 +206,10 @@ class QuantizedLinear(nn.Module):
                                                                  dtype=dtype, device=device))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None) -> "QuantizedLinear":
-        """Quantize one bias-free nn.Linear (its weight read in fp32), scales in the weight's dtype."""
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None,
+                    hessian: torch.Tensor | None = None) -> "QuantizedLinear":
+        """Quantize one bias-free nn.Linear (its weight read in fp32), scales in the weight's dtype. int4 with a
+        hessian (input_moments) goes through GPTQ, else plain rounding."""
         if linear.bias is not None:
             raise ValueError("weight-only quantization here covers bias-free matrices only")
         w = linear.weight
@@ -119,7 +218,8 @@ class QuantizedLinear(nn.Module):
             q, scales = int8_weight(w)
             m.load_portable({"qweight": q, "scales": scales})
         else:
-            q, scales, zeros = int4_weight(w, group_size)
+            use_gptq = hessian is not None and bool(hessian.diagonal().any())
+            q, scales, zeros = gptq_int4(w, hessian, group_size) if use_gptq else int4_weight(w, group_size)
             m.load_portable({"qweight": nibbles(q), "scales": scales, "zeros": zeros})
         return m
 
@@ -175,7 +275,7 @@ class QuantizedLinear(nn.Module):
 
 
 def check_int4_shape(out_features: int, in_features: int, group_size: int | None) -> None:
-    """The int4 kernel's limits: in divisible by the group size, out by 16."""
+    """The int4 kernel's limits: in divisible by the group size, out by 16, the group size one it takes."""
     if group_size is None or group_size < 2 or group_size % 2:
         raise ValueError(f"int4 needs an even group size >= 2, got {group_size}")
     if in_features % group_size:
@@ -184,6 +284,9 @@ def check_int4_shape(out_features: int, in_features: int, group_size: int | None
     if out_features % 16:
         raise ValueError(f"int4: a matrix has {out_features} outputs, not a multiple of 16 (the CPU kernel's "
                          "tile); use int8")
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group size {group_size}: choose {', '.join(map(str, INT4_GROUP_SIZES[:-1]))} or "
+                         f"{INT4_GROUP_SIZES[-1]} (the sizes torch's int4 CPU kernel takes; --group-size)")
 
 
 def quantized_names(gpt: GPT, heads: bool = True) -> list[str]:
@@ -216,10 +319,13 @@ def check_device(device: torch.device | str, bits: int) -> None:
 
 
 @torch.no_grad()
-def quantize_model(gpt: GPT, mode: str | int, group_size: int = DEFAULT_GROUP_SIZE, heads: bool = True) -> list[str]:
+def quantize_model(gpt: GPT, mode: str | int, group_size: int = DEFAULT_GROUP_SIZE, heads: bool = True,
+                   calibration: torch.Tensor | None = None) -> list[str]:
     """
     Quantize gpt's matrices in place (module by module; packed copies dropped first). Returns the names quantized.
-    Every shape is checked before anything changes, so a refused model is left as it was.
+    Every shape is checked before anything changes, so a refused model is left as it was. calibration: token ids
+    (B, T) of representative text; int4 then rounds by GPTQ against the inputs the float model sees on it (closer
+    outputs than plain rounding, same layout); int8 needs none and ignores it.
     """
     bits = parse_quantize(mode)
     if is_quantized(gpt):
@@ -234,10 +340,12 @@ def quantize_model(gpt: GPT, mode: str | int, group_size: int = DEFAULT_GROUP_SI
                 check_int4_shape(m.out_features, m.in_features, group_size)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
+    moments = input_moments(gpt, names, calibration) if bits == 4 and calibration is not None else {}
     for name in names:
         parent, _, leaf = name.rpartition(".")
         owner = gpt.get_submodule(parent) if parent else gpt
-        setattr(owner, leaf, QuantizedLinear.from_linear(getattr(owner, leaf), bits, group_size))
+        hessian = moments.pop(name, None)  # freed as it goes: the largest are in x in fp32
+        setattr(owner, leaf, QuantizedLinear.from_linear(getattr(owner, leaf), bits, group_size, hessian))
     return names
 
 
