@@ -62,8 +62,14 @@ class CognicaKVLayer(CacheLayerMixin):
         self.values[:, :, start:end] = v
         self.length = max(self.length, end)
 
-    def view(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of slots [0, end): (B, H_kv, end, D) views, no copy."""
+    def write_at(self, k: torch.Tensor, v: torch.Tensor, cols: slice | torch.Tensor) -> None:
+        """Store k, v of shape (B, H_kv, T, D) at slots `cols` (claimed slots: a slice, or a tensor of T indices);
+        the fill level is the caller's to record."""
+        self.keys[:, :, cols] = k
+        self.values[:, :, cols] = v
+
+    def view(self, end: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots [0, end) (None: every slot): (B, H_kv, end, D) views, no copy."""
         return self.keys[:, :, :end], self.values[:, :, :end]
 
     # -----------------------------------------------------------------------------
@@ -206,17 +212,42 @@ class CognicaKVCache(Cache):
         """Slots filled by every layer of `stage`."""
         return min(self.layers[i].length for i in self.stage_layers[stage])
 
-    def store_hidden(self, layer: int, start: int, x: torch.Tensor) -> None:
-        """Keep the stream after `layer` for slots [start, start + T)."""
+    def store_hidden(self, layer: int, cols: slice | torch.Tensor, x: torch.Tensor) -> None:
+        """Keep the stream after `layer` (B, T, C) for slots `cols` (a slice, or a tensor of T slot indices)."""
         if layer not in self.hidden:
-            self.hidden[layer] = torch.zeros(self.batch_size_, self.max_len, self.n_embd, dtype=x.dtype,
-                                             device=x.device)
-        self.hidden[layer][:, start:start + x.size(1)] = x
+            self.allocate_hidden(x.dtype)
+        self.hidden[layer][:, cols] = x
 
-    def load_hidden(self, layer: int, start: int, end: int) -> torch.Tensor:
+    def allocate_hidden(self, dtype: torch.dtype) -> None:
+        """The buffers of every kept stream, when the cache keeps them (before a compiled step, which cannot)."""
+        if self.keep_hidden:
+            for layer in self.hidden_layers - self.hidden.keys():
+                self.hidden[layer] = torch.zeros(self.batch_size_, self.max_len, self.n_embd, dtype=dtype,
+                                                 device=self.token_ids.device)
+
+    def prepare_static(self, dtype: torch.dtype) -> None:
+        """
+        Ready for a compiled step (GPT.static_slots): every kept-stream buffer exists (a graph cannot allocate one);
+        the slot dimension of every buffer is marked dynamic, so caches of any length share one graph; on CUDA every
+        buffer is marked as a static address, so CUDA graphs write and read it in place (a new cache's buffers make
+        them re-record).
+        """
+        self.allocate_hidden(dtype)
+        kv = [b for layer in self.layers for b in (layer.keys, layer.values)]  # (B, H_kv, slots, D)
+        per_slot = [self.token_ids, self.valid, self.positions, *self.hidden.values()]  # (B, slots, ...)
+        for t in kv:
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+        for t in per_slot:
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+        if self.token_ids.is_cuda:
+            for t in kv + per_slot:
+                torch._dynamo.mark_static_address(t)
+
+    def load_hidden(self, layer: int, cols: slice | torch.Tensor) -> torch.Tensor:
+        """The kept stream after `layer` for slots `cols` (a slice, or a tensor of slot indices)."""
         if layer not in self.hidden:
             raise RuntimeError(f"the cache kept no stream after layer {layer}: create it with keep_hidden=True")
-        return self.hidden[layer][:, start:end]
+        return self.hidden[layer][:, cols]
 
     def extended(self, config) -> "CognicaKVCache":
         """

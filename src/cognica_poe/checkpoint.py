@@ -236,13 +236,14 @@ def read_config(path: str) -> CognicaPoEConfig:
 
 def load_model(path_or_preset: str, dtype: str | torch.dtype | None = None, device: str = "cpu",
                seed: int = 0, pack: bool = False, quantize: str | None = None, group_size: int = 128,
-               quantize_heads: bool = True) -> CognicaPoEForCausalLM:
+               quantize_heads: bool = True, compile: bool = False) -> CognicaPoEForCausalLM:
     """
     An HF folder (ours or a released one), a quantized folder (`cognica-poe quantize`), or a preset name (randomly
     initialised, for shapes and speed), in eval mode. pack: also give the large matrices prepacked copies for CPU
     inference (model.pack_weights()). quantize: "int8" or "int4" weight-only quantization of the block matrices
     (and the heads unless quantize_heads is False; int4 in groups of group_size inputs): see quantize.py. A quantized
-    folder loads as saved; asking it for another quantization is an error.
+    folder loads as saved; asking it for another quantization is an error. compile: compiled decode (compiled.py;
+    CPU needs a C++ compiler, else it warns and stays eager).
     """
     bits = parse_quantize(quantize)
     if is_folder_name(path_or_preset) and is_quantized_folder(path_or_preset):
@@ -263,6 +264,10 @@ def load_model(path_or_preset: str, dtype: str | torch.dtype | None = None, devi
         quantize_model(model.gpt, bits, group_size, quantize_heads)
     if pack:
         model.pack_weights()  # only what stays float (a quantized matrix is never packed)
+    if compile:
+        from .compiled import compile_decode
+
+        compile_decode(model.gpt)
     return model
 
 

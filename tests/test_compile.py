@@ -1,0 +1,94 @@
+"""
+Compiled decode (compiled.py): every mode's tokens equal eager's, logits agree to fp32 rounding, no recompiles once
+warm, the --compile flag, and the one-line fallback without a C++ compiler.
+
+Compiling costs seconds per graph on CPU, so the tests share one compiled two-layer model (module scope) whose
+graphs every test reuses: full depth, stage 0 (also the speculative drafter and WAND's first segment), the drafter's
+last step, verification, and WAND's catch-up of stage 1 (one token, and several).
+"""
+
+import warnings
+
+import pytest
+import torch
+from conftest import perturbed_model
+
+from cognica_poe import compiled
+from cognica_poe.compiled import compile_decode, eager_decode
+
+pytestmark = pytest.mark.skipif(compiled.find_cpp_compiler() is None, reason="inductor needs a C++ compiler")
+
+# fp32 logits of a compiled step against eager: a different reduction order (attention over the whole masked
+# buffer, inductor's fused kernels), so agreement to rounding; greedy tokens are compared exactly
+FP32_ATOL = 1e-4
+KW = dict(max_new_tokens=12, stop_tokens=[])
+BOUNDS = [0.3]  # WAND: two exits, one transition; with safety 1 some tokens exit at stage 0 and some at stage 1
+
+
+def prompt(n: int, seed: int = 0) -> torch.Tensor:
+    """BOS and n - 1 tokens: more than COMPILED_MAX_CHUNK, so the prompt itself runs eagerly."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.zeros(1, 1, dtype=torch.long), torch.randint(1, 512, (1, n - 1), generator=g)], dim=1)
+
+
+def run_modes(model, ids: torch.Tensor, k_draft: int = 2) -> dict:
+    return {"full": model.generate_stage(ids, stage=1, **KW),
+            "stage0": model.generate_stage(ids, stage=0, **KW),
+            "speculative": model.generate_speculative(ids, k_draft=k_draft, **KW),
+            "wand": model.generate_wand(ids, safety=1.0, p99_bounds=BOUNDS, return_stages_used=True, **KW)}
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """(eager model, compiled model with the same weights), the compiled one warmed up on every mode."""
+    eager = perturbed_model(n_layer=2)
+    model = perturbed_model(n_layer=2)
+    assert compile_decode(model.gpt)
+    run_modes(model, prompt(20))
+    yield eager, model
+    eager_decode(model.gpt)
+
+
+def test_every_mode_decodes_the_same_tokens_compiled(pair):
+    eager, model = pair
+    ids = prompt(24, seed=1)
+    want, got = run_modes(eager, ids), run_modes(model, ids)
+    for mode in ("full", "stage0", "speculative"):
+        assert torch.equal(got[mode], want[mode]), mode
+    assert torch.equal(got["wand"][0], want["wand"][0])
+    assert got["wand"][1] == want["wand"][1]
+    assert set(want["wand"][1]) == {0, 1}  # both exits taken: stage 1 caught up over several pending slots
+    assert torch.equal(want["speculative"], want["full"])  # lossless, compiled or not
+
+
+def test_compiled_step_logits_match_eager(pair):
+    eager, model = pair
+    ids = prompt(20, seed=2)
+    logits = []
+    for m in (eager, model):
+        cache = m.new_cache(1, 40)
+        m.gpt(ids, kv_cache=cache)  # the prompt (eager in both)
+        steps = [m.gpt(torch.tensor([[t]]), kv_cache=cache)[:, -1] for t in (5, 77, 300, 9)]  # compiled in `model`
+        logits.append(torch.stack(steps))
+        assert cache.layer_len == [24, 24]
+    torch.testing.assert_close(logits[1], logits[0], atol=FP32_ATOL, rtol=0)
+
+
+def test_no_recompile_once_warm_over_many_steps_and_other_cache_sizes(pair):
+    _, model = pair
+    with torch.compiler.set_stance("fail_on_recompile"):
+        run_modes(model, prompt(30, seed=3), k_draft=3)  # another cache size, another verification length
+        model.generate_stage(prompt(18, seed=4), stage=1, max_new_tokens=60, stop_tokens=[])  # the cache fills up
+
+
+def test_fallback_without_a_compiler_warns_once_and_decodes_eagerly(monkeypatch):
+    monkeypatch.setattr(compiled, "find_cpp_compiler", lambda: None)
+    model = perturbed_model(n_layer=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not compile_decode(model.gpt)
+    assert len(caught) == 1 and "C++ compiler" in str(caught[0].message)
+    assert model.gpt.compiled_slots is None
+    ids = prompt(20)
+    assert torch.equal(model.generate_stage(ids, stage=1, **KW), perturbed_model(n_layer=2).generate_stage(ids, stage=1,
+                                                                                                         **KW))
