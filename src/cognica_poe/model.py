@@ -491,7 +491,8 @@ class GPT(nn.Module):
                 raise RuntimeError(f"layer {i} holds keys for {cache.layers[i].length} slots but the chunk starts at "
                                    f"slot {start}: catch the layer up first")
         T = end - start
-        if self.compiled_slots is not None and streams is None and T <= COMPILED_MAX_CHUNK:
+        if self.compiled_slots is not None and streams is None and T <= COMPILED_MAX_CHUNK \
+                and not torch.is_grad_enabled():
             # compiled decode: the same work with static shapes; arguments normalized so equal work shares a graph
             cache.prepare_static(self.dtype)
             slots = torch.arange(start, end, device=cache.token_ids.device)
