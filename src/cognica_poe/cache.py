@@ -228,19 +228,13 @@ class CognicaKVCache(Cache):
     def prepare_static(self, dtype: torch.dtype) -> None:
         """
         Ready for a compiled step (GPT.static_slots): every kept-stream buffer exists (a graph cannot allocate one);
-        the slot dimension of every buffer is marked dynamic, so caches of any length share one graph; on CUDA every
-        buffer is marked as a static address, so CUDA graphs write and read it in place (a new cache's buffers make
-        them re-record).
+        on CUDA every buffer is marked as a static address, so CUDA graphs write and read it in place (a new cache's
+        buffers make them re-record).
         """
         self.allocate_hidden(dtype)
-        kv = [b for layer in self.layers for b in (layer.keys, layer.values)]  # (B, H_kv, slots, D)
-        per_slot = [self.token_ids, self.valid, self.positions, *self.hidden.values()]  # (B, slots, ...)
-        for t in kv:
-            torch._dynamo.maybe_mark_dynamic(t, 2)
-        for t in per_slot:
-            torch._dynamo.maybe_mark_dynamic(t, 1)
         if self.token_ids.is_cuda:
-            for t in kv + per_slot:
+            for t in [self.token_ids, self.valid, self.positions, *self.hidden.values(),
+                      *(b for layer in self.layers for b in (layer.keys, layer.values))]:
                 torch._dynamo.mark_static_address(t)
 
     def load_hidden(self, layer: int, cols: slice | torch.Tensor) -> torch.Tensor:

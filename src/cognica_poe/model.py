@@ -318,7 +318,14 @@ class GPT(nn.Module):
         return self.transformer.wte.weight.dtype
 
     def new_cache(self, batch_size: int, max_len: int | None = None, keep_hidden: bool = False) -> CognicaKVCache:
-        """An empty KV cache for this model's dtype and device (keep_hidden: also keep stage-boundary streams)."""
+        """
+        An empty KV cache for this model's dtype and device (keep_hidden: also keep stage-boundary streams). Under
+        compiled decode its length is rounded up to a power of two (at least 256, at most the rotary table's), so a
+        few cache sizes, each with its own static graph, serve every request.
+        """
+        if self.compiled_slots is not None:
+            max_len = max_len or self.config.sequence_len
+            max_len = min(max(256, 1 << (max_len - 1).bit_length()), max(max_len, self.config.rotary_seq_len))
         return CognicaKVCache(self.config, batch_size, max_len, dtype=self.dtype, device=self.device,
                               keep_hidden=keep_hidden)
 
