@@ -1,10 +1,10 @@
 """
-Compiled decode (compiled.py): every mode's tokens equal eager's, logits agree to fp32 rounding, no recompiles once
-warm, the --compile flag, and the one-line fallback without a C++ compiler.
+Compiled decode (compiled.py): every mode's tokens equal eager's, logits agree to rounding (a tolerance per dtype),
+no recompiles once warm, the --compile flag, and the one-line fallback without a C++ compiler.
 
 Compiling costs seconds per graph on CPU, so the tests share one compiled two-layer model (module scope) whose
-graphs every test reuses: full depth, stage 0 (also the speculative drafter and WAND's first segment), the drafter's
-last step, verification, and WAND's catch-up of stage 1 (one token, and several).
+graphs every test reuses: full depth, stage 0 (also the speculative drafter and WAND's first segment), verification,
+and WAND's catch-up of stage 1 (one token, and several); bf16 adds one graph.
 """
 
 import warnings
@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(compiled.find_cpp_compiler() is None, reason="in
 # fp32 logits of a compiled step against eager: a different reduction order (attention over the whole masked
 # buffer, inductor's fused kernels), so agreement to rounding; greedy tokens are compared exactly
 FP32_ATOL = 1e-4
+BF16_ATOL = 0.05  # a few bf16 roundings at the tiny model's logit scale (about 1)
 KW = dict(max_new_tokens=12, stop_tokens=[])
 BOUNDS = [0.1]  # WAND: two exits, one transition; with safety 1 some tokens exit at stage 0 and some at stage 1
 
@@ -66,18 +67,32 @@ def test_every_mode_decodes_the_same_tokens_compiled(pair):
     assert torch.equal(want["speculative"], want["full"])  # lossless, compiled or not
 
 
-@torch.no_grad()
+def step_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Full-depth logits of four cached decode steps after the prompt ids (the steps compiled when model is)."""
+    cache = model.new_cache(1, 40)
+    model.gpt(ids, kv_cache=cache)  # the prompt (eager in both)
+    steps = [model.gpt(torch.tensor([[t]]), kv_cache=cache)[:, -1] for t in (5, 77, 300, 9)]
+    assert cache.layer_len == [ids.size(1) + 4] * 2
+    return torch.stack(steps)
+
+
+@torch.no_grad()  # compiled decode serves inference: autograd off
 def test_compiled_step_logits_match_eager(pair):
     eager, model = pair
     ids = prompt(20, seed=2)
-    logits = []
-    for m in (eager, model):  # compiled decode serves inference: autograd off
-        cache = m.new_cache(1, 40)
-        m.gpt(ids, kv_cache=cache)  # the prompt (eager in both)
-        steps = [m.gpt(torch.tensor([[t]]), kv_cache=cache)[:, -1] for t in (5, 77, 300, 9)]  # compiled in `model`
-        logits.append(torch.stack(steps))
-        assert cache.layer_len == [24, 24]
-    torch.testing.assert_close(logits[1], logits[0], atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(step_logits(model, ids), step_logits(eager, ids), atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.slow  # a graph of its own (bf16)
+@torch.no_grad()
+def test_bf16_compiled_greedy_equals_eager_and_logits_within_tolerance():
+    eager, model = (perturbed_model(n_layer=2).to(torch.bfloat16) for _ in range(2))
+    assert compile_decode(model.gpt)
+    ids = prompt(20, seed=5)
+    torch.testing.assert_close(step_logits(model, ids), step_logits(eager, ids), atol=BF16_ATOL, rtol=0)
+    for seed in range(3):
+        ids = prompt(20, seed)
+        assert torch.equal(model.generate_stage(ids, stage=1, **KW), eager.generate_stage(ids, stage=1, **KW))
 
 
 def test_no_recompile_once_warm_over_many_steps_and_other_cache_sizes(pair):
@@ -115,3 +130,15 @@ def test_generate_compile_flag_prints_what_eager_prints(pair, tmp_path, capsys):
         assert (counters["stats"]["unique_graphs"] > graphs) == ("--compile" in flags)  # compiled only when asked
         printed.append(out)
     assert printed[1] == printed[0] and printed[2] == printed[0]
+
+
+def test_compile_flag_on_generate_report_and_serve_and_refused_with_siblings(tmp_path, capsys):
+    from cognica_poe.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["generate", "M", "hi"], ["report", "M"], ["serve", "M"]):
+        assert parser.parse_args(argv + ["--compile"]).compile and not parser.parse_args(argv).compile
+    folder = str(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["serve", folder, "--siblings", folder, "--compile"]) == 2
+    assert "--compile works on one model folder, not with --siblings" in capsys.readouterr().err
