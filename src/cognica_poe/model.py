@@ -325,7 +325,7 @@ class GPT(nn.Module):
         """
         if self.compiled_slots is not None:
             max_len = max_len or self.config.sequence_len
-            max_len = min(max(256, 1 << (max_len - 1).bit_length()), max(max_len, self.config.rotary_seq_len))
+            max_len = max(max_len, min(max(256, 1 << (max_len - 1).bit_length()), self.config.rotary_seq_len))
         return CognicaKVCache(self.config, batch_size, max_len, dtype=self.dtype, device=self.device,
                               keep_hidden=keep_hidden)
 
