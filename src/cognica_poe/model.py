@@ -507,6 +507,8 @@ class GPT(nn.Module):
                 torch._dynamo.maybe_mark_dynamic(slots, 0)
             out = self.compiled_slots(cache, slots, first_layer, last_layer, tuple(sorted(set(exits))),
                                       0 if logits_to_keep >= T else logits_to_keep)
+            if slots.is_cuda:  # a CUDA graph's outputs live in memory its next replay overwrites
+                out = {i: h.clone() for i, h in out.items()}
         else:
             ids = cache.token_ids[:, start:end]
             if shared is not None and (start, end) in shared:  # several calls over the same slots share x0 and masks
