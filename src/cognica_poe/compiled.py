@@ -6,9 +6,10 @@ Python). Compiling the step fuses them into a few kernels and runs them without 
 is GPT.static_slots, the same work as GPT.run_slots (the one primitive every decoding mode runs: full depth, stage
 prefix, speculative drafting and verification, WAND's stage segments), with its shapes made static: each chunk
 writes its keys at slot indices held in a tensor and attends over the cache's whole preallocated buffers under a
-mask, so the graph depends on the cache's size and the chunk's length only. One graph per (first layer, last
-layer, exits, chunk length 1 or more) then serves every step: no recompiles in steady state. A cache of another size,
-or chunks of several lengths, mark those sizes dynamic once (torch's automatic dynamic shapes) and share a graph.
+mask, so the graph depends on the cache's size and the chunk's length only. Under compiled decode caches come in
+powers of two (GPT.new_cache), and chunks of more than one token (speculative verification, WAND's catch-up) share
+a graph dynamic in their length; one graph per (first layer, last layer, exits, cache size, one token or more) then
+serves every step: no recompiles in steady state. Prompts longer than model.COMPILED_MAX_CHUNK run eagerly.
 
 CPU: inductor, which writes C++ and needs a C++ compiler (g++, or $CXX). Without one, compiling is refused with one
 warning line and decoding stays eager. GPU: mode "reduce-overhead" (CUDA graphs); the cache buffers are marked as
