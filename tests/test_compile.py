@@ -20,7 +20,7 @@ from cognica_poe.cli import main
 from cognica_poe.compiled import compile_decode, eager_decode
 from cognica_poe.tokenizer_train import train_bpe
 
-pytestmark = pytest.mark.skipif(compiled.find_cpp_compiler() is None, reason="inductor needs a C++ compiler")
+needs_compiler = pytest.mark.skipif(compiled.find_cpp_compiler() is None, reason="inductor needs a C++ compiler")
 
 # fp32 logits of a compiled step against eager: a different reduction order (attention over the whole masked
 # buffer, inductor's fused kernels), so agreement to rounding; greedy tokens are compared exactly
@@ -54,6 +54,7 @@ def pair():
     eager_decode(model.gpt)
 
 
+@needs_compiler
 @pytest.mark.slow  # the module's compiled graphs are built here, about a minute on 2 cores
 def test_every_mode_decodes_the_same_tokens_compiled(pair):
     eager, model = pair
@@ -76,6 +77,7 @@ def step_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.stack(steps)
 
 
+@needs_compiler
 @torch.no_grad()  # compiled decode serves inference: autograd off
 def test_compiled_step_logits_match_eager(pair):
     eager, model = pair
@@ -83,6 +85,7 @@ def test_compiled_step_logits_match_eager(pair):
     torch.testing.assert_close(step_logits(model, ids), step_logits(eager, ids), atol=FP32_ATOL, rtol=0)
 
 
+@needs_compiler
 @pytest.mark.slow  # a graph of its own (bf16)
 @torch.no_grad()
 def test_bf16_compiled_greedy_equals_eager_and_logits_within_tolerance():
@@ -95,11 +98,12 @@ def test_bf16_compiled_greedy_equals_eager_and_logits_within_tolerance():
         assert torch.equal(model.generate_stage(ids, stage=1, **KW), eager.generate_stage(ids, stage=1, **KW))
 
 
+@needs_compiler
 def test_no_recompile_once_warm_over_many_steps_and_other_cache_sizes(pair):
     _, model = pair
     with torch.compiler.set_stance("fail_on_recompile"):
-        run_modes(model, prompt(30, seed=3), k_draft=3)  # another cache size, another verification length
-        model.generate_stage(prompt(18, seed=4), stage=1, max_new_tokens=60, stop_tokens=[])  # the cache fills up
+        run_modes(model, prompt(30, seed=3), k_draft=3)  # other prompt and cache lengths, another verification length
+        model.generate_stage(prompt(18, seed=4), stage=1, max_new_tokens=60, stop_tokens=[])  # many steps
 
 
 def test_fallback_without_a_compiler_warns_once_and_decodes_eagerly(monkeypatch):
@@ -115,6 +119,7 @@ def test_fallback_without_a_compiler_warns_once_and_decodes_eagerly(monkeypatch)
                                                                                                          **KW))
 
 
+@needs_compiler
 @pytest.mark.slow
 def test_generate_compile_flag_prints_what_eager_prints(pair, tmp_path, capsys):
     tok = train_bpe(iter(bundled_text(30_000).split("\n\n")), vocab_size=512)
