@@ -30,6 +30,13 @@ JSON object with every figure and the machine.
     python bench/inference.py --skip-scale    # parts 1 and 3
     python bench/inference.py --skip-trained --skip-scale --scale d12   # part 3 alone, smaller (5 minutes, 2 cores)
     python bench/inference.py --skip-llama-cpp    # part 3 without llama.cpp
+    python bench/inference.py --skip-scale --skip-quant --compile   # part 1, fp32 also compiled (compiled.py;
+                                                                  # about 10 more minutes on 2 CPU cores, most of it
+                                                                  # compiling the graphs)
+
+With --compile, part 1 in fp32 measures every mode a second time with compiled decode, in the same process after
+the eager runs, under "compiled"; "targets" sets the figures the compiled decode is judged by (stage 0 over full
+depth, the best speculative K, WAND's best speed at 100% top-1 agreement) beside the eager ones.
 """
 
 import argparse
@@ -74,9 +81,19 @@ def heldout_docs() -> list[str]:
     return docs[-(len(docs) // 20):]
 
 
-def trained_part(dtype: str, new_tokens: int, runs: int) -> dict:
+def targets(modes: dict) -> dict:
+    """The compiled-decode targets' figures from one measure_modes result: stage 0 over full depth, the best
+    speculative speedup (stage 0 drafting) and its K, WAND's best speedup at 100% top-1 agreement (None if none)."""
+    spec = max((r for r in modes["speculative"] if r["draft_stage"] == 0), key=lambda r: r["speedup"])
+    exact = [r["speedup"] for r in modes["wand"] if r["top1_agreement"] == 1.0]
+    return {"stage0_speedup": modes["stage_speedup"][0], "best_speculative_speedup": spec["speedup"],
+            "best_speculative_k": spec["k"], "wand_full_agreement_speedup": max(exact) if exact else None}
+
+
+def trained_part(dtype: str, new_tokens: int, runs: int, compile: bool = False) -> dict:
     """Every mode on the trained model: the capability report's speed measurements, with WAND bounds calibrated
-    on the first half of the held-out documents and prompts from the second half."""
+    on the first half of the held-out documents and prompts from the second half; with compile, every mode again
+    with compiled decode (its first run of each mode compiles, untimed as every warm-up run)."""
     from cognica_poe.eval.speed import measure_modes
     from cognica_poe.packed import count_packed
     from cognica_poe.train.data import documents_stream
@@ -90,6 +107,15 @@ def trained_part(dtype: str, new_tokens: int, runs: int) -> dict:
            "packed_matrices": count_packed(model), "weight_layout": "packed" if count_packed(model) else "plain"}
     res.update(measure_modes(model, prompts, bounds, new_tokens, runs, safeties=(0.1, 0.25, 0.5, 1.0, 2.0),
                              ks=(1, 2, 3, 4, 5, 6), draft_stages=(0, 1)))
+    if compile:
+        from cognica_poe.compiled import compile_decode
+
+        res["targets"] = {"eager": targets(res)}
+        if compile_decode(model.gpt):
+            res["compiled"] = measure_modes(model, prompts, bounds, new_tokens, runs,
+                                            safeties=(0.1, 0.25, 0.5, 1.0, 2.0), ks=(1, 2, 3, 4, 5, 6),
+                                            draft_stages=(0,))
+            res["targets"]["compiled"] = targets(res["compiled"])
     return res
 
 
@@ -467,6 +493,7 @@ def main() -> None:
     parser.add_argument("--skip-llama-cpp", action="store_true",
                         help="part 3 without llama.cpp (skipped by itself when llama-cpp-python is not installed)")
     parser.add_argument("--prefill-tokens", type=int, default=512, help="part 3: the prompt length of prefill")
+    parser.add_argument("--compile", action="store_true", help="part 1, fp32: also every mode with compiled decode")
     parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: run one part in a subprocess
     args = parser.parse_args()
     args.threads = set_threads(args.threads)
@@ -474,9 +501,10 @@ def main() -> None:
         kind, dtype = args.part.split(":")
         if kind == "quant":
             out = quant_part(args.scale, args.new_tokens, args.runs, args.prefill_tokens, not args.skip_llama_cpp)
+        elif kind == "trained":
+            out = trained_part(dtype, args.new_tokens, args.runs, args.compile and dtype == "fp32")
         else:
-            out = trained_part(dtype, args.new_tokens, args.runs) if kind == "trained" else \
-                scale_part(args.scale, dtype, args.new_tokens, args.runs, args.long_prompt if dtype == "bf16" else 0)
+            out = scale_part(args.scale, dtype, args.new_tokens, args.runs, args.long_prompt if dtype == "bf16" else 0)
         print(json.dumps(out))
         return
     results = {"machine": machine()}
@@ -489,7 +517,8 @@ def main() -> None:
     for part in parts:
         cmd = [sys.executable, __file__, "--part", part, "--scale", args.scale, "--new-tokens", str(args.new_tokens),
                "--runs", str(args.runs), "--threads", str(args.threads), "--long-prompt", str(args.long_prompt),
-               "--prefill-tokens", str(args.prefill_tokens)] + (["--skip-llama-cpp"] if args.skip_llama_cpp else [])
+               "--prefill-tokens", str(args.prefill_tokens)] + (["--skip-llama-cpp"] if args.skip_llama_cpp else []) \
+            + (["--compile"] if args.compile else [])
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -40,13 +40,13 @@ def stack_rows(tensors: list[torch.Tensor], rows: list[torch.Tensor | None], slo
                ) -> torch.Tensor:
     """
     The concatenation along the batch of tensors' rows (all of them, or those indexed by rows[i]), copied over the
-    first n_slots slots only: a slot past the claimed ones is always written before it is read, so the rest of the
-    new buffer needs no zeros.
+    first n_slots slots only; the rest of the new buffer is zeros (compiled decode attends over whole buffers under a
+    mask, and a masked garbage value could still be a NaN).
     """
     used = [t.narrow(slot_dim, 0, n_slots) for t in tensors]
     picked = [t if idx is None else t.index_select(0, idx) for t, idx in zip(used, rows)]
     like = tensors[0]
-    out = torch.empty(sum(t.size(0) for t in picked), *like.shape[1:], dtype=like.dtype, device=like.device)
+    out = torch.zeros(sum(t.size(0) for t in picked), *like.shape[1:], dtype=like.dtype, device=like.device)
     b = 0
     for t in picked:
         out[b:b + t.size(0)].narrow(slot_dim, 0, n_slots).copy_(t)
@@ -84,8 +84,14 @@ class CognicaKVLayer(CacheLayerMixin):
         self.values[:, :, start:end] = v
         self.length = max(self.length, end)
 
-    def view(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of slots [0, end): (B, H_kv, end, D) views, no copy."""
+    def write_at(self, k: torch.Tensor, v: torch.Tensor, cols: slice | torch.Tensor) -> None:
+        """Store k, v of shape (B, H_kv, T, D) at slots `cols` (claimed slots: a slice, or a tensor of T indices);
+        the fill level is the caller's to record."""
+        self.keys[:, :, cols] = k
+        self.values[:, :, cols] = v
+
+    def view(self, end: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots [0, end) (None: every slot): (B, H_kv, end, D) views, no copy."""
         return self.keys[:, :, :end], self.values[:, :, :end]
 
     # -----------------------------------------------------------------------------
@@ -240,17 +246,36 @@ class CognicaKVCache(Cache):
         """Slots filled by every layer of `stage`."""
         return min(self.layers[i].length for i in self.stage_layers[stage])
 
-    def store_hidden(self, layer: int, start: int, x: torch.Tensor) -> None:
-        """Keep the stream after `layer` for slots [start, start + T)."""
+    def store_hidden(self, layer: int, cols: slice | torch.Tensor, x: torch.Tensor) -> None:
+        """Keep the stream after `layer` (B, T, C) for slots `cols` (a slice, or a tensor of T slot indices)."""
         if layer not in self.hidden:
-            self.hidden[layer] = torch.zeros(self.batch_size_, self.max_len, self.n_embd, dtype=x.dtype,
-                                             device=x.device)
-        self.hidden[layer][:, start:start + x.size(1)] = x
+            self.allocate_hidden(x.dtype)
+        self.hidden[layer][:, cols] = x
 
-    def load_hidden(self, layer: int, start: int, end: int) -> torch.Tensor:
+    def allocate_hidden(self, dtype: torch.dtype) -> None:
+        """The buffers of every kept stream, when the cache keeps them (before a compiled step, which cannot)."""
+        if self.keep_hidden:
+            for layer in self.hidden_layers - self.hidden.keys():
+                self.hidden[layer] = torch.zeros(self.batch_size_, self.max_len, self.n_embd, dtype=dtype,
+                                                 device=self.token_ids.device)
+
+    def prepare_static(self, dtype: torch.dtype) -> None:
+        """
+        Ready for a compiled step (GPT.static_slots): every kept-stream buffer exists (a graph cannot allocate one);
+        on CUDA every buffer is marked as a static address, so CUDA graphs write and read it in place (a new cache's
+        buffers make them re-record).
+        """
+        self.allocate_hidden(dtype)
+        if self.token_ids.is_cuda:
+            for t in [self.token_ids, self.valid, self.positions, *self.hidden.values(),
+                      *(b for layer in self.layers for b in (layer.keys, layer.values))]:
+                torch._dynamo.mark_static_address(t)
+
+    def load_hidden(self, layer: int, cols: slice | torch.Tensor) -> torch.Tensor:
+        """The kept stream after `layer` for slots `cols` (a slice, or a tensor of slot indices)."""
         if layer not in self.hidden:
             raise RuntimeError(f"the cache kept no stream after layer {layer}: create it with keep_hidden=True")
-        return self.hidden[layer][:, start:end]
+        return self.hidden[layer][:, cols]
 
     def extended(self, config) -> "CognicaKVCache":
         """

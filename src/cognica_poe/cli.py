@@ -53,15 +53,15 @@ def need_file(path: str, what: str) -> str:
 
 
 def load_folder(path: str, dtype: str | None = None, pack: bool | str = False, quantize: dict | None = None,
-                device_map=None):
+                device_map=None, compile: bool = False):
     """(model, tokenizer) of an HF model folder (or a quantized one), checked before the weights load: its
     config.json, and a tokenizer whose vocabulary is the model's. quantize: load_model's quantization keywords;
-    device_map: the stages' devices (placement.py)."""
+    device_map: the stages' devices (placement.py); compile: compiled decode."""
     from .checkpoint import load_model, read_config
 
     quiet_loading()
     tok = load_tokenizer(path, read_config(path))
-    return load_model(path, dtype=dtype, pack=pack, device_map=device_map, **(quantize or {})), tok
+    return load_model(path, dtype=dtype, pack=pack, device_map=device_map, compile=compile, **(quantize or {})), tok
 
 
 def quantize_options(args: argparse.Namespace) -> dict:
@@ -200,8 +200,10 @@ def add_backend_arg(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     if args.backend == "mlx":
-        if args.quantize or args.device_map:
-            raise ValueError("--quantize and --device-map run on the torch backend (leave out --backend mlx)")
+        flag = next((f for f, on in (("--quantize", args.quantize), ("--device-map", args.device_map),
+                                     ("--compile", args.compile)) if on), None)
+        if flag:
+            raise ValueError(f"{flag} runs on the torch backend (leave out --backend mlx)")
         return mlx_backend().generate(args)
     check_model_folder(args.model)
     import time
@@ -218,8 +220,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
         if args.mode not in ("stage", "compose"):
             raise ValueError("--siblings works with --mode stage or --mode compose")
-        if args.quantize or args.device_map:
-            raise ValueError("--quantize and --device-map work on one model folder, not with --siblings")
+        flag = next((f for f, on in (("--quantize", args.quantize), ("--device-map", args.device_map),
+                                     ("--compile", args.compile)) if on), None)
+        if flag:
+            raise ValueError(f"{flag} works on one model folder, not with --siblings")
         tok = load_tokenizer(args.model, read_config(args.model))
         for folder in args.siblings:
             read_config(folder)
@@ -229,7 +233,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         ranks = args.device_map == "ranks"  # under torchrun: one contiguous stage range per process
         model, tok = load_folder(args.model, dtype=args.dtype, pack=args.pack, quantize=quantize_options(args),
-                                 device_map=None if ranks else args.device_map)
+                                 device_map=None if ranks else args.device_map, compile=args.compile)
         n_exits = model.poe_n_stages
         if ranks:
             from .placement import distribute_stages
@@ -455,7 +459,8 @@ def cmd_report(args: argparse.Namespace) -> None:
                 prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
             except UnicodeDecodeError as e:
                 raise ValueError(f"--prompts file {args.prompts} is not UTF-8 text ({e.reason})") from None
-    model, tok = load_folder(args.model, dtype=args.dtype, pack=args.pack, quantize=quantize_options(args))
+    model, tok = load_folder(args.model, dtype=args.dtype, pack=args.pack, quantize=quantize_options(args),
+                             compile=args.compile)
     baseline = base_tok = None
     if args.baseline:
         baseline, base_tok = load_folder(args.baseline, dtype=args.dtype, pack=args.pack)
@@ -681,6 +686,12 @@ def add_pack_arg(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-pack", dest="pack", action="store_const", const=False, help="keep plain weights only")
 
 
+def add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="compiled decode (torch.compile of each decode step; on CPU it needs a C++ compiler, else "
+                        "it warns and decodes eagerly; the first steps of each mode compile, seconds each)")
+
+
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="weight-only quantization of the block matrices and heads at load (int8 per channel, int4 "
@@ -780,6 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_arg(p)
     add_pack_arg(p)
     add_quantize_arg(p)
+    add_compile_arg(p)
     add_threads_arg(p)
     p.set_defaults(func=cmd_generate)
 
@@ -889,6 +901,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print report.json to stdout")
     add_report_args(p)
     add_quantize_arg(p)
+    add_compile_arg(p)
     p.set_defaults(func=cmd_report)
 
     p = add_command(sub, "train", "train a PoE model from scratch (torchrun for several processes)")
@@ -905,6 +918,9 @@ def build_parser() -> argparse.ArgumentParser:
     def cmd_serve(args: argparse.Namespace) -> None:  # imported lazily: the web stack loads only for `serve`
         if args.replicas is not None and not args.ray:
             raise ValueError("--replicas needs --ray (one process serves one replica)")
+        if args.compile and args.siblings:
+            raise ValueError("--compile works on one model folder, not with --siblings")
+        load_options = dict(quantize_options(args), compile=args.compile)  # load_model's keywords
         if args.ray:
             try:
                 from .ray_serve import serve_ray
@@ -914,13 +930,13 @@ def build_parser() -> argparse.ArgumentParser:
                       args.threads or 1, dtype=args.dtype, pack=args.pack, max_batch=args.max_batch,
                       max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                       request_timeout=args.request_timeout, max_model_len=args.max_model_len,
-                      served_model_name=args.served_model_name, quantize=quantize_options(args))
+                      served_model_name=args.served_model_name, quantize=load_options)
             return
         from .server import serve
 
         serve(args.model, args.siblings, args.host, args.port, args.api_key, args.dtype, args.pack,
               args.max_batch, args.max_queue, args.prefill_chunk, args.request_timeout, args.max_model_len,
-              args.served_model_name, quantize_options(args))
+              args.served_model_name, load_options)
 
     p = add_command(sub, "serve", "an OpenAI-compatible server (/v1/completions, /v1/chat/completions, ...) with "
                                   "per-request PoE modes and continuous batching")
@@ -946,6 +962,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        "default 1)")
     add_pack_arg(p)
     add_quantize_arg(p)
+    add_compile_arg(p)
     add_threads_arg(p)
     p.set_defaults(func=cmd_serve)
     return parser

@@ -36,6 +36,9 @@ from .packed import StackedLinears, pack_linears, unpack_linears
 
 VE_GATE_CHANNELS = 12  # value-embedding gate reads the first 12 channels of the block input
 SMEAR_CHANNELS = 24  # smear gate reads the first 24 channels of the current token's embedding
+# compiled decode runs chunks of up to this many tokens (decode steps, speculative verification, WAND catch-up);
+# longer ones (prompts) run eagerly: their length varies per request and their matrix products dominate anyway
+COMPILED_MAX_CHUNK = 16
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -119,8 +122,8 @@ class CausalSelfAttention(StackedLinears):
         # cache: write this chunk's keys/values at its slots, then attend over every slot so far
         if step.cache is not None:
             layer = step.cache.layers[self.layer_idx]
-            layer.write(k, v, step.start)
-            k, v = layer.view(step.start + T)
+            layer.write_at(k, v, step.cols)
+            k, v = layer.view(step.kv_len)
         # attend: causal within the layer's window, pads masked out
         mask, is_causal = step.mask_for(self.layer_idx)
         if T == 1 and q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu":
@@ -180,16 +183,24 @@ class StepContext:
     """
     What every layer of one forward chunk shares: the chunk's slots, rotary angles and attention masks.
     Masks are built once per distinct window size and reused by all layers with that window.
+
+    Static shapes (compiled decode): with `slots`, a tensor of the chunk's slot indices, the chunk writes its keys at
+    those indices and attends over the cache's whole preallocated buffers, later slots masked out; every shape then
+    depends on the cache's size and the chunk's length only, never on how far the cache is filled, so one compiled
+    graph serves every step.
     """
 
     def __init__(self, windows: list[int], cos: torch.Tensor, sin: torch.Tensor, T: int, start: int,
                  cache: CognicaKVCache | None, q_pos: torch.Tensor | None, k_pos: torch.Tensor | None,
-                 k_valid: torch.Tensor | None, padded: bool):
+                 k_valid: torch.Tensor | None, padded: bool, slots: torch.Tensor | None = None):
         self.windows = windows
         # cos, sin (B or 1, T, 1, D/2) -> apply_rotary's full-width tables (B or 1, T, 1, D)
         self.rotary_cos = torch.cat([cos, cos], dim=-1)
         self.rotary_sin = torch.cat([sin, -sin], dim=-1)
         self.T, self.start = T, start  # the chunk occupies slots [start, start + T)
+        self.slots = slots  # static shapes: the same slots as a tensor
+        self.cols = slice(start, start + T) if slots is None else slots  # where its keys and streams go
+        self.kv_len = start + T if slots is None else None  # the key slots attended over (None: the whole buffer)
         self.cache = cache
         self.q_pos = q_pos  # (B, T) rotary positions of the queries; None when simply arange(T)
         self.k_pos = k_pos  # (B, start + T) rotary positions of the keys
@@ -220,7 +231,6 @@ class StepContext:
 
     def _build(self, window: int) -> tuple[torch.Tensor | None, bool]:
         T, start = self.T, self.start
-        kv_len = start + T
         device = self.rotary_cos.device
         if self.q_pos is None:  # no cache, no padding: positions are slots
             if T - 1 <= window:
@@ -228,10 +238,11 @@ class StepContext:
             t = torch.arange(T, device=device)
             diff = t[:, None] - t[None, :]
             return ((diff >= 0) & (diff <= window))[None, None], False
+        kv_len = self.k_pos.size(1)
         if T == 1 and not self.padded and kv_len - 1 <= window:
             return None, False  # one query that sees every cached key
         # general case: causal in slots, real keys only, window in rotary positions -> (B, 1, T, kv_len)
-        q_slot = torch.arange(start, kv_len, device=device)
+        q_slot = torch.arange(start, start + T, device=device) if self.slots is None else self.slots
         k_slot = torch.arange(kv_len, device=device)
         causal = k_slot[None, :] <= q_slot[:, None]  # (T, kv_len)
         diff = self.q_pos[:, :, None] - self.k_pos[:, None, :]  # (B, T, kv_len)
@@ -266,6 +277,7 @@ class GPT(nn.Module):
         self.window_sizes = config.window_sizes()
         self._rotary: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.placement = None  # placement.Placement: the device, or the rank, of each layer (None: all here)
+        self.compiled_slots = None  # compiled.compile_decode: a compiled static_slots that run_slots calls
 
     @classmethod
     def from_config(cls, config: CognicaPoEConfig, device: torch.device | str = "cpu",
@@ -327,7 +339,14 @@ class GPT(nn.Module):
         return self.transformer.wte.weight.dtype
 
     def new_cache(self, batch_size: int, max_len: int | None = None, keep_hidden: bool = False) -> CognicaKVCache:
-        """An empty KV cache for this model's dtype and device (keep_hidden: also keep stage-boundary streams)."""
+        """
+        An empty KV cache for this model's dtype and device (keep_hidden: also keep stage-boundary streams). Under
+        compiled decode its length is rounded up to a power of two (at least 256, at most the rotary table's), so a
+        few cache sizes, each with its own static graph, serve every request.
+        """
+        if self.compiled_slots is not None:
+            max_len = max_len or self.config.sequence_len
+            max_len = max(max_len, min(max(256, 1 << (max_len - 1).bit_length()), self.config.rotary_seq_len))
         return CognicaKVCache(self.config, batch_size, max_len, dtype=self.dtype, device=self.device,
                               keep_hidden=keep_hidden,
                               layer_devices=None if self.placement is None else self.placement.devices)
@@ -369,16 +388,18 @@ class GPT(nn.Module):
             return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
         return x + gate * prev
 
-    def predecessor_embeddings(self, ids: torch.Tensor, valid: torch.Tensor, start: int) -> torch.Tensor:
+    def predecessor_embeddings(self, ids: torch.Tensor, valid: torch.Tensor, cols: slice | torch.Tensor
+                               ) -> torch.Tensor:
         """
-        Smear inputs for slots [start, L) of rows whose tokens and real-token mask are ids, valid (B, L): the
-        embedding of the last real token before each slot (zero if none). Pads and rejected drafts are skipped,
-        so a row's first real token is never mixed with a pad and a rollback needs no saved state.
+        Smear inputs for slots `cols` (a slice, or a tensor of slot indices) of rows whose tokens and real-token mask
+        are ids, valid (B, L): the embedding of the last real token before each slot (zero if none). Pads and
+        rejected drafts are skipped, so a row's first real token is never mixed with a pad and a rollback needs no
+        saved state.
         """
         B, L = ids.shape
         slot = torch.arange(L, device=ids.device).expand(B, L)
         last = torch.where(valid, slot, -1).cummax(dim=1).values  # (B, L) last real slot <= t
-        prev = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=1)[:, start:]  # last real slot < t
+        prev = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=1)[:, cols]  # last real slot < t
         emb = self.embed(ids.gather(1, prev.clamp_min(0)))
         return emb * (prev >= 0)[..., None].to(emb.dtype)
 
@@ -415,7 +436,7 @@ class GPT(nn.Module):
         else:
             q_pos = (valid.long().cumsum(dim=1) - 1).clamp_min(0) * valid
             self.check_positions(int(q_pos.max()))
-            x = self.smear(x, self.predecessor_embeddings(idx, valid, 0))
+            x = self.smear(x, self.predecessor_embeddings(idx, valid, slice(None)))
             cos, sin = cos_t[q_pos][:, :, None], sin_t[q_pos][:, :, None]
         dtype = x.dtype
         step = StepContext(self.window_sizes, cos.to(dtype), sin.to(dtype), T, 0, None, q_pos, q_pos, valid,
@@ -498,18 +519,57 @@ class GPT(nn.Module):
             if cache.layers[i].length < start:
                 raise RuntimeError(f"layer {i} holds keys for {cache.layers[i].length} slots but the chunk starts at "
                                    f"slot {start}: catch the layer up first")
-        ids = cache.token_ids[:, start:end]
-        if shared is not None and (start, end) in shared:  # several calls over the same slots share x0 and masks
-            x0, step = shared[(start, end)]
+        T = end - start
+        if self.compiled_slots is not None and streams is None and T <= COMPILED_MAX_CHUNK \
+                and not torch.is_grad_enabled():
+            # compiled decode: the same work with static shapes; arguments normalized so equal work shares a graph
+            cache.prepare_static(self.dtype)
+            slots = torch.arange(start, end, device=cache.token_ids.device)
+            if T > 1:  # chunks of every length above one share a graph
+                torch._dynamo.maybe_mark_dynamic(slots, 0)
+            out = self.compiled_slots(cache, slots, first_layer, last_layer, tuple(sorted(set(exits))),
+                                      0 if logits_to_keep >= T else logits_to_keep)
+            if slots.is_cuda:  # a CUDA graph's outputs live in memory its next replay overwrites
+                out = {i: h.clone() for i, h in out.items()}
         else:
-            prev = self.predecessor_embeddings(cache.token_ids[:, :end], cache.valid[:, :end], start)
-            x0, step = self.smear(self.embed(ids), prev), self.step_for_slots(cache, start, end)
-            if shared is not None:
-                shared[(start, end)] = (x0, step)
-        x = x0 if first_layer == 0 else cache.load_hidden(first_layer - 1, start, end)
+            ids = cache.token_ids[:, start:end]
+            if shared is not None and (start, end) in shared:  # several calls over the same slots share x0 and masks
+                x0, step = shared[(start, end)]
+            else:
+                prev = self.predecessor_embeddings(cache.token_ids[:, :end], cache.valid[:, :end], slice(start, None))
+                x0, step = self.smear(self.embed(ids), prev), self.step_for_slots(cache, start, end)
+                if shared is not None:
+                    shared[(start, end)] = (x0, step)
+            out = self._run_slots(cache, step, x0, ids, first_layer, last_layer, exits, logits_to_keep, streams)
+        for i in range(first_layer, last_layer + 1):  # the layers that ran now hold keys up to `end`
+            cache.layers[i].length = max(cache.layers[i].length, end)
+        return out
+
+    def static_slots(self, cache: CognicaKVCache, slots: torch.Tensor, first_layer: int, last_layer: int,
+                     exits: tuple[int, ...], logits_to_keep: int) -> dict[int, torch.Tensor]:
+        """
+        run_slots for the slots `slots` (a tensor: consecutive claimed slots) with static shapes: embeddings, smear,
+        rotary angles and masks are read from the cache's whole buffers and every layer attends over all of them, so
+        a compiled graph of this depends only on the cache's size and the chunk's length. The caller (run_slots)
+        records the layers' new fill levels.
+        """
+        ids = cache.token_ids[:, slots]
+        x0 = self.smear(self.embed(ids), self.predecessor_embeddings(cache.token_ids, cache.valid, slots))
+        q_pos = cache.positions[:, slots]
+        cos_t, sin_t = self.rotary_tables(q_pos.device)
+        dtype = self.dtype
+        step = StepContext(self.window_sizes, cos_t[q_pos][:, :, None].to(dtype), sin_t[q_pos][:, :, None].to(dtype),
+                           slots.size(0), 0, cache, q_pos, cache.positions, cache.valid, True, slots)
+        return self._run_slots(cache, step, x0, ids, first_layer, last_layer, exits, logits_to_keep, None)
+
+    def _run_slots(self, cache: CognicaKVCache, step: StepContext, x0: torch.Tensor, ids: torch.Tensor,
+                   first_layer: int, last_layer: int, exits: list[int], logits_to_keep: int,
+                   streams: list[torch.Tensor] | None) -> dict[int, torch.Tensor]:
+        """The layers of run_slots from the chunk's x0 and step: layer first_layer's input is x0 or the kept stream."""
+        x = x0 if first_layer == 0 else cache.load_hidden(first_layer - 1, step.cols)
         x_backout = None
         if first_layer > self.config.backout_layer and last_layer >= self.config.trunk_n_layer - 1:
-            x_backout = cache.load_hidden(self.config.backout_layer, start, end)
+            x_backout = cache.load_hidden(self.config.backout_layer, step.cols)
         return self._run_layers(x, x0, ids, step, first_layer, last_layer, exits, logits_to_keep, x_backout, cache,
                                 streams)
 
@@ -536,7 +596,7 @@ class GPT(nn.Module):
             if i == backout_layer:  # kept for backout at the last exit
                 x_backout = x
             if keep and (i in cache.hidden_layers):  # kept so a later call can start the next stage here
-                cache.store_hidden(i, step.start, x)
+                cache.store_hidden(i, step.cols, x)
             if i in wanted:  # an exit: its stream, minus backout where that applies
                 h = x[:, -logits_to_keep:] if logits_to_keep else x
                 if self.applies_backout(i):

@@ -66,9 +66,10 @@ class PackedWeights:
         return [weight_key(w) for w in weights] == self.keys
 
     def serves(self, x: torch.Tensor, *weights: torch.Tensor) -> bool:
-        """Inference (autograd off) on CPU in the packed dtype, from the same weights."""
-        return not torch.is_grad_enabled() and x.dtype == self.tensor.dtype and x.device.type == "cpu" \
-            and self.current(*weights)
+        """Inference (autograd off) on CPU in the packed dtype, from the same weights; not inside a compiled graph
+        (compiled.py: inductor chooses its own kernels for the plain weights)."""
+        return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and x.dtype == self.tensor.dtype \
+            and x.device.type == "cpu" and self.current(*weights)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.tensor, bias, "none", [], "")

@@ -725,7 +725,7 @@ class Engine:
             q.append([probs(r, logits[i]) if r.do_sample else None for i, r in enumerate(rows)])
         # verify: the last draft's shallow layers, then the deep layers for all k + 1 slots from the kept stream
         slot = cache.claim(cur[:, None])
-        gpt.run_slots(cache, slot, slot + 1, 0, d_layer, [])
+        gpt.run_slots(cache, slot, slot + 1, 0, d_layer, [d_layer])  # as a draft step (one graph)
         full = gpt.exit_logits(gpt.run_slots(cache, n, slot + 1, d_layer + 1, last, [last])[last], last)  # (B,k+1,V)
         drafts = torch.stack(drafts, dim=1)  # (B, k)
         n_acc = torch.zeros(len(rows), dtype=torch.long, device=self.device)

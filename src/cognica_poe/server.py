@@ -615,8 +615,8 @@ def build(model_path: str, siblings: list[str] | None = None, dtype: str | None 
           max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 64,
           quantize: dict | None = None) -> tuple[Engine, object, str]:
     """Load the model (and its siblings on the same trunk) and its tokenizer; the engine, not yet started.
-    quantize: load_model's quantization keywords (quantize="int8" | "int4", group_size, quantize_heads). pack: True,
-    False or "auto" (cpu.apply_packing)."""
+    quantize: load_model's quantization keywords (quantize="int8" | "int4", group_size, quantize_heads) and compile.
+    pack: True, False or "auto" (cpu.apply_packing)."""
     from .checkpoint import load_model, parse_dtype
     from .cpu import apply_packing
     from .tokenizer import CognicaPoETokenizer

@@ -137,7 +137,7 @@ def run_speculative(gpt: GPT, input_ids: torch.Tensor, draft_stage: int = 0, k_d
         lap("draft")
         # verify: the last draft's shallow layers, then the deep layers for all k + 1 slots from the kept stream
         slot = cache.claim(cur[:, None])
-        gpt.run_slots(cache, slot, slot + 1, 0, draft_boundary, [])
+        gpt.run_slots(cache, slot, slot + 1, 0, draft_boundary, [draft_boundary])  # as a draft step (one graph)
         h = gpt.run_slots(cache, n, slot + 1, draft_boundary + 1, last, [last])[last]
         p = gpt.exit_logits(h, last)  # (B, k+1, V)
         if state.processors:  # each verified position with its own prefix
