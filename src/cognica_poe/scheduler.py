@@ -711,31 +711,31 @@ class Engine:
             d = row.request.decoding
             return process_logits(logits, d.temperature, d.top_k, d.top_p).softmax(-1) if row.do_sample else logits
 
+        sampled = [i for i, r in enumerate(rows) if r.do_sample]  # greedy rows are chosen for the batch at once
         cur = torch.tensor([r.pending for r in rows], dtype=torch.long, device=self.device)
         drafts, q = [], []
         for _ in range(k):  # draft: the shallow layers only, one slot at a time
             slot = cache.claim(cur[:, None])
             h = gpt.run_slots(cache, slot, slot + 1, 0, d_layer, [d_layer])[d_layer]
             logits = gpt.exit_logits(h, d_layer)[:, -1]
-            picks = [choose_tokens(logits[i:i + 1], r.do_sample, r.request.decoding.temperature if r.do_sample
-                                   else 1.0, r.request.decoding.top_k, r.request.decoding.top_p, r.generator)
-                     for i, r in enumerate(rows)]
-            cur = torch.cat(picks)
+            cur = choose_tokens(logits, False)  # greedy rows' drafts; each sampling row draws its own below
+            for i in sampled:
+                d = rows[i].request.decoding
+                cur[i] = choose_tokens(logits[i:i + 1], True, d.temperature, d.top_k, d.top_p, rows[i].generator)[0]
             drafts.append(cur)
-            q.append([probs(r, logits[i]) if r.do_sample else None for i, r in enumerate(rows)])
+            q.append({i: probs(rows[i], logits[i]) for i in sampled})
         # verify: the last draft's shallow layers, then the deep layers for all k + 1 slots from the kept stream
         slot = cache.claim(cur[:, None])
         gpt.run_slots(cache, slot, slot + 1, 0, d_layer, [d_layer])  # as a draft step (one graph)
         full = gpt.exit_logits(gpt.run_slots(cache, n, slot + 1, d_layer + 1, last, [last])[last], last)  # (B,k+1,V)
         drafts = torch.stack(drafts, dim=1)  # (B, k)
-        n_acc = torch.zeros(len(rows), dtype=torch.long, device=self.device)
-        nexts = []
-        for i, row in enumerate(rows):
-            p = probs(row, full[i])
-            qi = torch.stack([q[j][i] for j in range(k)])[None] if row.do_sample else None
-            a, t = speculative_accept(p[None], qi, drafts[i:i + 1], row.do_sample, row.generator)
-            n_acc[i] = int(a[0])
-            nexts.append(int(t[0]))
+        n_acc, nexts = speculative_accept(full, None, drafts, False)  # the greedy rule for every row at once
+        nexts = nexts.tolist()
+        for i in sampled:  # then each sampling row by the sampling rule, with its own generator
+            row = rows[i]
+            qi = torch.stack([q[j][i] for j in range(k)])[None]
+            a, t = speculative_accept(probs(row, full[i])[None], qi, drafts[i:i + 1], True, row.generator)
+            n_acc[i], nexts[i] = a[0], int(t[0])
         # roll back: row i keeps slots n .. n + n_acc[i]; the cache ends after the longest row
         new_len = n + 1 + int(n_acc.max())
         cache.crop(new_len)
