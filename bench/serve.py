@@ -1,5 +1,8 @@
 """
-Serving benchmark: `cognica-poe serve` under a bounded load on loopback, driven by the official openai client.
+Serving benchmark: `cognica-poe serve` under a bounded load on loopback, driven by a minimal streaming HTTP client
+(http.client and json, one connection per request, as vLLM's serving benchmark drives servers with aiohttp): the
+load generator shares the machine's cores with the server, so its own per-chunk cost is kept small (the openai
+client's typed chunks cost several times more per token; the tests drive the server with the openai client).
 
 The server runs as its own process (`cognica-poe serve`, 127.0.0.1, a free port) on the trained reference model
 (../shared/models/poe-d8-classics, converted here) or any --model folder. For each mode (full, speculative) and each
@@ -29,6 +32,7 @@ The last line printed is one JSON document; it is also saved under bench/results
 import argparse
 import collections
 import datetime
+import http.client
 import json
 import os
 import re
@@ -141,10 +145,9 @@ def run_level(url: str, prompts: list[str], mode: dict, concurrency: int, args, 
     C threads, each sending streaming completions until the request count or the time limit is reached.
     `request` replaces our server's fields (model id, `poe` mode, ignore_eos) for another server.
     """
-    import openai
-
     request = request or {"model": args.model_id, "extra_body": {"poe": mode, "ignore_eos": True}}
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=args.time_limit + 60)
+    body = {k: v for k, v in request.items() if k != "extra_body"} | request.get("extra_body", {})
+    host, port = url.removeprefix("http://").split(":")
     lock = threading.Lock()
     sent = [0]
     ttft, itl, tokens, errors = [], [], [0], []
@@ -160,17 +163,26 @@ def run_level(url: str, prompts: list[str], mode: dict, concurrency: int, args, 
             start = time.monotonic()
             first = last = None
             try:
-                stream = client.completions.create(prompt=prompts[i % len(prompts)], max_tokens=args.max_tokens,
-                                                   temperature=0, stream=True, stream_options={"include_usage": True},
-                                                   **request)
+                conn = http.client.HTTPConnection(host, int(port), timeout=args.time_limit + 60)
+                conn.request("POST", "/v1/completions", json.dumps(
+                    {**body, "prompt": prompts[i % len(prompts)], "max_tokens": args.max_tokens, "temperature": 0,
+                     "stream": True, "stream_options": {"include_usage": True}}),
+                    {"Content-Type": "application/json", "Authorization": "Bearer none"})
+                response = conn.getresponse()
+                if response.status != 200:
+                    raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
                 n = 0
-                for chunk in stream:
+                for line in response:  # server-sent events: `data: {chunk}` lines, then `data: [DONE]`
+                    if not line.startswith(b"data: {"):
+                        continue
                     now = time.monotonic()
-                    if chunk.choices and chunk.choices[0].text:
+                    chunk = json.loads(line[6:])
+                    if chunk.get("choices") and chunk["choices"][0].get("text"):
                         first = first or now
                         last = now
-                    if chunk.usage is not None:
-                        n = chunk.usage.completion_tokens
+                    if chunk.get("usage"):
+                        n = chunk["usage"]["completion_tokens"]
+                conn.close()
             except Exception as e:  # counted, never fatal: the figure is "zero errors"
                 with lock:
                     errors.append(f"{type(e).__name__}: {e}")
