@@ -224,7 +224,7 @@ def mirror_slots(view: CognicaKVCache, start: int, end: int, ids: torch.Tensor, 
     view.valid[:, :end] = valid.to(device, non_blocking=True)
     view.n_slots = end
     for layer, x in streams.items():
-        view.store_hidden(layer, start, x.to(device, dtype, non_blocking=True))
+        view.store_hidden(layer, slice(start, end), x.to(device, dtype, non_blocking=True))
 
 
 # -----------------------------------------------------------------------------
@@ -370,8 +370,9 @@ class SiblingSpecialists:
             if stream is not None and main is not None:  # the branch starts after the trunk's work so far
                 stream.wait_stream(main)
             with torch.cuda.stream(stream):
+                streams = {i: cache.load_hidden(i, slice(start, end)) for i in self.stream_layers}
                 mirror_slots(views[b], start, end, cache.token_ids[:, start:end], cache.positions[:, start:end],
-                             cache.valid[:, :end], {i: cache.load_hidden(i, start, end) for i in self.stream_layers})
+                             cache.valid[:, :end], streams)
         for b in placed:
             with torch.cuda.stream(self.streams.get(b)):
                 out[b] = self.branch_logits(b, views[b], start, end, logits_to_keep)
@@ -407,7 +408,7 @@ class SiblingSpecialists:
         header = torch.tensor([RUN, B, cache.max_len, start, end, logits_to_keep])
         slots = torch.cat([cache.token_ids[:, start:end], cache.positions[:, start:end],
                            cache.valid[:, :end].long()], dim=1).cpu()
-        x = torch.stack([cache.load_hidden(i, start, end) for i in self.stream_layers]).float().cpu()
+        x = torch.stack([cache.load_hidden(i, slice(start, end)) for i in self.stream_layers]).float().cpu()
         logits = torch.empty(B, logits_to_keep or T, self.base.config.vocab_size)
         peer = self.peers[b]
         return peer.send(header, slots, x) + peer.recv(logits), logits

@@ -250,6 +250,9 @@ class CognicaKVCache(Cache):
         """Keep the stream after `layer` (B, T, C) for slots `cols` (a slice, or a tensor of T slot indices)."""
         if layer not in self.hidden:
             self.allocate_hidden(x.dtype)
+        if layer not in self.hidden:  # a stream kept on another cache's behalf (a branch's mirror of its trunk's)
+            self.hidden[layer] = torch.zeros(self.batch_size_, self.max_len, x.size(-1), dtype=x.dtype,
+                                             device=self.token_ids.device)
         self.hidden[layer][:, cols] = x
 
     def allocate_hidden(self, dtype: torch.dtype) -> None:
