@@ -24,14 +24,15 @@ class RankFailed(RuntimeError):
 
 
 def join_group(timeout_s: float = 300.0, rank: int | None = None, world_size: int | None = None,
-               init_method: str | None = None) -> bool:
+               init_method: str | None = None, backend: str = "gloo") -> bool:
     """
-    Join the default process group over gloo unless this process is already in one. Without arguments it reads
-    torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); rank, world_size and init_method (e.g.
-    "tcp://host:port" or "file:///shared/path") set it up explicitly. timeout_s bounds every exchange. Returns True
-    when this call created the group (the caller then leaves it with leave_group).
+    Join the default process group (gloo unless backend says "nccl") unless this process is already in one. Without
+    arguments it reads torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); rank, world_size and
+    init_method (e.g. "tcp://host:port" or "file:///shared/path") set it up explicitly. timeout_s bounds every
+    exchange. With nccl, this rank's current CUDA device becomes cuda:LOCAL_RANK (NCCL's communicators use it).
+    Returns True when this call created the group (the caller then leaves it with leave_group).
     """
-    if not dist.is_available() or not dist.is_gloo_available():
+    if backend == "gloo" and (not dist.is_available() or not dist.is_gloo_available()):
         raise ValueError("this torch build has no torch.distributed with gloo: install a build that has it")
     if dist.is_initialized():
         return False
@@ -40,7 +41,9 @@ def join_group(timeout_s: float = 300.0, rank: int | None = None, world_size: in
                          "MASTER_PORT), or pass rank=, world_size= and init_method=")
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-    dist.init_process_group("gloo", init_method=init_method, rank=-1 if rank is None else rank,
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, init_method=init_method, rank=-1 if rank is None else rank,
                             world_size=-1 if world_size is None else world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     return True

@@ -25,7 +25,6 @@ the rotary positions and the key mask, so workers need only two more commands: c
 This file is copied into exported remote-code folders: it imports only torch/transformers and siblings.
 """
 
-import datetime
 import json
 import os
 import weakref
@@ -35,6 +34,7 @@ import torch.distributed as dist
 
 from .cache import CognicaKVCache
 from .config import CognicaPoEConfig
+from .dispatch import join_group
 from .model import GPT, StepContext
 
 META = torch.device("meta")
@@ -356,17 +356,6 @@ def place_device_map(gpt: GPT, device_map) -> GPT:
     return place(gpt, Placement.in_process(gpt.config, devices))
 
 
-def init_ranks(backend: str | None = None, timeout_s: float = 60.0) -> None:
-    """torch.distributed from the environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); gloo on
-    CPU, nccl with CUDA. timeout_s bounds every wait on another rank, so a dead rank is an error, not a hang."""
-    if dist.is_initialized():
-        return
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":  # NCCL's communicators use the current device: this rank's GPU
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-
-
 def distribute_stages(gpt: GPT, device: torch.device | str | None = None, timeout_s: float = 60.0) -> Placement:
     """
     Under torch.distributed (initialised here from torchrun's environment when it is not yet): the stages split
@@ -377,7 +366,7 @@ def distribute_stages(gpt: GPT, device: torch.device | str | None = None, timeou
     if not dist.is_initialized() and "WORLD_SIZE" not in os.environ:
         raise ValueError("stages over ranks need torch.distributed: run under torchrun (torchrun --nproc-per-node 2 "
                          "-m cognica_poe.cli generate MODEL PROMPT --device-map ranks)")
-    init_ranks(timeout_s=timeout_s)
+    join_group(timeout_s, backend="nccl" if torch.cuda.is_available() else "gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
     if world < 2:
         raise ValueError("distribute_stages needs 2 or more processes (torchrun --nproc-per-node N, N >= 2)")
