@@ -95,6 +95,11 @@ class PoeSpec:
         return ("onepass",)
 
 
+def slots_per_step(kind: tuple) -> int:
+    """Cache slots one step of a group of this kind claims: a speculative step k drafts and one more, else one."""
+    return kind[2] + 1 if kind[0] == "spec" else 1
+
+
 @dataclass
 class Event:
     """New tokens of one row (choice `index`), their logprobs, and when it ends, why and its PoE statistics."""
@@ -509,14 +514,12 @@ class Engine:
             catch_up(self.gpt, group.cache, group.cache.n_slots, self.n_base_exits - 1)
         C = group.cache.n_slots
         longest = max(int(cache.valid[r, :cache.n_slots].sum()) for _, cache, _, r in newcomers)
-        step_slots = kind[2] + 1 if kind[0] == "spec" else 1
-        if longest > C or C + step_slots > group.cache.max_len:
+        if longest > C or C + slots_per_step(kind) > group.cache.max_len:
             old = [(r, group.cache, group.views, i) for i, r in enumerate(group.rows)]
             self.groups[kind] = self._repack(kind, old + newcomers)
             return
         new = self._repack(kind, newcomers, slots=C, max_len=group.cache.max_len)
-        n_base = len(group.cache.layers)
-        for layer in group.cache.layers + [lay for v in group.views.values() for lay in v.layers[n_base:]]:
+        for layer in group.cache.layers + [lay for v in group.views.values() for lay in v.own_layers]:
             layer.length = C  # as a repack leaves them: every layer holds the group's slots
         group.cache.append_rows(new.cache)
         for b, view in group.views.items():
@@ -535,23 +538,21 @@ class Engine:
         """
         idxs = [cache.valid[r, :cache.n_slots].nonzero()[:, 0] for _, cache, _, r in entries]
         C = max(len(i) for i in idxs) if slots is None else slots
-        step_slots = kind[2] + 1 if kind[0] == "spec" else 1
         if max_len is None:
-            max_len = min(C + max(self.room, 2 * step_slots), self.config.rotary_seq_len)
+            max_len = min(C + max(self.room, 2 * slots_per_step(kind)), self.config.rotary_seq_len)
         cache, views = self._new_cache(len(entries), max_len, kind)
-        n_base = len(cache.layers)
         for j, ((_, src, src_views, r), idx) in enumerate(zip(entries, idxs)):
             dst = torch.arange(C - len(idx), C, device=self.device)
             pairs = list(zip(cache.layers, src.layers))
             for b, view in views.items():
-                pairs += list(zip(view.layers[n_base:], src_views[b].layers[n_base:]))
+                pairs += list(zip(view.own_layers, src_views[b].own_layers))
             for d, s in pairs:
                 d.keys[j, :, dst] = s.keys[r, :, idx]
                 d.values[j, :, dst] = s.values[r, :, idx]
             cache.token_ids[j, dst] = src.token_ids[r, idx]
             cache.valid[j, dst] = True
             cache.positions[j, dst] = src.positions[r, idx]
-        for layer in cache.layers + [lay for v in views.values() for lay in v.layers[n_base:]]:
+        for layer in cache.layers + [lay for v in views.values() for lay in v.own_layers]:
             layer.length = C
         cache.n_slots = C
         for v in views.values():
@@ -576,7 +577,7 @@ class Engine:
                 self.prefilling.remove(p)
 
     def _ensure_room(self, group: Group) -> None:
-        need = group.kind[2] + 1 if group.kind[0] == "spec" else 1
+        need = slots_per_step(group.kind)
         if group.cache.n_slots + need > group.cache.max_len:
             if group.kind[0] == "wand":
                 catch_up(self.gpt, group.cache, group.cache.n_slots, self.n_base_exits - 1)
