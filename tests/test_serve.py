@@ -375,6 +375,7 @@ def test_queue_full_429_then_disconnect_frees_the_row(model, tok, monkeypatch):
         assert status == 429 and headers["retry-after"] == "1" and time.monotonic() - t0 < 2.0
         assert json.loads(out)["error"]["code"] == "queue_full"
         # the client of the long stream leaves: its row is freed within an iteration, the queued request runs
+        wait_for(lambda: ("onepass",) in engine.groups)  # its first token is sent just before it joins its group
         row = engine.groups[("onepass",)].rows[0]
         conn.close()
         wait_for(lambda: row.request.cancelled)
