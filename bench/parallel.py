@@ -11,7 +11,8 @@ Stage-parallel benchmark. One part per run, chosen with --part:
     (new tokens - 1)), the per-part times measured in the sequential process (trunk, each branch), and the cost
     model: T_trunk + sum(T_branch) (sequential) vs T_trunk + max(T_branch) (concurrent). Both paths must produce
     the same tokens (checked). On CPU the concurrent figure needs a free core per branch process: with fewer
-    cores the branch processes share them and the step costs more than the model says (`cores` in the JSON).
+    cores the branch processes share them, so the model is also given for this machine (`model_concurrent_here_s`:
+    T_trunk + max(max(T_branch), sum(T_branch) / B) with B = cores // threads branches at once).
     Run time: the quick line below took about 1.5 minutes on 2 busy cores, mostly starting the 3 branch processes
     (each imports torch); the defaults add a few hundred larger decode steps to that.
 
@@ -182,12 +183,19 @@ def sibling_dispatch(args) -> dict:
         raise SystemExit("concurrent dispatch generated other tokens than the sequential run")
     t_trunk, t_branch = parts["trunk_s"], parts["branch_s"]
     model_seq, model_con = t_trunk + sum(t_branch), t_trunk + max(t_branch)
+    # what this machine can give: on CPU at most cores // threads branch processes run at once, so the branches
+    # take at least sum(T_branch) / that many (on GPUs, one device per branch where there are enough)
+    slots = torch.cuda.device_count() if cuda else max(1, len(os.sched_getaffinity(0)) // args.threads)
+    model_here = t_trunk + max(max(t_branch), sum(t_branch) / min(slots, len(t_branch)))
     print(f"concurrent ({how}): {con_step * 1e3:.2f} ms/step: {seq_step / con_step:.2f}x; cost model "
           f"T_trunk + sum(T_branch) = {model_seq * 1e3:.2f} ms vs T_trunk + max(T_branch) = {model_con * 1e3:.2f} ms "
-          f"({model_seq / model_con:.2f}x)", flush=True)
+          f"({model_seq / model_con:.2f}x); with {slots} branch(es) at once here: {model_here * 1e3:.2f} ms "
+          f"({model_seq / model_here:.2f}x)", flush=True)
     return {"sequential_step_s": seq_step, "concurrent_step_s": con_step, "speedup": seq_step / con_step,
             "concurrent": how, "trunk_s": t_trunk, "branch_s": t_branch, "model_sequential_s": model_seq,
-            "model_concurrent_s": model_con, "model_speedup": model_seq / model_con, "same_tokens": True}
+            "model_concurrent_s": model_con, "model_speedup": model_seq / model_con,
+            "branches_at_once_here": min(slots, len(t_branch)), "model_concurrent_here_s": model_here,
+            "model_speedup_here": model_seq / model_here, "same_tokens": True}
 
 
 # -----------------------------------------------------------------------------
