@@ -6,7 +6,8 @@ with `data: [DONE]`; stream_options.include_usage), GET /v1/models, /health, /me
 /detokenize. Every request may carry a `poe` field (mode full | stage | wand | speculative | compose and its
 settings); the response carries `usage` and a `poe` object (layers run per token, WAND's exit-stage histogram,
 speculative acceptance). With sibling specialists, /v1/models lists the base and each sibling, all served from ONE
-trunk; a request's `model` picks the exit.
+trunk; a request's `model` picks the exit. `--device-map` places the model's stages, or the trunk and each sibling
+branch, on devices of their own (branches then run concurrently after the trunk).
 
 Batching policy (scheduler.py): full / stage / compose rows share one group (one pass per step up to the deepest exit
 any row needs); WAND rows form a second group, speculative rows a group per (draft_stage, k_draft); the engine thread
