@@ -266,8 +266,16 @@ def test_cli_generates_from_siblings(tmp_path, capsys):
              sib.generate_parallel_composition(ids, stages=[3, "math", "code"], max_new_tokens=5, stop_tokens=[])),
             (["--mode", "stage", "--stage", "code"],
              sib.generate_stage(ids, "code", max_new_tokens=5, stop_tokens=[]))):
-        assert cli_main(["generate", base_dir, "ROMEO:", "--siblings", folders["math"], folders["code"],
-                         "--max-new-tokens", "5", "--stop", *mode_args]) == 0
-        assert capsys.readouterr().out == tok.decode(want[0, ids.size(1):]) + "\n"
+        for placed in ([], ["--device-map", '{"trunk": "cpu", "math": "cpu", "code": "cpu"}']):  # placed branches
+            assert cli_main(["generate", base_dir, "ROMEO:", "--siblings", folders["math"], folders["code"],
+                             "--max-new-tokens", "5", "--stop", *mode_args, *placed]) == 0
+            assert capsys.readouterr().out == tok.decode(want[0, ids.size(1):]) + "\n"
     assert cli_main(["generate", base_dir, "ROMEO:", "--siblings", folders["math"], "--mode", "wand"]) == 2
     assert "--siblings works with" in capsys.readouterr().err
+    for device_map, message in (('{"stage:0": "cpu"}', "device_map names ['stage:0']: its keys are 'trunk' and the "
+                                                       "branch names ['math']"),
+                                ("ranks", 'device_map = \'ranks\': sibling specialists take a map of the trunk and '
+                                          'the branches to devices, e.g. \'{"trunk": "cuda:0", "math": "cuda:1"}\'')):
+        assert cli_main(["generate", base_dir, "ROMEO:", "--siblings", folders["math"], "--mode", "stage",
+                         "--device-map", device_map]) == 2
+        assert capsys.readouterr().err.splitlines() == [f"cognica-poe generate: error: {message}"]

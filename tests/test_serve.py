@@ -552,3 +552,156 @@ def test_short_prompts_prefilled_together_keep_their_tokens(model, tok):
     busy = engine_outputs(engine, jobs, [0, 0, 0, 0, 0, 0, 3, 3, 3, 5, 5, 5])
     assert busy == alone
     assert max(passes) > 2  # several prompts really shared a prefill pass
+
+
+# -----------------------------------------------------------------------------
+# --device-map: stages, or the trunk and each sibling branch, on devices of their own (all "cpu" here: the placed code
+# paths still run, with the branches' own caches and copies of the tensors they read)
+
+SIBLINGS_CPU = json.dumps({"trunk": "cpu", "math": "cpu", "code": "cpu"})
+STAGES_CPU = json.dumps({f"stage:{s}": "cpu" for s in range(4)})
+
+
+@pytest.fixture(scope="module")
+def folders(model, tok, tmp_path_factory):
+    """The tiny model's folder and two 'trained' sibling stage folders of it (math: dual head, code: spec head)."""
+    from test_branches import make_siblings
+
+    from cognica_poe.checkpoint import export_hf_folder
+    from cognica_poe.hf import CognicaPoEForCausalLM
+
+    root = tmp_path_factory.mktemp("placed")
+    base = export_hf_folder(model, tok, str(root / "base"), dtype="float32")
+    stages = make_siblings(CognicaPoEForCausalLM.from_pretrained(base).eval(), base, root)
+    return base, [stages["math"], stages["code"]]
+
+
+def scored_outputs(engine: Engine, jobs: list[tuple], arrivals: list[int]) -> tuple[list[list[int]], list]:
+    """engine_outputs, and the scores of every token choice in the order the engine made them."""
+    scores = []
+    choose = engine._choose
+
+    def record(row, s):
+        scores.append(s.detach().clone())
+        choose(row, s)
+
+    engine._choose = record
+    return engine_outputs(engine, jobs, arrivals), scores
+
+
+def test_placed_siblings_keep_every_score_while_rows_join_and_leave(folders, tok):
+    """The scheduler over branches on devices of their own: rows of every model id join a running batch, leave it
+    and are repacked mid-flight (the branches' caches take the trunk cache's slots after every row operation), and
+    every token is chosen from the same scores as over unplaced siblings."""
+    from cognica_poe.server import build
+
+    base, stages = folders
+    full, compose = {"mode": "full"}, {"mode": "compose", "stages": [1, "math", "code"]}
+    # (prompt, model exit, poe, tokens, arrival): a branch sits out the steps no row needs it in, then a row needing
+    # it joins; a long prompt joins later (a repack)
+    plan = [(2, None, {"mode": "stage", "stage": 1}, 40, 0), (3, 4, full, 8, 0), (2, 5, full, 8, 4),
+            (0, 4, compose, 10, 12), (3, None, full, 6, 14), (1, 4, full, 8, 20), (2, 5, compose, 8, 22)]
+    jobs = [(bos_ids(tok, PROMPTS[p]), exit_, poe, n) for p, exit_, poe, n, _ in plan]
+    runs = []
+    for device_map in (None, SIBLINGS_CPU):
+        engine, _, _ = build(base, stages, pack=False, max_batch=8, prefill_chunk=8, device_map=device_map)
+        engine.room = 8  # small caches: repacks happen mid-flight too
+        runs.append(scored_outputs(engine, jobs, [arrival for *_, arrival in plan]))
+    cpu = torch.device("cpu")
+    assert engine.siblings.devices == {0: cpu, 1: cpu}  # the placed path really ran
+    assert runs[1][0] == runs[0][0]
+    assert len(runs[1][1]) == len(runs[0][1])
+    for placed, plain in zip(runs[1][1], runs[0][1]):
+        torch.testing.assert_close(placed, plain, atol=1e-5, rtol=0)
+
+
+def concurrent_texts(engine: Engine, tok, asks: list[tuple]) -> tuple[list[str | None], int]:
+    """The greedy completion of every (model id, poe, prompt), all sent at once to a server over this engine, and
+    the largest batch a step ran."""
+    out, sizes = [None] * len(asks), [0]
+    with running(engine, tok, "base") as url:
+        c = client(url)
+        metrics = engine.on_step
+        engine.on_step = lambda group, size: (sizes.append(size), metrics(group, size))
+
+        def ask(i):
+            name, poe, prompt = asks[i]
+            out[i] = c.completions.create(model=name, prompt=prompt, max_tokens=10, temperature=0,
+                                          extra_body={"poe": poe}).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    return out, max(sizes)
+
+
+def test_server_with_placed_siblings_serves_them_concurrently(folders, tok):
+    """`serve --siblings ... --device-map`: requests for every model id at once, in stage and compose modes, get the
+    same greedy tokens as from the unplaced server."""
+    from cognica_poe.server import build
+
+    base, stages = folders
+    modes = [lambda name: {"mode": "stage", "stage": 2 if name == "base" else name}, lambda name: {"mode": "compose"},
+             lambda name: {"mode": "compose", "stages": [0, "math", "code"], "stage_weights": [0.5, 1.0, 2.0]}]
+    asks = [(name, mode(name), PROMPTS[i % 4]) for i, (name, mode) in enumerate(
+        (name, mode) for name in ("base", "math", "code") for mode in modes)]
+    (plain, _), (placed, batch) = [
+        concurrent_texts(build(base, stages, pack=False, prefill_chunk=8, device_map=device_map)[0], tok, asks)
+        for device_map in (None, SIBLINGS_CPU)]
+    assert None not in placed and placed == plain
+    assert batch > 1  # rows of several model ids shared steps
+
+
+def test_server_with_placed_stages_equals_library_in_every_mode(folders, model, tok):
+    """`serve MODEL --device-map '{"stage:0": ..., ...}'`: every mode's greedy tokens equal the library's, and rows
+    of every mode that join, leave and are repacked choose from the same scores as on the unplaced model."""
+    from cognica_poe.placement import Placement
+    from cognica_poe.server import build
+
+    base, _ = folders
+    engine, _, _ = build(base, pack=False, prefill_chunk=8, device_map=STAGES_CPU)
+    assert isinstance(engine.gpt.placement, Placement)
+    with running(engine, tok) as url:
+        c = client(url)
+        for poe in MODES:
+            r = c.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=12, temperature=0,
+                                     extra_body={"poe": poe})
+            assert r.choices[0].text == tok.decode(library(model, tok, bos_ids(tok, PROMPTS[1]), poe, 12)), poe
+    jobs = [(bos_ids(tok, PROMPTS[i % 4] * (1 + i % 2)), None, MODES[i % len(MODES)], 5 + 2 * (i % 4))
+            for i in range(8)]
+    arrivals = [0, 0, 1, 2, 4, 4, 7, 9]
+    runs = []
+    for device_map in (None, STAGES_CPU):
+        engine, _, _ = build(base, pack=False, max_batch=8, prefill_chunk=8, device_map=device_map)
+        engine.room = 8
+        runs.append(scored_outputs(engine, jobs, arrivals))
+    assert runs[1][0] == runs[0][0]
+    for placed, plain in zip(runs[1][1], runs[0][1]):
+        torch.testing.assert_close(placed, plain, atol=1e-5, rtol=0)
+
+
+def test_cli_serve_bad_device_maps(folders, capsys):
+    """A bad --device-map is one line naming the map's fault and the fix (exit 2), before anything serves."""
+    base, stages = folders
+
+    def error(*args: str) -> str:
+        assert cli_main(["serve", base, "--no-pack", *args]) == 2  # each fails before it listens
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("cognica-poe serve: error: "), err
+        return err
+
+    assert "--device-map ranks splits the stages over torchrun processes" in error("--device-map", "ranks")
+    assert "leave out --ray" in error("--device-map", STAGES_CPU, "--ray")
+    assert "device_map key 'stage:7': this model has stages 0..3" in error("--device-map", '{"stage:7": "cpu"}')
+    assert "device_map is not valid JSON" in error("--device-map", '{"stage:0": cpu}')
+    sib = ["--siblings", *stages]
+    assert "device_map names ['poetry']: its keys are 'trunk' and the branch names ['math', 'code']" in error(
+        *sib, "--device-map", '{"trunk": "cpu", "poetry": "cpu"}')
+    assert "sibling specialists take a map of the trunk and the branches to devices, e.g. '{\"trunk\": \"cuda:0\", " \
+           "\"math\": \"cuda:1\", \"code\": \"cuda:2\"}'" in error(*sib, "--device-map", "auto")
+    assert "device_map['math'] = 'gpu7' is not a device" in error(*sib, "--device-map", '{"math": "gpu7"}')
+    if not torch.cuda.is_available():
+        assert "device_map['trunk'] = 'cuda:0' but CUDA is not available here" in error(
+            *sib, "--device-map", '{"trunk": "cuda:0"}')

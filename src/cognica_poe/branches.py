@@ -21,6 +21,7 @@ on the core GPTs (`.gpt`) of the base and the branches.
 """
 
 import copy
+import json
 import os
 from collections.abc import Callable
 
@@ -35,6 +36,7 @@ from .config import CognicaPoEConfig
 from .dispatch import IDLE, Peer, RankFailed, join_group, leave_group
 from .hf import CognicaPoEForCausalLM, load_folder
 from .packed import Linear, pack_linears
+from .placement import parse_device, read_map
 from .sampling import SamplingParams, decode, is_int
 from .specialist import DELTA_FILE, resolve_parent, stage_delta
 from .weights import check_shapes, load_safetensors
@@ -227,6 +229,21 @@ def mirror_slots(view: CognicaKVCache, start: int, end: int, ids: torch.Tensor, 
         view.store_hidden(layer, slice(start, end), x.to(device, dtype, non_blocking=True))
 
 
+def mirror_rows(view: CognicaKVCache, cache: CognicaKVCache) -> None:
+    """
+    Make a mirror_cache follow its trunk cache again after the trunk cache's rows changed (rows joined, left or were
+    laid out anew, as a server's scheduler does between steps; the same row operation already ran on the mirror's own
+    layers): it takes a copy of the trunk cache's ids, validity and positions of every slot (later chunks read them
+    for smear, masks and rotary angles) and drops its kept streams (every chunk brings its own).
+    """
+    slots = view.trunk
+    device = slots.token_ids.device
+    slots.token_ids, slots.valid, slots.positions = (t.to(device, copy=True) for t in (
+        cache.token_ids, cache.valid, cache.positions))
+    slots.batch_size_, slots.n_slots, slots.hidden = cache.batch_size, cache.n_slots, {}
+    view._follow_trunk()
+
+
 # -----------------------------------------------------------------------------
 # the shared-trunk model
 
@@ -304,13 +321,22 @@ class SiblingSpecialists:
         for b in wanted:
             if b in self.peers:  # its rank keeps the branch's cache (a fresh one when a chunk starts at slot 0)
                 views[b] = None
-            elif b in self.devices:  # a cache of its own on its device (made on the stream that will use it)
-                with torch.cuda.stream(self.streams.get(b)):
-                    views[b] = mirror_cache(self.base.config, self.branches[b].config, cache.batch_size,
-                                            cache.max_len, self.base.gpt.dtype, self.devices[b])
+            elif b in self.devices:  # a cache of its own on its device (its stream waits for it: run_branches)
+                views[b] = mirror_cache(self.base.config, self.branches[b].config, cache.batch_size, cache.max_len,
+                                        self.base.gpt.dtype, self.devices[b])
             else:
                 views[b] = cache.extended(self.branches[b].config)
         return views
+
+    def follow_rows(self, cache: CognicaKVCache, views: dict[int, CognicaKVCache]) -> None:
+        """
+        After a row operation on an attached trunk cache and, the same one, on its branches' caches (rows appended,
+        kept, or copied into a fresh cache: a server's scheduler between steps): the caches of branches on devices
+        of their own take the trunk cache's slot bookkeeping again (the others share it by reference).
+        """
+        for b, view in views.items():
+            if b in self.devices and b not in self.peers:
+                mirror_rows(view, cache)
 
     @property
     def stream_layers(self) -> tuple[int, int]:
@@ -367,8 +393,10 @@ class SiblingSpecialists:
         main = torch.cuda.current_stream(device) if device.type == "cuda" else None
         for b in placed:
             stream = self.streams.get(b)
-            if stream is not None and main is not None:  # the branch starts after the trunk's work so far
-                stream.wait_stream(main)
+            if stream is not None:  # the branch starts after the trunk's work so far and its own device's (its caches)
+                stream.wait_stream(torch.cuda.current_stream(self.devices[b]))
+                if main is not None:
+                    stream.wait_stream(main)
             with torch.cuda.stream(stream):
                 streams = {i: cache.load_hidden(i, slice(start, end)) for i in self.stream_layers}
                 mirror_slots(views[b], start, end, cache.token_ids[:, start:end], cache.positions[:, start:end],
@@ -538,6 +566,20 @@ class SiblingSpecialists:
         return self.decode(exits, lambda logits: logits[0], input_ids, attention_mask, params)
 
 
+def sibling_devices(device_map, names: list[str]) -> dict[str, torch.device]:
+    """The devices a siblings' device_map names ({"trunk": device, branch name: device, ...}, or that map as a JSON
+    string), each checked to exist here; a ValueError naming the first bad key or value."""
+    example = json.dumps({"trunk": "cuda:0", **{name: f"cuda:{i + 1}" for i, name in enumerate(names)}})
+    device_map = read_map({} if device_map is None else device_map, example)
+    if not isinstance(device_map, dict):
+        raise ValueError(f"device_map = {device_map!r}: sibling specialists take a map of the trunk and the branches "
+                         f"to devices, e.g. '{example}'")
+    unknown = sorted(str(k) for k in set(device_map) - {"trunk", *names})
+    if unknown:
+        raise ValueError(f"device_map names {unknown}: its keys are 'trunk' and the branch names {names}")
+    return {key: parse_device(value, key) for key, value in device_map.items()}
+
+
 def load_siblings(base: CognicaPoEForCausalLM | str, stage_folders: list[str], names: list[str] | None = None,
                   parent_map: dict[str, str] | None = None, dtype: torch.dtype | None = None,
                   device_map: dict[str, str | torch.device] | None = None) -> SiblingSpecialists:
@@ -545,13 +587,10 @@ def load_siblings(base: CognicaPoEForCausalLM | str, stage_folders: list[str], n
     Load stage folders that all branch from `base` (a model, or a base or stage folder to load) onto ONE copy of it.
     Each folder's parent must be this base: the base's own folder, or another folder holding identical weights (loaded
     once to compare). names default to the folders' names. Raises a ValueError naming any mismatch.
-    device_map: {"trunk": device, branch name: device, ...}: the trunk (the base) on one device, each named branch on
-    a device of its own (with its own copies of the embedding and heads it reads), run concurrently with the others;
-    unnamed branches stay on the trunk's device.
+    device_map: {"trunk": device, branch name: device, ...} (or that map as a JSON string): the trunk (the base) on
+    one device, each named branch on a device of its own (with its own copies of the embedding and heads it reads),
+    run concurrently with the others; unnamed branches stay on the trunk's device.
     """
-    if isinstance(base, (str, os.PathLike)):
-        base = load_folder(os.path.realpath(base), parent_map, dtype)
-    base.eval()
     folders = [os.path.realpath(f) for f in stage_folders]
     if not folders:
         raise ValueError("at least one stage folder is needed")
@@ -560,12 +599,12 @@ def load_siblings(base: CognicaPoEForCausalLM | str, stage_folders: list[str], n
         raise ValueError(f"{len(names)} names for {len(folders)} stage folders")
     if len(set(names)) != len(names):
         raise ValueError(f"branch names must be distinct, got {names} (pass names=)")
-    device_map = dict(device_map or {})
-    unknown = sorted(set(device_map) - {"trunk", *names})
-    if unknown:
-        raise ValueError(f"device_map names {unknown}: its keys are 'trunk' and the branch names {names}")
-    if "trunk" in device_map:
-        base.to(torch.device(device_map.pop("trunk")))
+    devices = sibling_devices(device_map, names)  # checked before anything loads
+    if isinstance(base, (str, os.PathLike)):
+        base = load_folder(os.path.realpath(base), parent_map, dtype)
+    base.eval()
+    if "trunk" in devices:
+        base.to(devices.pop("trunk"))
     heads, verified = shared_heads(base), set()
     branches = []
     for folder in folders:
@@ -573,7 +612,7 @@ def load_siblings(base: CognicaPoEForCausalLM | str, stage_folders: list[str], n
         check_branch(base, folder, config, parent_map, verified)
         delta = load_safetensors(os.path.join(folder, DELTA_FILE))
         branches.append(build_branch(base, config, delta, folder, heads))
-    devices = {names.index(name): torch.device(device) for name, device in device_map.items()}
+    devices = {names.index(name): device for name, device in devices.items()}
     for b, device in devices.items():
         place_branch(branches[b], base.config.n_layer, device)
     return SiblingSpecialists(base, branches, names, devices)

@@ -41,10 +41,11 @@ def stack_rows(tensors: list[torch.Tensor], rows: list[torch.Tensor | None], slo
     """
     The concatenation along the batch of tensors' rows (all of them, or those indexed by rows[i]), copied over the
     first n_slots slots only; the rest of the new buffer is zeros (compiled decode attends over whole buffers under a
-    mask, and a masked garbage value could still be a NaN).
+    mask, and a masked garbage value could still be a NaN). Each tensor is indexed on its own device (a placed
+    model's layers live on several).
     """
     used = [t.narrow(slot_dim, 0, n_slots) for t in tensors]
-    picked = [t if idx is None else t.index_select(0, idx) for t, idx in zip(used, rows)]
+    picked = [t if idx is None else t.index_select(0, idx.to(t.device)) for t, idx in zip(used, rows)]
     like = tensors[0]
     out = torch.zeros(sum(t.size(0) for t in picked), *like.shape[1:], dtype=like.dtype, device=like.device)
     b = 0

@@ -38,6 +38,9 @@ from .train.config import AUTOCAST_CHOICES, SFTConfig, TrainConfig
 
 # torch and transformers are imported inside the commands, so `--help` and `--version` answer at once
 DEMO_MARK = ".cognica-poe-demo"  # marks a folder the demo created, which a later demo may replace
+SIBLINGS_MAP_HELP = ('JSON \'{"trunk": "cuda:0", "<sibling>": "cuda:1", ...}\': the shared trunk on one device, each '
+                     "named sibling (its folder's name) on its own, run concurrently after the trunk; unnamed "
+                     "siblings stay with the trunk")
 
 
 # -----------------------------------------------------------------------------
@@ -220,14 +223,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
         if args.mode not in ("stage", "compose"):
             raise ValueError("--siblings works with --mode stage or --mode compose")
-        flag = next((f for f, on in (("--quantize", args.quantize), ("--device-map", args.device_map),
-                                     ("--compile", args.compile)) if on), None)
+        flag = next((f for f, on in (("--quantize", args.quantize), ("--compile", args.compile)) if on), None)
         if flag:
             raise ValueError(f"{flag} works on one model folder, not with --siblings")
         tok = load_tokenizer(args.model, read_config(args.model))
         for folder in args.siblings:
             read_config(folder)
-        model = load_siblings(args.model, args.siblings, dtype=parse_dtype(args.dtype) if args.dtype else None)
+        model = load_siblings(args.model, args.siblings, dtype=parse_dtype(args.dtype) if args.dtype else None,
+                              device_map=args.device_map)
         apply_packing(model, args.pack, like=model.base)
         n_exits = model.n_exits
     else:
@@ -787,7 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-map", default=None,
                    help='the stages\' devices: JSON \'{"stage:0": "cuda:0", "stage:1": "cuda:1", ...}\' naming every '
                         'stage, "auto" (split over the GPUs by free memory; cpu without CUDA), one device, or "ranks" '
-                        "(under torchrun: one contiguous stage range per process, rank 0 prints)")
+                        "(under torchrun: one contiguous stage range per process, rank 0 prints); with --siblings: "
+                        + SIBLINGS_MAP_HELP)
     add_backend_arg(p)
     add_pack_arg(p)
     add_quantize_arg(p)
@@ -920,7 +924,11 @@ def build_parser() -> argparse.ArgumentParser:
             raise ValueError("--replicas needs --ray (one process serves one replica)")
         if args.compile and args.siblings:
             raise ValueError("--compile works on one model folder, not with --siblings")
+        if args.ray and args.device_map is not None:  # a replica reserves CPUs only: it would see no GPU
+            raise ValueError("--device-map places the model on this process's devices, which Ray replicas do not "
+                             "reserve: leave out --ray (one server process) or --device-map")
         load_options = dict(quantize_options(args), compile=args.compile)  # load_model's keywords
+        quiet_loading()  # an error found while loading (a bad --device-map) stays one line
         if args.ray:
             try:
                 from .ray_serve import serve_ray
@@ -936,7 +944,7 @@ def build_parser() -> argparse.ArgumentParser:
 
         serve(args.model, args.siblings, args.host, args.port, args.api_key, args.dtype, args.pack,
               args.max_batch, args.max_queue, args.prefill_chunk, args.request_timeout, args.max_model_len,
-              args.served_model_name, load_options)
+              args.served_model_name, load_options, args.device_map)
 
     p = add_command(sub, "serve", "an OpenAI-compatible server (/v1/completions, /v1/chat/completions, ...) with "
                                   "per-request PoE modes and continuous batching")
@@ -955,6 +963,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                             "sequence_len)")
     p.add_argument("--served-model-name", default=None, help="the base's model id (default: the folder name)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the folder's)")
+    p.add_argument("--device-map", default=None,
+                   help='the stages\' devices: JSON \'{"stage:0": "cuda:0", "stage:1": "cuda:1", ...}\' naming every '
+                        'stage, "auto" (split over the GPUs by free memory) or one device; with --siblings: '
+                        + SIBLINGS_MAP_HELP)
     p.add_argument("--ray", action="store_true", help="serve N replicas on Ray Serve (the cluster of $RAY_ADDRESS or "
                                                       "`ray start`, else a local instance; --threads CPUs each, "
                                                       "default 1)")

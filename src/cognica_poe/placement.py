@@ -67,6 +67,17 @@ def parse_device(value, key: str | None) -> torch.device:
     return device
 
 
+def read_map(device_map, example: str = '{"stage:0": "cuda:0"}'):
+    """A device_map as given: a JSON object string is read as the map (example: the map to suggest when it does not
+    parse); anything else is returned as it is."""
+    if isinstance(device_map, str) and device_map.lstrip().startswith("{"):
+        try:
+            return json.loads(device_map)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"device_map is not valid JSON ({e}): write e.g. '{example}'") from None
+    return device_map
+
+
 def split_stages(sizes: list[int], capacities: list[float]) -> list[int]:
     """
     The part (device or rank) of each stage: contiguous ranges in stage order, each part's share of the total size
@@ -114,11 +125,7 @@ def stage_devices(gpt: GPT, device_map) -> list[torch.device]:
     (also as transformers writes it, {"": device}; a JSON object string is read as the map). Unknown keys, stages
     out of range or missing: a ValueError."""
     n = gpt.config.poe_n_stages
-    if isinstance(device_map, str) and device_map.lstrip().startswith("{"):
-        try:
-            device_map = json.loads(device_map)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"device_map is not valid JSON ({e}): write e.g. '{{\"stage:0\": \"cuda:0\"}}'") from None
+    device_map = read_map(device_map)
     if isinstance(device_map, dict) and list(device_map) == [""]:  # transformers' map of a whole model: one device
         device_map = device_map[""]
     if device_map == "auto":
@@ -348,7 +355,8 @@ def place(gpt: GPT, placement: Placement | None) -> GPT:
 
 def place_device_map(gpt: GPT, device_map) -> GPT:
     """In one process: the stages on the devices a device_map names (see stage_devices); one device for all of
-    them needs no placement, a map (dict) always installs one."""
+    them needs no placement, a map (dict, or its JSON) always installs one."""
+    device_map = read_map(device_map)
     devices = stage_devices(gpt, device_map)
     if len(set(devices)) == 1 and not isinstance(device_map, dict):
         gpt.placement = None

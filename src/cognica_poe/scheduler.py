@@ -27,6 +27,12 @@ along the batch: the others keep their slots.
 
 A greedy row's tokens therefore do not depend on the rows around it: the same prompt chunks, the same exits, rows
 that only ever differ by left padding.
+
+Devices. A model placed by stages (placement.py) keeps each layer's keys on its layer's device, and sibling branches
+placed on devices of their own (load_siblings' device_map) keep caches of their own there: every row copy or selection
+indexes a buffer with indices on that buffer's device, a placed branch's cache takes the group cache's slot
+bookkeeping again after every row operation (SiblingSpecialists.follow_rows), and the branches' logits come back to
+the trunk's device, where every token is chosen.
 """
 
 import threading
@@ -521,9 +527,12 @@ class Engine:
         new = self._repack(kind, newcomers, slots=C, max_len=group.cache.max_len)
         for layer in group.cache.layers + [lay for v in group.views.values() for lay in v.own_layers]:
             layer.length = C  # as a repack leaves them: every layer holds the group's slots
+        for view in group.views.values():  # and every branch's cache (one on its own device skips steps it is not in)
+            view.n_slots = C
         group.cache.append_rows(new.cache)
         for b, view in group.views.items():
             view.append_rows(new.views[b])
+        self._follow_rows(group.cache, group.views)
         group.rows += new.rows
 
     # -----------------------------------------------------------------------------
@@ -546,9 +555,10 @@ class Engine:
             pairs = list(zip(cache.layers, src.layers))
             for b, view in views.items():
                 pairs += list(zip(view.own_layers, src_views[b].own_layers))
-            for d, s in pairs:
-                d.keys[j, :, dst] = s.keys[r, :, idx]
-                d.values[j, :, dst] = s.values[r, :, idx]
+            for d, s in pairs:  # each layer's keys on its own device (placed stages, branches on devices of their own)
+                at, of = dst.to(d.keys.device), idx.to(s.keys.device)
+                d.keys[j, :, at] = s.keys[r, :, of].to(d.keys.device)
+                d.values[j, :, at] = s.values[r, :, of].to(d.keys.device)
             cache.token_ids[j, dst] = src.token_ids[r, idx]
             cache.valid[j, dst] = True
             cache.positions[j, dst] = src.positions[r, idx]
@@ -557,7 +567,13 @@ class Engine:
         cache.n_slots = C
         for v in views.values():
             v.n_slots = C
+        self._follow_rows(cache, views)
         return Group(kind, [e[0] for e in entries], cache, views)
+
+    def _follow_rows(self, cache: CognicaKVCache, views: dict) -> None:
+        """After the rows of a group's cache changed: branches on devices of their own take its slots again."""
+        if self.siblings is not None and views:
+            self.siblings.follow_rows(cache, views)
 
     def _retire(self) -> None:
         """Finished rows leave their group: the others are selected along the batch, their slots unchanged."""
@@ -571,6 +587,7 @@ class Engine:
             group.cache.keep_rows(keep)
             for view in group.views.values():
                 view.keep_rows(keep)
+            self._follow_rows(group.cache, group.views)
             group.rows = [group.rows[i] for i in keep]
         for p in list(self.prefilling):
             if all(r.finish is not None for r in p.rows):

@@ -6,7 +6,8 @@ with `data: [DONE]`; stream_options.include_usage), GET /v1/models, /health, /me
 /detokenize. Every request may carry a `poe` field (mode full | stage | wand | speculative | compose and its
 settings); the response carries `usage` and a `poe` object (layers run per token, WAND's exit-stage histogram,
 speculative acceptance). With sibling specialists, /v1/models lists the base and each sibling, all served from ONE
-trunk; a request's `model` picks the exit.
+trunk; a request's `model` picks the exit. `--device-map` places the model's stages, or the trunk and each sibling
+branch, on devices of their own (branches then run concurrently after the trunk).
 
 Batching policy (scheduler.py): full / stage / compose rows share one group (one pass per step up to the deepest exit
 any row needs); WAND rows form a second group, speculative rows a group per (draft_stage, k_draft); the engine thread
@@ -613,14 +614,19 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
 
 def build(model_path: str, siblings: list[str] | None = None, dtype: str | None = None, pack: bool | str = "auto",
           max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 64,
-          quantize: dict | None = None) -> tuple[Engine, object, str]:
+          quantize: dict | None = None, device_map=None) -> tuple[Engine, object, str]:
     """Load the model (and its siblings on the same trunk) and its tokenizer; the engine, not yet started.
     quantize: load_model's quantization keywords (quantize="int8" | "int4", group_size, quantize_heads) and compile.
-    pack: True, False or "auto" (cpu.apply_packing)."""
+    pack: True, False or "auto" (cpu.apply_packing). device_map: one model's stages' devices (placement.py:
+    {"stage:0": "cuda:0", ...}, "auto" or one device), or with siblings the trunk's and each branch's
+    ({"trunk": "cuda:0", "<branch>": "cuda:1", ...}, branches.load_siblings); JSON strings are read as maps."""
     from .checkpoint import load_model, parse_dtype
     from .cpu import apply_packing
     from .tokenizer import CognicaPoETokenizer
 
+    if device_map == "ranks":
+        raise ValueError("--device-map ranks splits the stages over torchrun processes, which serve does not run: "
+                         "give devices in this process instead (a JSON map, 'auto' or one device)")
     if not os.path.isdir(model_path):
         raise FileNotFoundError(f"{model_path} is not a model folder")
     tok = CognicaPoETokenizer.from_pretrained(model_path)
@@ -630,11 +636,12 @@ def build(model_path: str, siblings: list[str] | None = None, dtype: str | None 
         if quantize and quantize.get("quantize"):
             raise ValueError("--quantize works on one model folder, not with --siblings")
 
-        family = load_siblings(model_path, siblings, dtype=parse_dtype(dtype) if dtype else None)
+        family = load_siblings(model_path, siblings, dtype=parse_dtype(dtype) if dtype else None,
+                               device_map=device_map)
         apply_packing(family, pack, like=family.base)
         engine = Engine(family.base, family, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
     else:
-        model = load_model(model_path, dtype=dtype, pack=pack, **(quantize or {}))
+        model = load_model(model_path, dtype=dtype, pack=pack, device_map=device_map, **(quantize or {}))
         engine = Engine(model, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
     return engine, tok, os.path.basename(os.path.normpath(model_path))
 
@@ -661,8 +668,8 @@ def serve(model_path: str, siblings: list[str] | None = None, host: str = "127.0
           api_key: str | None = None, dtype: str | None = None, pack: bool | str = "auto", max_batch: int = 16,
           max_queue: int = 64, prefill_chunk: int = 64, request_timeout: float | None = 600.0,
           max_model_len: int | None = None, served_model_name: str | None = None,
-          quantize: dict | None = None) -> None:
-    """Load, build the app, and serve it with uvicorn until interrupted (quantize: as build's)."""
+          quantize: dict | None = None, device_map=None) -> None:
+    """Load, build the app, and serve it with uvicorn until interrupted (quantize, device_map: as build's)."""
     import uvicorn
 
     check_serve_args(host, port, max_batch, max_queue, prefill_chunk, request_timeout)
@@ -670,7 +677,8 @@ def serve(model_path: str, siblings: list[str] | None = None, host: str = "127.0
     if host not in LOOPBACK and not api_key:
         print(f"cognica-poe serve: warning: listening on {host} without --api-key: anyone who can reach this "
               "machine can use the model", file=sys.stderr)
-    engine, tok, name = build(model_path, siblings, dtype, pack, max_batch, max_queue, prefill_chunk, quantize)
+    engine, tok, name = build(model_path, siblings, dtype, pack, max_batch, max_queue, prefill_chunk, quantize,
+                              device_map)
     check_max_model_len(engine.config, max_model_len)
     app = create_app(engine, tok, served_model_name or name, api_key, max_model_len, request_timeout)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
