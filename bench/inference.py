@@ -1,11 +1,16 @@
 """
 Inference benchmark: every mode against full-depth cached greedy, side by side in one process.
 
-Part 1, a trained model (../shared/models/poe-d8-classics, converted here): tokens/s of every mode,
-speculative acceptance and speedup next to the cost-model ideal (1 - a^(K+1)) / ((1 - a)(K c + v)) with c and
-v measured (the model describes decode steps, so it is compared with the decode-only speedup, prefill
-excluded; the end-to-end speedup is reported too), WAND speedup / top-1 agreement / exit histogram at
-several safeties (bounds calibrated on held-out text), stage-0 speedup. Part 2, speed at scale on a
+Part 1, a trained model ($COGNICA_POE_SHARED/models/poe-d8-classics, else ../shared/models/..., converted here):
+tokens/s of every mode, speculative acceptance and speedup next to the cost-model ideal (1 - a^(K+1)) / ((1 - a)(K c
++ v)) with c and v measured (the model describes decode steps, so it is compared with the decode-only speedup,
+prefill excluded; the end-to-end speedup is reported too), WAND speedup / top-1 agreement / exit histogram at
+several safeties (bounds calibrated on held-out text), stage-0 speedup. Part 1b, quantized quality on the same
+model: int8 (per channel), int4 (round-to-nearest, default groups of 128) and int4 GPTQ (groups of 32, lm_head in
+bf16, calibrated on the last 16k tokens of its training text), each made by `cognica-poe quantize` from bf16,
+against bf16 on --quality-tokens of its held-out documents: per exit BPB, its relative change and greedy top-1
+agreement (bpb.quality_against), and under "targets" which of issue 13's bars each meets at every exit (BPB
+within 0.5% for int8 / 3% for int4, agreement >= 99% / 95%). Part 2, speed at scale on a
 d24-shaped model (random weights): full-depth cached decode, with prepacked weights (packed.py, the CLI's
 default) and with plain ones, vs a transformers LlamaForCausalLM of the same width/depth/heads/vocab
 (intermediate 4x) under its own generate(); achieved weight bandwidth; matrix-vector bandwidth measured over
@@ -27,8 +32,10 @@ JSON object with every figure and the machine.
 
     python bench/inference.py                 # everything (about 5 minutes on 2 CPU cores)
     python bench/inference.py --scale d12     # part 2 on a smaller shape
-    python bench/inference.py --skip-scale    # parts 1 and 3
-    python bench/inference.py --skip-trained --skip-scale --scale d12   # part 3 alone, smaller (5 minutes, 2 cores)
+    python bench/inference.py --skip-scale    # parts 1, 1b and 3
+    python bench/inference.py --skip-trained --skip-scale --skip-quant   # part 1b alone (1.5 minutes, 2 cores)
+    python bench/inference.py --skip-trained --skip-quality --skip-scale --scale d12   # part 3 alone, smaller
+                                                                                     # (5 minutes, 2 cores)
     python bench/inference.py --skip-llama-cpp    # part 3 without llama.cpp
     python bench/inference.py --skip-scale --skip-quant --compile   # part 1, fp32 also compiled (compiled.py;
                                                                   # about 10 more minutes on 2 CPU cores, most of it
@@ -54,7 +61,7 @@ from cognica_poe.cpu import set_threads
 from cognica_poe.eval.speed import machine, median_time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(HERE, "..", "..", "shared")
+SHARED = os.environ.get("COGNICA_POE_SHARED") or os.path.join(HERE, "..", "..", "shared")  # as the tests
 D8 = os.path.join(SHARED, "models", "poe-d8-classics")
 
 
@@ -62,22 +69,34 @@ D8 = os.path.join(SHARED, "models", "poe-d8-classics")
 # part 1: a trained model
 
 
-def load_trained(dtype: str):
-    from cognica_poe.checkpoint import load_model
+def convert_trained() -> str:
+    """The d8 model as an fp32 HF folder (a new temporary folder)."""
     from cognica_poe.nanochat import convert_nanochat
-    from cognica_poe.tokenizer import CognicaPoETokenizer
 
     out = os.path.join(tempfile.mkdtemp(prefix="bench-d8-"), "hf")
-    convert_nanochat(D8, out, dtype="float32", allow_pickle=True)
+    return convert_nanochat(D8, out, dtype="float32", allow_pickle=True)
+
+
+def load_trained(dtype: str):
+    from cognica_poe.checkpoint import load_model
+    from cognica_poe.tokenizer import CognicaPoETokenizer
+
+    out = convert_trained()
     return load_model(out, dtype=dtype, pack="auto"), CognicaPoETokenizer.from_pretrained(out)  # as the CLI
 
 
-def heldout_docs() -> list[str]:
-    """The d8 model's validation documents (the last 1/20 of the corpus, as its README defines them)."""
+def corpus_docs() -> list[str]:
+    """The d8 model's corpus, document by document, in its training order."""
     docs = []
     for name in ("tinyshakespeare.txt", "warpeace.txt"):
         with open(os.path.join(SHARED, "data", name), encoding="utf-8") as f:
             docs += [d.strip() for d in f.read().split("\n\n") if d.strip()]
+    return docs
+
+
+def heldout_docs() -> list[str]:
+    """The d8 model's validation documents (the last 1/20 of the corpus, as its README defines them)."""
+    docs = corpus_docs()
     return docs[-(len(docs) // 20):]
 
 
@@ -116,6 +135,56 @@ def trained_part(dtype: str, new_tokens: int, runs: int, compile: bool = False) 
                                             safeties=(0.1, 0.25, 0.5, 1.0, 2.0), ks=(1, 2, 3, 4, 5, 6),
                                             draft_stages=(0,))
             res["targets"]["compiled"] = targets(res["compiled"])
+    return res
+
+
+# -----------------------------------------------------------------------------
+# part 1b: quantized quality on the trained model
+
+# issue 13's bars against bf16 at every exit: |BPB change| at most, greedy top-1 agreement at least
+QUALITY_BARS = {"int8": (0.005, 0.99), "int4": (0.03, 0.95)}
+# each recipe as `cognica-poe quantize` flags; int4_gptq: GPTQ in groups of 32 with lm_head kept in bf16, calibrated
+# on the last 16k tokens of the model's training text (War and Peace prose, like the held-out documents; the recipe
+# and the tokens of test_quantize's d8 quality test)
+QUALITY_RECIPES = {"int8": ["--bits", "8"], "int4": ["--bits", "4"],
+                   "int4_gptq": ["--bits", "4", "--group-size", "32", "--no-quantize-heads", "--calibration",
+                                 "TRAINING_TEXT"]}
+
+
+def quality_part(tokens: int, threads: int) -> dict:
+    """
+    int8 (per channel), int4 (round-to-nearest, default groups) and int4 GPTQ, each made by `cognica-poe quantize`
+    from the model's bf16 weights, against the bf16 model on tokens tokens of its held-out documents: per exit BPB,
+    its relative change and greedy top-1 agreement (bpb.quality_against, as the d8 quality test measures them),
+    and which of issue 13's bars each recipe meets at every exit ("targets").
+    """
+    from cognica_poe.bpb import quality_against
+    from cognica_poe.checkpoint import load_model
+    from cognica_poe.cli import main as cli
+    from cognica_poe.tokenizer import CognicaPoETokenizer
+    from cognica_poe.train.data import documents_stream, last_docs
+
+    folder = convert_trained()
+    tok = CognicaPoETokenizer.from_pretrained(folder)
+    ref = load_model(folder, dtype="bfloat16")
+    stream = documents_stream(heldout_docs(), tok, tokens)
+    docs = corpus_docs()
+    calibration = os.path.join(os.path.dirname(folder), "calibration.txt")  # the end of the training documents
+    with open(calibration, "w", encoding="utf-8") as f:  # (the CLI reads its default 16k tokens of them)
+        f.write("\n\n".join(last_docs(docs[: len(docs) - len(docs) // 20], tok, 16384)))
+    res = {"model": "poe-d8-classics", "reference": "bf16", "eval_tokens": len(stream),
+           "eval_text": "held-out documents (the last 1/20 of the corpus)", "recipes": {}, "targets": {}}
+    for name, flags in QUALITY_RECIPES.items():
+        out = os.path.join(os.path.dirname(folder), name)
+        argv = ["quantize", folder, out, "--dtype", "bfloat16", "--threads", str(threads),
+                *(calibration if f == "TRAINING_TEXT" else f for f in flags)]
+        if cli(argv) != 0:
+            raise SystemExit(f"cognica-poe {' '.join(argv)} failed")
+        q = quality_against(load_model(out).gpt, ref.gpt, stream, tok.token_bytes(), seq_len=256, batch_size=8)
+        res["recipes"][name] = {"cli": " ".join(["cognica-poe quantize MODEL OUT --dtype bfloat16", *flags]), **q}
+        bpb_bar, agree_bar = QUALITY_BARS[name.split("_")[0]]
+        res["targets"][name] = {"bpb_change_max": bpb_bar, "bpb_met": max(map(abs, q["bpb_change"])) <= bpb_bar,
+                                "top1_agreement_min": agree_bar, "agreement_met": min(q["top1_agreement"]) >= agree_bar}
     return res
 
 
@@ -494,6 +563,8 @@ def main() -> None:
                         help="part 3 without llama.cpp (skipped by itself when llama-cpp-python is not installed)")
     parser.add_argument("--prefill-tokens", type=int, default=512, help="part 3: the prompt length of prefill")
     parser.add_argument("--compile", action="store_true", help="part 1, fp32: also every mode with compiled decode")
+    parser.add_argument("--skip-quality", action="store_true", help="skip part 1b (int8 / int4 quality against bf16)")
+    parser.add_argument("--quality-tokens", type=int, default=32768, help="part 1b: held-out tokens evaluated")
     parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: run one part in a subprocess
     args = parser.parse_args()
     args.threads = set_threads(args.threads)
@@ -501,6 +572,8 @@ def main() -> None:
         kind, dtype = args.part.split(":")
         if kind == "quant":
             out = quant_part(args.scale, args.new_tokens, args.runs, args.prefill_tokens, not args.skip_llama_cpp)
+        elif kind == "quality":
+            out = quality_part(args.quality_tokens, args.threads)
         elif kind == "trained":
             out = trained_part(dtype, args.new_tokens, args.runs, args.compile and dtype == "fp32")
         else:
@@ -513,12 +586,13 @@ def main() -> None:
         results["llama_cpp"] = "skipped: llama-cpp-python / gguf not installed (bash bench/setup_llama_cpp.sh)"
         print(results["llama_cpp"], flush=True)
     parts = ([] if args.skip_trained else ["trained:fp32", "trained:bf16"]) + \
+        ([] if args.skip_quality else ["quality:bf16"]) + \
         ([] if args.skip_scale else ["scale:bf16", "scale:fp32"]) + ([] if args.skip_quant else ["quant:bf16"])
     for part in parts:
         cmd = [sys.executable, __file__, "--part", part, "--scale", args.scale, "--new-tokens", str(args.new_tokens),
                "--runs", str(args.runs), "--threads", str(args.threads), "--long-prompt", str(args.long_prompt),
-               "--prefill-tokens", str(args.prefill_tokens)] + (["--skip-llama-cpp"] if args.skip_llama_cpp else []) \
-            + (["--compile"] if args.compile else [])
+               "--prefill-tokens", str(args.prefill_tokens), "--quality-tokens", str(args.quality_tokens)] \
+            + (["--skip-llama-cpp"] if args.skip_llama_cpp else []) + (["--compile"] if args.compile else [])
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -174,47 +174,61 @@ def test_cli_quantize_then_generate(tmp_path, capsys):
 INT4_GAP = "plain round-to-nearest int4 falls short of 95% top-1 agreement on poe-d8-classics (issue 13, open)"
 
 
-# GPTQ (calibrated on 16k tokens of the training split, groups of 32, lm_head kept in bf16) closes most of int4's gap
-# (exits at 95.4, 95.6, 95.1, 94.9% when this was written); the last exit still falls a hair short of 95%
+# GPTQ (groups of 32, lm_head kept in bf16) closes int4's gap when calibrated on text like the held-out text: the
+# last 16k tokens of the training split (War and Peace prose, as the held-out documents are) give 95.8, 95.8, 95.8,
+# 95.2% top-1 agreement at the four exits on these 7,936 tokens, BPB within 0.06%. Calibrated on the start of the
+# split instead (Shakespeare's verse) the later exits fall to 94.3-94.7%. Tried without a gain on this model:
+# act-order with static groups (gptq_int4's act_order), 4x the calibration tokens, damp 0.001 to 0.1, calibrating
+# each block on the outputs of the blocks already quantized, and a least-squares refit of the scales and zeros
 D8_QUANTIZED = {}
-INT4_GPTQ_GAP = "int4 GPTQ reaches 95% top-1 agreement at three of four exits of poe-d8-classics (issue 13, open)"
+
+
+@pytest.fixture(scope="module")
+def d8_corpus(tmp_path_factory):
+    """poe-d8-classics' corpus as one file, which Corpus splits as the model was trained (its README): the last 1/20
+    of the documents (the end of War and Peace) held out."""
+    from cognica_poe.train.data import Corpus
+
+    texts = []
+    for name in ("tinyshakespeare.txt", "warpeace.txt"):
+        with open(shared_path("data", name), encoding="utf-8") as f:
+            texts.append(f.read().strip())
+    path = tmp_path_factory.mktemp("classics") / "classics.txt"
+    path.write_text("\n\n".join(texts), encoding="utf-8")
+    return Corpus(str(path))
 
 
 @pytest.mark.parametrize("mode,bpb_tol,min_agree,gptq", [
     ("int8", 0.005, 0.98, False), ("int4", 0.03, 0.85, False),
     pytest.param("int4", 0.03, 0.95, False, marks=pytest.mark.xfail(strict=True, reason=INT4_GAP)),
-    ("int4", 0.01, 0.94, True),
-    pytest.param("int4", 0.03, 0.95, True, marks=pytest.mark.xfail(strict=True, reason=INT4_GPTQ_GAP))])
-def test_d8_quantized_quality_against_bf16(d8_model, mode, bpb_tol, min_agree, gptq):
-    """poe-d8-classics' validation text: per-exit BPB within 0.5% (int8) / 3% (int4) of bf16, greedy top-1
-    agreement with bf16 at every exit. gptq: int4 calibrated on the training split (groups of 32, lm_head bf16)."""
+    ("int4", 0.01, 0.95, True)])
+def test_d8_quantized_quality_against_bf16(d8_model, d8_corpus, mode, bpb_tol, min_agree, gptq):
+    """poe-d8-classics' held-out documents: per-exit BPB within 0.5% (int8) / 3% (int4) of bf16, greedy top-1
+    agreement with bf16 at every exit. gptq: int4 calibrated on the end of the training split (groups of 32,
+    lm_head bf16), the tokens bench/inference.py's quality part calibrates on."""
     import copy
 
-    from cognica_poe.bpb import evaluate_bpb
-    from cognica_poe.train.data import Corpus, token_stream
+    from cognica_poe.bpb import quality_against
+    from cognica_poe.train.data import documents_stream, last_docs
 
     model, tok = d8_model
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     if (mode, gptq) not in D8_QUANTIZED:  # the passing and the xfail case of a recipe share one quantization
         quant = copy.deepcopy(bf16)
         if gptq:
-            calibration = token_stream(Corpus(shared_path("data")), tok, "train", max_tokens=64 * 256)
-            quantize_model(quant.gpt, mode, 32, heads=False, calibration=calibration.view(64, 256))
+            text = last_docs(list(d8_corpus.docs("train")), tok, 64 * 256)
+            calibration = documents_stream(text, tok, 64 * 256).view(64, 256)
+            quantize_model(quant.gpt, mode, 32, heads=False, calibration=calibration)
         else:
             quantize_model(quant.gpt, mode, 64)
         D8_QUANTIZED[mode, gptq] = quant
     quant = D8_QUANTIZED[mode, gptq]
-    stream = token_stream(Corpus(shared_path("data")), tok, "val", max_tokens=4096)
-    tb = tok.token_bytes()
-    ref = evaluate_bpb(bf16.gpt, stream, tb, seq_len=256, batch_size=8)["stages"]
-    got = evaluate_bpb(quant.gpt, stream, tb, seq_len=256, batch_size=8)["stages"]
-    for s, (a, b) in enumerate(zip(ref, got)):
-        assert abs(b - a) <= bpb_tol * a, (s, a, b)
-    x = stream[: 8 * 256].view(8, 256)
-    with torch.no_grad():
-        for s, (a, b) in enumerate(zip(bf16.gpt.forward_all_stages(x), quant.gpt.forward_all_stages(x))):
-            agree = float((a.argmax(-1) == b.argmax(-1)).float().mean())
-            assert agree >= min_agree, (s, agree)
+    stream = documents_stream(d8_corpus.docs("val"), tok, 8192)
+    got = quality_against(quant.gpt, bf16.gpt, stream, tok.token_bytes(), seq_len=256, batch_size=8)
+    for s, change in enumerate(got["bpb_change"]):
+        assert abs(change) <= bpb_tol, (s, got["reference_bpb"][s], got["bpb"][s])
+    for s, agree in enumerate(got["top1_agreement"]):
+        assert agree >= min_agree, (s, agree)
 
 
 def test_gptq_int4_moves_the_outputs_on_its_calibration_inputs_less_than_plain_rounding():
@@ -241,6 +255,35 @@ def test_gptq_int4_moves_the_outputs_on_its_calibration_inputs_less_than_plain_r
     lin.weight.data = w
     m = QuantizedLinear.from_linear(lin, 4, 32, hessian=x.t() @ x)
     torch.testing.assert_close(m(x), x @ gptq.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_act_order_with_static_groups_does_at_least_as_well_on_inputs_of_unequal_scale():
+    """act-order rounds the inputs that carry most first (here the last columns: plain order reaches them when no
+    column is left to absorb their error), on groups fitted to the original weights before the sweep: the stored
+    layout is unchanged, so the kernel multiplies by the same matrix."""
+    from cognica_poe.quantize import gptq_int4, int4_group_fit
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g) * 0.05
+    x = torch.randn(512, 16, generator=g) @ torch.randn(16, 128, generator=g) + 0.1 * torch.randn(512, 128,
+                                                                                                 generator=g)
+    x = x * torch.linspace(0.2, 3, 128)
+    h = x.t() @ x
+
+    def dequant(q, s, z):
+        return ((q.float().view(64, -1, 32) - 8) * s[..., None] + z[..., None]).view(64, 128)
+
+    plain, act = gptq_int4(w, h, 32), gptq_int4(w, h, 32, act_order=True)
+    err_plain, err_act = (x @ (dequant(*plain) - w).t()).norm(), (x @ (dequant(*act) - w).t()).norm()
+    assert err_act <= err_plain, (err_act, err_plain)
+    # static groups: each group's scale and zero are those of the original weights, whatever the order did
+    s, z = int4_group_fit(w.reshape(-1, 32))
+    torch.testing.assert_close(act[1], s.view(64, 4))
+    torch.testing.assert_close(act[2], z.view(64, 4))
+    lin = torch.nn.Linear(128, 64, bias=False)
+    lin.weight.data = w
+    m = QuantizedLinear.from_linear(lin, 4, 32, hessian=h, act_order=True)
+    torch.testing.assert_close(m(x), x @ dequant(*act).t(), rtol=1e-4, atol=1e-4)
 
 
 def test_quantize_model_with_calibration_tokens_uses_gptq_and_stays_closer_to_the_float_model():

@@ -102,3 +102,27 @@ def stage_bpb(gpt: GPT, stream: torch.Tensor, token_bytes: torch.Tensor, seq_len
               batch_size: int = 8, stage_boundaries: list[int] | None = None) -> list[float]:
     """BPB of each exit (default: every stage boundary) over fresh-context windows of `stream`."""
     return evaluate_bpb(gpt, stream, token_bytes, seq_len, batch_size, stage_boundaries)["stages"]
+
+
+@torch.no_grad()
+def quality_against(gpt: GPT, reference: GPT, stream: torch.Tensor, token_bytes: torch.Tensor,
+                    seq_len: int | None = None, batch_size: int = 8) -> dict:
+    """
+    How far gpt (e.g. a quantized copy) has moved from reference (the model it was made from) at each exit, on the
+    fresh-context windows of stream: each one's BPB (evaluate_bpb), gpt's relative change (gpt - reference) /
+    reference, and how often the two pick the same top-1 token at every input position (what greedy decoding
+    reads). Returns {"bpb", "reference_bpb", "bpb_change", "top1_agreement"} (lists, one per exit) and "tokens".
+    """
+    ref = evaluate_bpb(reference, stream, token_bytes, seq_len, batch_size)["stages"]
+    got = evaluate_bpb(gpt, stream, token_bytes, seq_len, batch_size)["stages"]
+    device = gpt.device
+    pairs = windows(stream, seq_len or gpt.config.sequence_len)
+    same, n = torch.zeros(len(ref), dtype=torch.float64), 0
+    for i in range(0, len(pairs), batch_size):
+        x = torch.stack([p[0] for p in pairs[i:i + batch_size]])
+        for k, (a, b) in enumerate(zip(reference.forward_all_stages(x.to(reference.device)),
+                                       gpt.forward_all_stages(x.to(device)))):
+            same[k] += float((a.argmax(-1).cpu() == b.argmax(-1).cpu()).sum())
+        n += x.numel()
+    return {"bpb": got, "reference_bpb": ref, "bpb_change": [(b - a) / a for a, b in zip(ref, got)],
+            "top1_agreement": (same / n).tolist(), "tokens": n}

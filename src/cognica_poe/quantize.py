@@ -108,14 +108,25 @@ def int4_group_fit(g: torch.Tensor, ratios: tuple[float, ...] = (1.0, 0.95, 0.9,
 
 
 @torch.no_grad()
-def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: float = 0.01,
-              block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: float = 0.01, block: int = 128,
+              act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     GPTQ (Frantar et al., 2022) in int4_weight's layout: the columns are rounded one at a time and each column's
     rounding error is spread over the columns not yet rounded, through the inverse of hessian = X^T X of the
     inputs X the matrix saw on calibration text, so that the layer's outputs on such inputs move least (plain
-    rounding minimises the weights' error instead). Each group's scale and zero are fitted (int4_group_fit) when its
-    first column comes up, to the weights as the earlier errors left them. Returns (q, scales, zeros).
+    rounding minimises the weights' error instead). Returns (q, scales, zeros).
+
+    act_order: the columns are rounded in order of decreasing hessian diagonal (the inputs that carry most first,
+    while many columns are left to absorb their error), with static groups: every group's scale and zero are
+    fitted (int4_group_fit) to the original weights before the sweep, so a column rounds on its own group's fixed
+    grid wherever the order puts it, and the stored layout (and the kernel) stay as they are. Without act_order
+    the columns go left to right and each group is fitted when its first column comes up, to the weights as the
+    earlier errors left them.
+    Off by default: it pays where a few inputs carry far more than the rest (several times less output error on
+    such inputs in the tests), but most of a model's matrices read normalised inputs whose scales differ by 2-3x,
+    and there groups fitted to the updated weights count for more: on poe-d8-classics act-order moves the outputs
+    of 47 of its 48 block matrices more (about 10%), and its exits agree with bf16's greedy token less often
+    (95.1% at each against 95.2-95.7% over 32k held-out tokens).
     """
     w = w.detach().float().clone()
     out, inp = w.shape
@@ -123,23 +134,31 @@ def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: flo
     dead = h.diagonal() == 0  # inputs never seen: their weights cannot matter on such text
     h[dead, dead] = 1
     w[:, dead] = 0
+    scales = torch.zeros(out, inp // group_size, device=w.device)
+    zeros = torch.zeros_like(scales)
+    if act_order:  # static groups, from the original column order
+        s, z = int4_group_fit(w.reshape(-1, group_size))
+        scales, zeros = s.view(out, -1), z.view(out, -1)
+    # the sweep's order (perm[j]: the original column rounded j-th), with the weights and hessian in that order
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(inp, device=w.device)
+    w, h = w[:, perm], h[perm][:, perm]
     h += damp * h.diagonal().mean() * torch.eye(inp, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros(out, inp, dtype=torch.int32, device=w.device)
-    scales = torch.zeros(out, inp // group_size, device=w.device)
-    zeros = torch.zeros_like(scales)
     block = max(group_size, block // group_size * group_size)  # whole groups per block
     for b0 in range(0, inp, block):
         b1 = min(b0 + block, inp)
         wb, err = w[:, b0:b1].clone(), torch.zeros(out, b1 - b0, device=w.device)
         hb = hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
-            if (b0 + i) % group_size == 0:
-                g = (b0 + i) // group_size
+            c = int(perm[b0 + i])  # the original column: its group, and where its q is stored
+            g = c // group_size
+            if not act_order and c % group_size == 0:  # in order: fit the group as the earlier errors left it
                 scales[:, g], zeros[:, g] = int4_group_fit(wb[:, i:i + group_size])
-            s, z = scales[:, (b0 + i) // group_size], zeros[:, (b0 + i) // group_size]
+            s, z = scales[:, g], zeros[:, g]
             qi = torch.round((wb[:, i] - z) / s + 8).clamp(0, 15)
-            q[:, b0 + i] = qi.to(torch.int32)
+            q[:, c] = qi.to(torch.int32)
+            # the column's error, scaled by its pivot, moved onto the columns of the block still to round
             e = (wb[:, i] - (s * (qi - 8) + z)) / hb[i, i]
             wb[:, i:] -= e[:, None] * hb[i, i:][None]
             err[:, i] = e
@@ -207,9 +226,9 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None,
-                    hessian: torch.Tensor | None = None) -> "QuantizedLinear":
+                    hessian: torch.Tensor | None = None, act_order: bool = False) -> "QuantizedLinear":
         """Quantize one bias-free nn.Linear (its weight read in fp32), scales in the weight's dtype. int4 with a
-        hessian (input_moments) goes through GPTQ, else plain rounding."""
+        hessian (input_moments) goes through GPTQ (in act-order if asked), else plain rounding."""
         if linear.bias is not None:
             raise ValueError("weight-only quantization here covers bias-free matrices only")
         w = linear.weight
@@ -219,7 +238,8 @@ class QuantizedLinear(nn.Module):
             m.load_portable({"qweight": q, "scales": scales})
         else:
             use_gptq = hessian is not None and bool(hessian.diagonal().any())
-            q, scales, zeros = gptq_int4(w, hessian, group_size) if use_gptq else int4_weight(w, group_size)
+            q, scales, zeros = gptq_int4(w, hessian, group_size, act_order=act_order) if use_gptq \
+                else int4_weight(w, group_size)
             m.load_portable({"qweight": nibbles(q), "scales": scales, "zeros": zeros})
         return m
 
@@ -320,12 +340,13 @@ def check_device(device: torch.device | str, bits: int) -> None:
 
 @torch.no_grad()
 def quantize_model(gpt: GPT, mode: str | int, group_size: int = DEFAULT_GROUP_SIZE, heads: bool = True,
-                   calibration: torch.Tensor | None = None) -> list[str]:
+                   calibration: torch.Tensor | None = None, act_order: bool = False) -> list[str]:
     """
     Quantize gpt's matrices in place (module by module; packed copies dropped first). Returns the names quantized.
     Every shape is checked before anything changes, so a refused model is left as it was. calibration: token ids
     (B, T) of representative text; int4 then rounds by GPTQ against the inputs the float model sees on it (closer
-    outputs than plain rounding, same layout); int8 needs none and ignores it.
+    outputs than plain rounding, same layout); int8 needs none and ignores it. act_order: GPTQ rounds each matrix's
+    columns in order of decreasing input energy, on static groups (gptq_int4 says when that pays).
     """
     bits = parse_quantize(mode)
     if is_quantized(gpt):
@@ -345,7 +366,7 @@ def quantize_model(gpt: GPT, mode: str | int, group_size: int = DEFAULT_GROUP_SI
         parent, _, leaf = name.rpartition(".")
         owner = gpt.get_submodule(parent) if parent else gpt
         hessian = moments.pop(name, None)  # freed as it goes: the largest are in x in fp32
-        setattr(owner, leaf, QuantizedLinear.from_linear(getattr(owner, leaf), bits, group_size, hessian))
+        setattr(owner, leaf, QuantizedLinear.from_linear(getattr(owner, leaf), bits, group_size, hessian, act_order))
     return names
 
 

@@ -190,6 +190,16 @@ def documents_stream(docs: Iterable[str], tokenizer, max_tokens: int | None = No
     return torch.tensor(out, dtype=torch.long)
 
 
+def last_docs(docs: list[str], tokenizer, min_tokens: int) -> list[str]:
+    """The fewest documents at the end of docs whose [BOS] + tokens add up to at least min_tokens (all of them if
+    fewer): e.g. the training text nearest a held-out split, to calibrate on."""
+    k, n = len(docs), 0
+    while k > 0 and n < min_tokens:
+        k -= 1
+        n += 1 + len(tokenizer.encoding.encode_ordinary(docs[k]))
+    return docs[k:]
+
+
 # -----------------------------------------------------------------------------
 # the packed, shuffled, resumable train loader
 
