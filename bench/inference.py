@@ -344,6 +344,29 @@ def llama_cpp_installed() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", "gguf"))
 
 
+def cpu_has_amx() -> bool:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        return "amx_int8" in f.read()
+
+
+def llama_cpp_without_extra_buffers() -> None:
+    """
+    Load llama.cpp models without its extra weight buffer types (AMX, and the CPU repacking of Q4_0 / Q8_0): on
+    CPUs with AMX its AMX matrix product crashes (segfault in the first Q8_0 decode here, ggml-org/llama.cpp#20824),
+    so there llama.cpp runs its plain CPU kernels, and the JSON says so.
+    """
+    import llama_cpp.llama_cpp as lib
+
+    defaults = lib.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = params
+
+
 def llama_ffn(n_embd: int) -> int:
     """Llama's own MLP width (2/3 of 4x, rounded up to 256): its three MLP matrices (gate, up, down) then hold as many
     weights as our two 4x ones, so both sides read the same bytes per token at the same precision."""
@@ -492,6 +515,9 @@ def quant_part(preset: str, new_tokens: int, runs: int, prefill_tokens: int, lla
     if llama_cpp:
         from llama_cpp import Llama
 
+        extra_buffers = not cpu_has_amx()
+        if not extra_buffers:
+            llama_cpp_without_extra_buffers()
         gguf_dir = tempfile.mkdtemp(prefix="bench-gguf-")
         paths = {t: os.path.join(gguf_dir, f"llama-{preset}-{t}.gguf") for t in LLAMA_CPP_TYPES.values()}
         their_read = write_llama_ggufs(cfg, paths, quantize_heads=heads)
@@ -501,7 +527,9 @@ def quant_part(preset: str, new_tokens: int, runs: int, prefill_tokens: int, lla
                               verbose=False)
         res["llama_cpp_setup"] = {"version": __import__("llama_cpp").__version__, "ffn": llama_ffn(cfg.n_embd),
                             "output_weight": "file type" if heads else "BF16",
-                            "vocab": "placeholder SentencePiece entries (speed only)"}
+                            "vocab": "placeholder SentencePiece entries (speed only)",
+                            "extra_buffer_types": "on" if extra_buffers else
+                            "off: AMX / repacked Q4_0 and Q8_0 crash on this AMX CPU (ggml-org/llama.cpp#20824)"}
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, cfg.vocab_size, (1, 16), generator=gen)
     long_ids = torch.randint(3, cfg.vocab_size, (1, prefill_tokens), generator=gen)
@@ -595,11 +623,15 @@ def main() -> None:
             + (["--skip-llama-cpp"] if args.skip_llama_cpp else []) + (["--compile"] if args.compile else [])
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"{part} failed:\n{proc.stderr[-3000:]}")
+        if proc.returncode != 0:  # the other parts' figures still come out, with the failure named
+            results[part] = {"failed": f"exit status {proc.returncode}", "stderr": proc.stderr[-3000:]}
+            print(f"{part} failed (exit status {proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+            continue
         results[part] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{part} done in {time.perf_counter() - t0:.0f}s: {json.dumps(results[part])[:400]}...", flush=True)
     print(json.dumps(results))
+    if any("failed" in r for r in results.values() if isinstance(r, dict)):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
