@@ -345,8 +345,12 @@ def llama_cpp_installed() -> bool:
 
 
 def cpu_has_amx() -> bool:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        return "amx_int8" in f.read()
+    """Whether the CPU has AMX (Linux reports its flags in /proc/cpuinfo; elsewhere: no AMX to avoid)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return "amx_int8" in f.read()
+    except OSError:
+        return False
 
 
 def llama_cpp_without_extra_buffers() -> None:
