@@ -155,8 +155,9 @@ def quality_part(tokens: int, threads: int) -> dict:
     """
     int8 (per channel), int4 (round-to-nearest, default groups) and int4 GPTQ, each made by `cognica-poe quantize`
     from the model's bf16 weights, against the bf16 model on tokens tokens of its held-out documents: per exit BPB,
-    its relative change and greedy top-1 agreement (bpb.quality_against, as the d8 quality test measures them),
-    and which of issue 13's bars each recipe meets at every exit ("targets").
+    its relative change and greedy top-1 agreement (bpb.quality_against, as the d8 quality test measures them: any of
+    bf16's exactly tied top tokens counts as its pick; "top1_agreement_strict" counts only its argmax), and which of
+    issue 13's bars each recipe meets at every exit ("targets").
     """
     from cognica_poe.bpb import quality_against
     from cognica_poe.checkpoint import load_model

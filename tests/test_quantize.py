@@ -167,8 +167,24 @@ def test_cli_quantize_then_generate(tmp_path, capsys):
     assert "already quantized" in capsys.readouterr().err
 
 
-# top-1 agreement bars: the issue asks 99% (int8) against bf16, but bf16's own rounding flips near-ties on about 1%
-# of this model's tokens (the fp32 weights themselves fall just short of 99% against bf16), so int8 is held to 98%
+def test_top1_agreement_counts_any_of_the_references_tied_top_tokens():
+    """bf16 logits tie exactly at the top on a few percent of positions; any tied token is a greedy pick of the
+    reference, so picking another one of them agrees (strictly, only reference's own argmax does)."""
+    from cognica_poe.bpb import top1_counts
+
+    reference = torch.tensor([[1.0, 3.0, 3.0, 0.0],   # tokens 1 and 2 tie at the top
+                              [5.0, 1.0, 0.0, 0.0],   # no tie
+                              [2.0, 2.0, 1.0, 0.0]])  # tokens 0 and 1 tie
+    logits = torch.tensor([[0.0, 1.0, 2.0, 0.0],      # picks 2: tied top-1 of the reference
+                           [0.0, 3.0, 0.0, 0.0],      # picks 1: disagrees
+                           [0.0, 0.0, 0.0, 1.0]])     # picks 3: disagrees
+    assert top1_counts(reference, logits) == (1, 0, 2)
+    assert top1_counts(reference, reference) == (3, 3, 2)
+
+
+# top-1 agreement bars: the issue's 99% (int8) and 95% (int4) against bf16, counting any of bf16's exactly tied top
+# tokens as its pick (bpb.top1_counts); strictly against bf16's argmax, int8 reaches 98.5-98.7% and even the fp32
+# weights fall short of 99%: bf16's logits tie at the top on about 2% of this model's positions
 # int4 (round-to-nearest, groups of 64) meets the BPB bar but not the issue's 95% agreement on this small model: the
 # strict xfail records that gap (it fails loudly once a better int4 closes it); 90% guards against regressions
 INT4_GAP = "plain round-to-nearest int4 falls short of 95% top-1 agreement on poe-d8-classics (issue 13, open)"
@@ -199,7 +215,7 @@ def d8_corpus(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode,bpb_tol,min_agree,gptq", [
-    ("int8", 0.005, 0.98, False), ("int4", 0.03, 0.85, False),
+    ("int8", 0.005, 0.99, False), ("int4", 0.03, 0.85, False),
     pytest.param("int4", 0.03, 0.95, False, marks=pytest.mark.xfail(strict=True, reason=INT4_GAP)),
     ("int4", 0.01, 0.95, True)])
 def test_d8_quantized_quality_against_bf16(d8_model, d8_corpus, mode, bpb_tol, min_agree, gptq):

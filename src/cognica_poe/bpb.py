@@ -105,24 +105,41 @@ def stage_bpb(gpt: GPT, stream: torch.Tensor, token_bytes: torch.Tensor, seq_len
 
 
 @torch.no_grad()
+def top1_counts(reference: torch.Tensor, logits: torch.Tensor) -> tuple[int, int, int]:
+    """
+    Over positions of two (..., V) logits: how many of logits' argmax are a top-1 token of reference (its logit
+    equals reference's maximum, so ties count), how many equal reference's own argmax, and at how many positions
+    reference's top-1 is tied.
+    """
+    reference, pick = reference.float().cpu(), logits.argmax(-1, keepdim=True).cpu()  # (..., V), (..., 1)
+    top = reference.amax(-1, keepdim=True)
+    return (int((reference.gather(-1, pick) == top).sum()), int((reference.argmax(-1, keepdim=True) == pick).sum()),
+            int(((reference == top).sum(-1) > 1).sum()))
+
+
 def quality_against(gpt: GPT, reference: GPT, stream: torch.Tensor, token_bytes: torch.Tensor,
                     seq_len: int | None = None, batch_size: int = 8) -> dict:
     """
     How far gpt (e.g. a quantized copy) has moved from reference (the model it was made from) at each exit, on the
     fresh-context windows of stream: each one's BPB (evaluate_bpb), gpt's relative change (gpt - reference) /
-    reference, and how often the two pick the same top-1 token at every input position (what greedy decoding
-    reads). Returns {"bpb", "reference_bpb", "bpb_change", "top1_agreement"} (lists, one per exit) and "tokens".
+    reference, and how often gpt's top-1 token at an input position is one greedy decoding of reference could pick
+    there. Where reference's top logits tie exactly (bf16 logits do at a few percent of positions: 8 bits of mantissa
+    over tens of thousands of tokens), every tied token is its top-1, and which one argmax returns says nothing about
+    the model; "top1_agreement_strict" counts only reference's argmax itself. Returns {"bpb", "reference_bpb",
+    "bpb_change", "top1_agreement", "top1_agreement_strict", "reference_top1_ties"} (lists, one per exit; the last is
+    the share of positions where reference's top-1 is tied) and "tokens".
     """
     ref = evaluate_bpb(reference, stream, token_bytes, seq_len, batch_size)["stages"]
     got = evaluate_bpb(gpt, stream, token_bytes, seq_len, batch_size)["stages"]
     device = gpt.device
     pairs = windows(stream, seq_len or gpt.config.sequence_len)
-    same, n = torch.zeros(len(ref), dtype=torch.float64), 0
+    counts, n = [[0, 0, 0] for _ in ref], 0  # per exit: (agreeing, agreeing strictly, tied) positions
     for i in range(0, len(pairs), batch_size):
         x = torch.stack([p[0] for p in pairs[i:i + batch_size]])
         for k, (a, b) in enumerate(zip(reference.forward_all_stages(x.to(reference.device)),
                                        gpt.forward_all_stages(x.to(device)))):
-            same[k] += float((a.argmax(-1).cpu() == b.argmax(-1).cpu()).sum())
+            counts[k] = [c + d for c, d in zip(counts[k], top1_counts(a, b))]
         n += x.numel()
     return {"bpb": got, "reference_bpb": ref, "bpb_change": [(b - a) / a for a, b in zip(ref, got)],
-            "top1_agreement": (same / n).tolist(), "tokens": n}
+            "top1_agreement": [c[0] / n for c in counts], "top1_agreement_strict": [c[1] / n for c in counts],
+            "reference_top1_ties": [c[2] / n for c in counts], "tokens": n}
