@@ -106,6 +106,44 @@ def test_no_recompile_once_warm_over_many_steps_and_other_cache_sizes(pair):
         model.generate_stage(prompt(18, seed=4), stage=1, max_new_tokens=60, stop_tokens=[])  # many steps
 
 
+@needs_compiler
+@pytest.mark.slow  # its own graph, with every int8 product autotuned (about a minute on 2 cores)
+@torch.no_grad()
+def test_max_autotune_int8_freezes_the_weights_into_inductors_own_kernels_and_decodes_as_eager(monkeypatch):
+    """Mode "max-autotune": on CPU the int8 weights become graph constants, so inductor can choose its C++ template
+    for weight-only int8 (it takes constant weights only); greedy tokens equal eager int8's, logits within bf16's
+    tolerance."""
+    # lowering before quantized_lowerings, which needs it loaded first
+    from torch._inductor import ir, lowering, quantized_lowerings, utils  # noqa: F401
+
+    from cognica_poe.quantize import quantize_model
+
+    eager, model = (perturbed_model(n_layer=2).to(torch.bfloat16) for _ in range(2))
+    for m in (eager, model):
+        quantize_model(m.gpt, "int8")
+    considered = []  # (weight dtype, whether the weight is a frozen constant) of each product inductor lowers
+    use_template = utils.use_cpp_gemm_template
+
+    def spy(layout, mat1, mat2, *args, **kwargs):
+        weight = mat2.unwrap_view() if isinstance(mat2, ir.BaseView) else mat2
+        considered.append((mat2.get_dtype(), isinstance(weight, ir.StorageBox) and weight.is_module_buffer()))
+        return use_template(layout, mat1, mat2, *args, **kwargs)
+
+    monkeypatch.setattr(utils, "use_cpp_gemm_template", spy)
+    monkeypatch.setattr(quantized_lowerings, "use_cpp_gemm_template", spy)
+    assert compile_decode(model.gpt, "max-autotune")
+    ids = prompt(20, seed=6)
+    with torch._inductor.config.patch(force_disable_caches=True):  # lowered here, not read from a cache
+        torch.testing.assert_close(step_logits(model, ids), step_logits(eager, ids), atol=BF16_ATOL, rtol=0)
+    int8 = [frozen for dtype, frozen in considered if dtype == torch.int8]
+    assert int8 and all(int8), considered  # every int8 product, each with its weight frozen
+    for seed in range(2):
+        ids = prompt(20, seed)
+        assert torch.equal(model.generate_stage(ids, stage=1, **KW), eager.generate_stage(ids, stage=1, **KW))
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'"):
+        compile_decode(model.gpt, "fast")
+
+
 def test_fallback_without_a_compiler_warns_once_and_decodes_eagerly(monkeypatch):
     monkeypatch.setattr(compiled, "find_cpp_compiler", lambda: None)
     model = perturbed_model(n_layer=2)
@@ -142,7 +180,8 @@ def test_compile_flag_on_generate_report_and_serve_and_refused_with_siblings(tmp
 
     parser = build_parser()
     for argv in (["generate", "M", "hi"], ["report", "M"], ["serve", "M"]):
-        assert parser.parse_args(argv + ["--compile"]).compile and not parser.parse_args(argv).compile
+        assert parser.parse_args(argv + ["--compile"]).compile == "default" and not parser.parse_args(argv).compile
+        assert parser.parse_args(argv + ["--compile-max-autotune"]).compile == "max-autotune"
     folder = str(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     assert main(["serve", folder, "--siblings", folder, "--compile"]) == 2

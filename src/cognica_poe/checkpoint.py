@@ -238,7 +238,7 @@ def read_config(path: str) -> CognicaPoEConfig:
 
 def load_model(path_or_preset: str, dtype: str | torch.dtype | None = None, device: str = "cpu",
                seed: int = 0, pack: bool | str = False, quantize: str | None = None, group_size: int = 128,
-               quantize_heads: bool = True, device_map=None, compile: bool = False) -> CognicaPoEForCausalLM:
+               quantize_heads: bool = True, device_map=None, compile: bool | str = False) -> CognicaPoEForCausalLM:
     """
     An HF folder (ours or a released one), a quantized folder (`cognica-poe quantize`), or a preset name (randomly
     initialised, for shapes and speed), in eval mode. pack: also give the large matrices prepacked copies for CPU
@@ -246,8 +246,8 @@ def load_model(path_or_preset: str, dtype: str | torch.dtype | None = None, devi
     quantize: "int8" or "int4" weight-only quantization of the block matrices (and the heads unless quantize_heads
     is False; int4 in groups of group_size inputs): see quantize.py. A quantized folder loads as saved; asking it
     for another quantization is an error. device_map: the stages' devices instead of `device` ({"stage:0":
-    "cuda:0", "stage:1": "cuda:1", ...}, "auto" or one device; see placement.py). compile: compiled decode
-    (compiled.py; CPU needs a C++ compiler, else it warns and stays eager).
+    "cuda:0", "stage:1": "cuda:1", ...}, "auto" or one device; see placement.py). compile: compiled decode,
+    True or a mode ("default", "max-autotune"; compiled.py; CPU needs a C++ compiler, else it warns and stays eager).
     """
     bits = parse_quantize(quantize)
     if is_folder_name(path_or_preset) and is_quantized_folder(path_or_preset):
@@ -272,7 +272,7 @@ def load_model(path_or_preset: str, dtype: str | torch.dtype | None = None, devi
     if compile:
         from .compiled import compile_decode
 
-        compile_decode(model.gpt)
+        compile_decode(model.gpt, "default" if compile is True else compile)
     return model
 
 

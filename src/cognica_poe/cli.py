@@ -56,7 +56,7 @@ def need_file(path: str, what: str) -> str:
 
 
 def load_folder(path: str, dtype: str | None = None, pack: bool | str = False, quantize: dict | None = None,
-                device_map=None, compile: bool = False):
+                device_map=None, compile: bool | str | None = False):
     """(model, tokenizer) of an HF model folder (or a quantized one), checked before the weights load: its
     config.json, and a tokenizer whose vocabulary is the model's. quantize: load_model's quantization keywords;
     device_map: the stages' devices (placement.py); compile: compiled decode."""
@@ -690,9 +690,14 @@ def add_pack_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_compile_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compile", action="store_true",
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--compile", dest="compile", action="store_const", const="default", default=None,
                    help="compiled decode (torch.compile of each decode step; on CPU it needs a C++ compiler, else "
                         "it warns and decodes eagerly; the first steps of each mode compile, seconds each)")
+    g.add_argument("--compile-max-autotune", dest="compile", action="store_const", const="max-autotune",
+                   help="compiled decode that also autotunes its matrix products and, on CPU, freezes the weights "
+                        "into the graph: the fastest with --quantize, but the first steps take minutes at d24 and "
+                        "the frozen weights take a second copy of memory")
 
 
 def add_quantize_arg(p: argparse.ArgumentParser) -> None:
