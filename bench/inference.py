@@ -24,7 +24,9 @@ vocabulary (Llama's own MLP width, 8/3 x, so both read the same weight bytes per
 package, its own Q8_0 / Q4_0 quantizers, a placeholder vocabulary): decode tok/s (16-token prompt, --new-tokens
 greedy tokens), GB/s of weights each side reads per token, prefill tok/s of a --prefill-tokens prompt, batch 1,
 the same threads, runs alternating ours / theirs; beside them this machine's memory bandwidth (torch: a sum over 1
-GiB). llama.cpp comes from llama-cpp-python built from its PyPI source for this CPU by `bash
+GiB). With --compile, ours also decode compiled in mode "max-autotune" in the same alternation ("ours_compiled":
+inductor's own weight-only kernels on frozen weights; minutes of compiling per model at d24).
+llama.cpp comes from llama-cpp-python built from its PyPI source for this CPU by `bash
 bench/setup_llama_cpp.sh` (never a project dependency); without it part 3 runs ours alone and says so.
 
 Every speed is a median of >= 3 runs in this process; token counts are stated. The last line printed is one
@@ -40,6 +42,8 @@ JSON object with every figure and the machine.
     python bench/inference.py --skip-scale --skip-quant --compile   # part 1, fp32 also compiled (compiled.py;
                                                                   # about 10 more minutes on 2 CPU cores, most of it
                                                                   # compiling the graphs)
+    python bench/inference.py --skip-trained --skip-quality --skip-scale --compile   # part 3 with ours compiled
+                                                                  # (about 20 minutes at d24 on 2 CPU cores)
 
 With --compile, part 1 in fp32 measures every mode a second time with compiled decode, in the same process after
 the eager runs, under "compiled"; "targets" sets the figures the compiled decode is judged by (stage 0 over full
@@ -47,8 +51,10 @@ depth, the best speculative K, WAND's best speed at 100% top-1 agreement) beside
 """
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -70,11 +76,13 @@ D8 = os.path.join(SHARED, "models", "poe-d8-classics")
 
 
 def convert_trained() -> str:
-    """The d8 model as an fp32 HF folder (a new temporary folder)."""
+    """The d8 model as an fp32 HF folder, in a temporary folder of this process's own (removed when it exits, with
+    what a part writes beside it: quantized copies, calibration text)."""
     from cognica_poe.nanochat import convert_nanochat
 
-    out = os.path.join(tempfile.mkdtemp(prefix="bench-d8-"), "hf")
-    return convert_nanochat(D8, out, dtype="float32", allow_pickle=True)
+    scratch = tempfile.mkdtemp(prefix="bench-d8-")
+    atexit.register(shutil.rmtree, scratch, True)
+    return convert_nanochat(D8, os.path.join(scratch, "hf"), dtype="float32", allow_pickle=True)
 
 
 def load_trained(dtype: str):
@@ -487,16 +495,20 @@ def matrix_bytes(gpt) -> int:
     return sum(t.numel() * t.element_size() for m in mods for t in [*m.parameters(False), *m.buffers(False)])
 
 
-def quant_part(preset: str, new_tokens: int, runs: int, prefill_tokens: int, llama_cpp: bool) -> dict:
+def quant_part(preset: str, new_tokens: int, runs: int, prefill_tokens: int, llama_cpp: bool,
+               compile: bool = False) -> dict:
     """
     Ours at bf16 (packed), int8 and int4 (quantize.py's defaults) against llama.cpp at BF16, Q8_0 and Q4_0 on a
     same-shape random-weight Llama, batch 1, the same threads: decode tok/s (a 16-token prompt, new_tokens
     greedy tokens) with the GB/s of weights each side reads per token, and prefill tok/s of a prefill_tokens
-    prompt; all runs alternate. Beside them: this machine's memory bandwidth.
+    prompt; all runs alternate. Beside them: this machine's memory bandwidth. compile: ours also decode compiled
+    in mode "max-autotune" (compiled.py: inductor's own weight-only kernels on frozen weights), the same models in
+    the same alternation ("ours_compiled"), with the first call's compile time and whether the greedy tokens equal
+    eager's; prefill prompts are longer than compiled chunks, so prefill stays eager.
     """
     import copy
-    import shutil
 
+    from cognica_poe.compiled import compile_decode, eager_decode
     from cognica_poe.config import preset_config
     from cognica_poe.hf import CognicaPoEForCausalLM
     from cognica_poe.model import GPT
@@ -541,19 +553,61 @@ def quant_part(preset: str, new_tokens: int, runs: int, prefill_tokens: int, lla
     ids[0, 0] = long_ids[0, 0] = 0  # BOS
     last = cfg.poe_n_stages - 1
 
-    def ours_fn(kind: str, prompt: torch.Tensor, n: int):
-        return lambda: ours[kind].generate_stage(prompt, stage=last, max_new_tokens=n, stop_tokens=[])
+    @torch.no_grad()
+    def first_step_logits(model, next_token: torch.Tensor) -> torch.Tensor:
+        cache = model.new_cache(1, 64)
+        model.gpt(ids, kv_cache=cache)
+        return model.gpt(next_token, kv_cache=cache)[0, -1].float()
+
+    compiled_slots, res["ours_compiled"] = {}, {}
+    for kind in ours if compile else ():  # compile each now, then hold its graphs aside: eager runs keep running
+        gpt = ours[kind].gpt
+        compile_decode(gpt, "max-autotune")
+        t0 = time.perf_counter()
+        got = ours[kind].generate_stage(ids, stage=last, max_new_tokens=new_tokens, stop_tokens=[])
+        row = res["ours_compiled"][kind] = {"compile_s": time.perf_counter() - t0}
+        nxt = got[:, ids.size(1):ids.size(1) + 1]
+        compiled_logits = first_step_logits(ours[kind], nxt)
+        compiled_slots[kind] = gpt.compiled_slots
+        eager_decode(gpt)
+        want = ours[kind].generate_stage(ids, stage=last, max_new_tokens=new_tokens, stop_tokens=[])
+        eager_logits = first_step_logits(ours[kind], nxt)
+        # random weights give flat logits (top-2 gaps near bf16's rounding), so besides whether the greedy tokens
+        # match: how many match before the first difference, and how far a decode step's logits are from eager's
+        row["greedy_equals_eager"] = torch.equal(got, want)
+        row["greedy_tokens_before_first_difference"] = int((got[0] == want[0])[ids.size(1):].int().cumprod(0).sum())
+        row["step_logits_max_abs_diff"] = float((compiled_logits - eager_logits).abs().max())
+        top2 = eager_logits.topk(2).values
+        row["step_logits_eager_top2_gap"], row["step_logits_eager_abs_max"] = float(top2[0] - top2[1]), \
+            float(eager_logits.abs().max())
+
+    def ours_fn(kind: str, prompt: torch.Tensor, n: int, compiled: bool = False):
+        gpt = ours[kind].gpt
+
+        def run():
+            gpt.compiled_slots = compiled_slots[kind] if compiled else None
+            try:
+                return ours[kind].generate_stage(prompt, stage=last, max_new_tokens=n, stop_tokens=[])
+            finally:
+                gpt.compiled_slots = None
+        return run
 
     def theirs_fn(t: str, prompt: torch.Tensor, n: int):
         return lambda: llama_cpp_greedy(theirs[t], prompt[0].tolist(), n)
 
     for phase, prompt, n in (("decode", ids, new_tokens), ("prefill", long_ids, 1)):
         fns = {}
-        for kind, t in LLAMA_CPP_TYPES.items():  # alternating: ours, theirs, ours, theirs...
+        for kind, t in LLAMA_CPP_TYPES.items():  # alternating: ours, (ours compiled,) theirs, ours...
             fns[f"ours_{kind}"] = ours_fn(kind, prompt, n)
+            if kind in compiled_slots and phase == "decode":
+                fns[f"ours_compiled_{kind}"] = ours_fn(kind, prompt, n, compiled=True)
             if t in theirs:
                 fns[f"llama_cpp_{t}"] = theirs_fn(t, prompt, n)
         times = timed(fns, runs)
+        for kind in compiled_slots if phase == "decode" else ():
+            row = res["ours_compiled"][kind]
+            row["decode_tok_s"] = n / times[f"ours_compiled_{kind}"]
+            row["weight_GBps"] = row["decode_tok_s"] * read[kind] / 1e9
         for kind, t in LLAMA_CPP_TYPES.items():
             for side, key, nbytes in (("ours", kind, read[kind]), ("llama_cpp", t, their_read.get(t))):
                 if f"{side}_{key}" not in times:
@@ -572,9 +626,17 @@ def quant_part(preset: str, new_tokens: int, runs: int, prefill_tokens: int, lla
             for phase in ("decode", "prefill"):
                 ratios[f"ours_{kind}_vs_llama_cpp_{t}_{phase}"] = \
                     res["ours"][kind][f"{phase}_tok_s"] / res["llama_cpp"][t][f"{phase}_tok_s"]
+    for kind in compiled_slots:  # compiled against the same baseline: ours bf16, packed, eager
+        ratios[f"ours_compiled_{kind}_vs_ours_bf16_decode"] = \
+            res["ours_compiled"][kind]["decode_tok_s"] / res["ours"]["bf16"]["decode_tok_s"]
+        t = LLAMA_CPP_TYPES[kind]
+        if t in theirs:
+            ratios[f"ours_compiled_{kind}_vs_llama_cpp_{t}_decode"] = \
+                res["ours_compiled"][kind]["decode_tok_s"] / res["llama_cpp"][t]["decode_tok_s"]
     res["ratios"] = ratios
     res["weight_GBps_vs_memory_read"] = {f"{side}_{key}": row["weight_GBps"] / res["memory"]["read_GBps"]
-                                         for side in ("ours", "llama_cpp") for key, row in res.get(side, {}).items()}
+                                         for side in ("ours", "ours_compiled", "llama_cpp")
+                                         for key, row in res.get(side, {}).items()}
     theirs.clear()
     if gguf_dir:
         shutil.rmtree(gguf_dir)  # the bench's own temporary files
@@ -595,7 +657,9 @@ def main() -> None:
     parser.add_argument("--skip-llama-cpp", action="store_true",
                         help="part 3 without llama.cpp (skipped by itself when llama-cpp-python is not installed)")
     parser.add_argument("--prefill-tokens", type=int, default=512, help="part 3: the prompt length of prefill")
-    parser.add_argument("--compile", action="store_true", help="part 1, fp32: also every mode with compiled decode")
+    parser.add_argument("--compile", action="store_true",
+                        help="part 1, fp32: also every mode with compiled decode; part 3: ours also compiled in mode "
+                             "max-autotune (minutes of compiling per model at d24)")
     parser.add_argument("--skip-quality", action="store_true", help="skip part 1b (int8 / int4 quality against bf16)")
     parser.add_argument("--quality-tokens", type=int, default=32768, help="part 1b: held-out tokens evaluated")
     parser.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: run one part in a subprocess
@@ -604,7 +668,8 @@ def main() -> None:
     if args.part:  # each heavy part runs in its own process so memory from one never slows the next
         kind, dtype = args.part.split(":")
         if kind == "quant":
-            out = quant_part(args.scale, args.new_tokens, args.runs, args.prefill_tokens, not args.skip_llama_cpp)
+            out = quant_part(args.scale, args.new_tokens, args.runs, args.prefill_tokens, not args.skip_llama_cpp,
+                             args.compile)
         elif kind == "quality":
             out = quality_part(args.quality_tokens, args.threads)
         elif kind == "trained":

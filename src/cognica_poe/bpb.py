@@ -123,11 +123,11 @@ def quality_against(gpt: GPT, reference: GPT, stream: torch.Tensor, token_bytes:
     How far gpt (e.g. a quantized copy) has moved from reference (the model it was made from) at each exit, on the
     fresh-context windows of stream: each one's BPB (evaluate_bpb), gpt's relative change (gpt - reference) /
     reference, and how often gpt's top-1 token at an input position is one greedy decoding of reference could pick
-    there. Where reference's top logits tie exactly (bf16 logits do at a few percent of positions: 8 bits of mantissa
-    over tens of thousands of tokens), every tied token is its top-1, and which one argmax returns says nothing about
-    the model; "top1_agreement_strict" counts only reference's argmax itself. Returns {"bpb", "reference_bpb",
-    "bpb_change", "top1_agreement", "top1_agreement_strict", "reference_top1_ties"} (lists, one per exit; the last is
-    the share of positions where reference's top-1 is tied) and "tokens".
+    there. Where reference's top logits tie exactly (bf16 logits can at a few percent of positions: with 8 bits of
+    mantissa, close logits round to one value), every tied token is its top-1, and which one argmax returns says
+    nothing about the model; "top1_agreement_strict" counts only reference's argmax itself. Returns {"bpb",
+    "reference_bpb", "bpb_change", "top1_agreement", "top1_agreement_strict", "reference_top1_ties"} (lists, one per
+    exit; the last is the share of positions where reference's top-1 is tied) and "tokens".
     """
     ref = evaluate_bpb(reference, stream, token_bytes, seq_len, batch_size)["stages"]
     got = evaluate_bpb(gpt, stream, token_bytes, seq_len, batch_size)["stages"]
