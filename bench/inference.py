@@ -578,8 +578,8 @@ def quant_part(preset: str, new_tokens: int, runs: int, prefill_tokens: int, lla
         row["greedy_tokens_before_first_difference"] = int((got[0] == want[0])[ids.size(1):].int().cumprod(0).sum())
         row["step_logits_max_abs_diff"] = float((compiled_logits - eager_logits).abs().max())
         top2 = eager_logits.topk(2).values
-        row["step_logits_eager_top2_gap"], row["step_logits_eager_abs_max"] = float(top2[0] - top2[1]), \
-            float(eager_logits.abs().max())
+        row["step_logits_eager_top2_gap"] = float(top2[0] - top2[1])
+        row["step_logits_eager_abs_max"] = float(eager_logits.abs().max())
 
     def ours_fn(kind: str, prompt: torch.Tensor, n: int, compiled: bool = False):
         gpt = ours[kind].gpt
