@@ -107,6 +107,19 @@ def test_no_recompile_once_warm_over_many_steps_and_other_cache_sizes(pair):
 
 
 @needs_compiler
+def test_a_fresh_compiled_model_whose_first_prompt_is_short_does_not_recompile_on_the_next():
+    """A first prompt short enough to run compiled used to trace the rotary tables' construction into its graph
+    (they did not exist yet), guarded on their absence: the next prompt then compiled that graph again."""
+    model = perturbed_model(n_layer=2)
+    assert compile_decode(model.gpt)
+    short = prompt(10, seed=7)  # at most COMPILED_MAX_CHUNK tokens: the prompt itself runs compiled
+    model.generate_stage(short, stage=1, **KW)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        model.generate_stage(prompt(10, seed=8), stage=1, **KW)
+    eager_decode(model.gpt)
+
+
+@needs_compiler
 @pytest.mark.slow  # its own graph, with every int8 product autotuned (about a minute on 2 cores)
 @torch.no_grad()
 def test_max_autotune_int8_freezes_the_weights_into_inductors_own_kernels_and_decodes_as_eager(monkeypatch):

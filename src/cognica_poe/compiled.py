@@ -82,6 +82,9 @@ def compile_decode(gpt: GPT, mode: str = "default") -> bool:
         warnings.warn(f"compiled decode is off: {missing}; decoding eagerly", RuntimeWarning, stacklevel=2)
         return False
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    # build the rotary tables now: a graph traced before they exist would build them itself, guarded on their
+    # absence, and be compiled again at the next call
+    gpt.rotary_tables(gpt.device)
     if gpt.device.type == "cuda":
         cuda_mode = "max-autotune" if mode == "max-autotune" else "reduce-overhead"
         gpt.compiled_slots = torch.compile(gpt.static_slots, mode=cuda_mode, fullgraph=True)
